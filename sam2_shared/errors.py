@@ -1,0 +1,61 @@
+"""Domain errors shared by the library and both tiers.
+
+No grpc import here: the servicers map these to status codes in one table
+(``sam2_shared.server``). Each error carries a stable UPPER_SNAKE ``reason``
+(AIP-193 ``ErrorInfo.reason``) and a message a user can act on.
+"""
+
+from __future__ import annotations
+
+
+class Sam2Error(Exception):
+    """Base class of every error this project raises on purpose."""
+
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, **metadata: str) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {key: str(value) for key, value in metadata.items()}
+
+
+class InvalidInputError(Sam2Error, ValueError):
+    """The caller sent something we cannot use (bad image, bad prompt...)."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class UnknownModelError(InvalidInputError):
+    reason = "UNKNOWN_MODEL"
+
+
+class CheckpointError(Sam2Error):
+    """A checkpoint file is missing, unreadable or does not fit the model id."""
+
+    reason = "CHECKPOINT_INVALID"
+
+
+class EmbeddingNotFoundError(Sam2Error, KeyError):
+    reason = "EMBEDDING_NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0] if self.args else ""
+
+
+class LogitsNotFoundError(EmbeddingNotFoundError):
+    reason = "LOGITS_NOT_FOUND"
+
+
+class CorruptEntryError(Sam2Error):
+    """A stored entry failed its checksum or metadata checks."""
+
+    reason = "CORRUPT_ENTRY"
+
+
+class ResourceExhaustedError(Sam2Error):
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class NotReadyError(Sam2Error):
+    reason = "NOT_READY"
