@@ -1,0 +1,179 @@
+"""Binary mask encodings for the wire: COCO RLE, 1-bit PNG and packed bits.
+
+Masks are bool arrays [H, W] (one mask) or [N, H, W] (a batch) at the original
+image size. No grpc here: ``sam2_shared.wire`` puts the results into protos.
+
+Formats:
+    COCO RLE: pycocotools' compressed counts string, column-major runs starting with
+        a background run; ``{"size": [H, W], "counts": counts}`` decodes with
+        ``pycocotools.mask.decode``.
+    PNG: a 1-bit grayscale PNG file (bilevel), 1 = mask. Decoding accepts any
+        grayscale PNG and takes every nonzero pixel as mask.
+    Raw bits: the row-major flattened mask, 8 pixels per byte, most significant bit
+        first (``np.packbits`` with its default ``bitorder="big"``), the last byte
+        zero-padded: ``ceil(H * W / 8)`` bytes.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import cv2
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from sam2_shared.errors import InvalidInputError
+
+
+class MaskEncoding(str, Enum):
+    """How a mask is serialised (mirrors ``sam2.v1.MaskFormat``)."""
+
+    COCO_RLE = "coco_rle"
+    PNG = "png"
+    RAW_BITS = "raw_bits"
+
+
+def _as_batch(masks: np.ndarray) -> np.ndarray:
+    """[H, W] or [N, H, W] bool-like -> [N, H, W] bool."""
+    array = np.asarray(masks)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise ValueError(f"masks must have shape [H, W] or [N, H, W], got {array.shape}")
+    return array.astype(bool, copy=False)
+
+
+def encode_coco_rle(masks: np.ndarray) -> list[str]:
+    """[N, H, W] (or [H, W]) masks -> N COCO RLE compressed counts strings."""
+    batch = _as_batch(masks)
+    if batch.shape[0] == 0:
+        return []
+    # pycocotools wants H x W x N, column-major uint8.
+    fortran = np.asfortranarray(batch.transpose(1, 2, 0).astype(np.uint8))
+    return [rle["counts"].decode("ascii") for rle in coco_mask.encode(fortran)]
+
+
+def decode_coco_rle(counts: str | bytes, height: int, width: int) -> np.ndarray:
+    """COCO RLE compressed counts of an (H, W) mask -> [H, W] bool."""
+    raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    # pycocotools leaves pixels uninitialised when the runs cover fewer than H*W
+    # pixels, so check the runs before decoding.
+    runs = _coco_rle_runs(raw)
+    if runs is None or sum(runs) != height * width or min(runs, default=0) < 0:
+        raise InvalidInputError(f"invalid COCO RLE counts for a {width}x{height} mask")
+    decoded = coco_mask.decode({"size": [height, width], "counts": raw})
+    return np.ascontiguousarray(decoded, dtype=bool)
+
+
+def _coco_rle_runs(counts: bytes) -> list[int] | None:
+    """Run lengths of COCO compressed counts, or None when malformed.
+
+    Each run is a little-endian base-32 varint in characters 48..111: 5 value bits,
+    bit 0x20 = more characters follow, bit 0x10 of the last character = negative;
+    from the third run on, the value is a delta to the run two before.
+    """
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        digit = char - 48
+        if not 0 <= digit < 64:
+            return None
+        value |= (digit & 0x1F) << shift
+        shift += 5
+        if digit & 0x20:
+            continue
+        if digit & 0x10:
+            value -= 1 << shift  # sign-extend
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+        value = shift = 0
+    return runs if shift == 0 else None
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    """[H, W] mask -> 1-bit grayscale PNG bytes."""
+    (single,) = _as_batch(mask)
+    pixels = single.astype(np.uint8) * np.uint8(255)
+    # Low zlib effort: masks compress well anyway and this is on the request path.
+    params = [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, buffer = cv2.imencode(".png", pixels, params)
+    if not ok:
+        raise RuntimeError(f"PNG encoding of a {single.shape} mask failed")
+    return buffer.tobytes()
+
+
+def decode_png(data: bytes, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """PNG bytes -> [H, W] bool (nonzero = mask); checks the size when given."""
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if pixels is None:
+        raise InvalidInputError("mask PNG could not be decoded")
+    if (height is not None and pixels.shape[0] != height) or (
+        width is not None and pixels.shape[1] != width
+    ):
+        raise InvalidInputError(
+            f"mask PNG is {pixels.shape[1]}x{pixels.shape[0]}, expected {width}x{height}"
+        )
+    return pixels > 0
+
+
+def encode_packed_bits(mask: np.ndarray) -> bytes:
+    """[H, W] mask -> row-major packed bits, MSB first, ``ceil(H*W/8)`` bytes."""
+    (single,) = _as_batch(mask)
+    return np.packbits(single.reshape(-1)).tobytes()
+
+
+def decode_packed_bits(data: bytes, height: int, width: int) -> np.ndarray:
+    """Row-major packed bits of an (H, W) mask -> [H, W] bool."""
+    expected = -(-height * width // 8)
+    if len(data) != expected:
+        raise InvalidInputError(
+            f"packed mask has {len(data)} bytes, a {width}x{height} mask needs {expected}"
+        )
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=height * width)
+    return bits.reshape(height, width).astype(bool)
+
+
+def encode_masks(masks: np.ndarray, encoding: MaskEncoding) -> list[str] | list[bytes]:
+    """[N, H, W] masks -> N encoded masks (str for COCO RLE, bytes otherwise)."""
+    batch = _as_batch(masks)
+    if encoding is MaskEncoding.COCO_RLE:
+        return encode_coco_rle(batch)
+    if encoding is MaskEncoding.PNG:
+        return [encode_png(m) for m in batch]
+    if encoding is MaskEncoding.RAW_BITS:
+        return [encode_packed_bits(m) for m in batch]
+    raise ValueError(f"unknown mask encoding {encoding!r}")
+
+
+def decode_mask(
+    data: str | bytes, encoding: MaskEncoding, height: int, width: int
+) -> np.ndarray:
+    """One encoded mask -> [H, W] bool."""
+    if encoding is MaskEncoding.COCO_RLE:
+        return decode_coco_rle(data, height, width)
+    if encoding is MaskEncoding.PNG:
+        return decode_png(bytes(data), height, width)  # type: ignore[arg-type]
+    if encoding is MaskEncoding.RAW_BITS:
+        return decode_packed_bits(bytes(data), height, width)  # type: ignore[arg-type]
+    raise ValueError(f"unknown mask encoding {encoding!r}")
+
+
+def mask_areas(masks: np.ndarray) -> np.ndarray:
+    """[N, H, W] (or [H, W]) masks -> [N] int64 pixel counts."""
+    return _as_batch(masks).sum(axis=(1, 2), dtype=np.int64)
+
+
+def mask_bboxes(masks: np.ndarray) -> np.ndarray:
+    """[N, H, W] (or [H, W]) masks -> [N, 4] int64 ``[x_min, y_min, x_max, y_max]``.
+
+    Max edges are exclusive (pixel edges, as COCO's ``x + w``); all zero for an
+    empty mask.
+    """
+    batch = _as_batch(masks)
+    boxes = np.zeros((batch.shape[0], 4), dtype=np.int64)
+    columns = batch.any(axis=1)  # [N, W]
+    rows = batch.any(axis=2)  # [N, H]
+    for i in np.flatnonzero(columns.any(axis=1)):
+        xs = np.flatnonzero(columns[i])
+        ys = np.flatnonzero(rows[i])
+        boxes[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return boxes

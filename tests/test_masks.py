@@ -1,0 +1,129 @@
+"""Mask encodings: round trips, pycocotools interoperability, edge shapes, bad input."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as coco_mask
+
+from sam2_shared import masks
+from sam2_shared.errors import InvalidInputError
+from sam2_shared.masks import MaskEncoding
+
+SHAPES = [(1, 1), (1, 7), (7, 1), (13, 17), (64, 64), (101, 203)]
+
+
+def _random_masks(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = rng.random((count, height, width)) < 0.4
+    out[0] = False  # empty
+    if count > 1:
+        out[1] = True  # full
+    return out
+
+
+@pytest.mark.parametrize("encoding", list(MaskEncoding))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip(encoding: MaskEncoding, shape: tuple[int, int]) -> None:
+    batch = _random_masks(4, *shape, seed=shape[0] * 31 + shape[1])
+    encoded = masks.encode_masks(batch, encoding)
+    assert len(encoded) == 4
+    for original, data in zip(batch, encoded, strict=True):
+        decoded = masks.decode_mask(data, encoding, *shape)
+        assert decoded.dtype == bool and decoded.shape == shape
+        np.testing.assert_array_equal(decoded, original)
+
+
+def test_coco_rle_interoperates_with_pycocotools() -> None:
+    mask = np.zeros((37, 53), dtype=bool)
+    cv2.circle(mask.view(np.uint8), (20, 15), 9, 1, -1)
+    mask[30:, 40:] = True
+    (counts,) = masks.encode_coco_rle(mask)
+    assert isinstance(counts, str)
+    rle = {"size": [37, 53], "counts": counts}
+    np.testing.assert_array_equal(coco_mask.decode(rle).astype(bool), mask)
+    assert coco_mask.area(rle) == mask.sum() == masks.mask_areas(mask)[0]
+    # COCO's bbox is [x, y, w, h]; ours has exclusive max edges.
+    x, y, w, h = coco_mask.toBbox(rle)
+    assert masks.mask_bboxes(mask)[0].tolist() == [x, y, x + w, y + h]
+    # And the reverse: pycocotools' own encoding decodes with ours.
+    theirs = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+    assert theirs.decode() == counts
+    np.testing.assert_array_equal(masks.decode_coco_rle(theirs, 37, 53), mask)
+
+
+def test_empty_and_full_counts() -> None:
+    empty, full = masks.encode_coco_rle(np.stack([np.zeros((3, 4), bool), np.ones((3, 4), bool)]))
+    # Counts start with a background run: an empty mask is one run, a full one is "0, 12".
+    assert masks._coco_rle_runs(empty.encode()) == [12]
+    assert masks._coco_rle_runs(full.encode()) == [0, 12]
+
+
+def test_png_is_one_bit_grayscale() -> None:
+    mask = _random_masks(2, 20, 30)[1]
+    mask[5:9, 3:25] = False
+    data = masks.encode_png(mask)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    # IHDR: width, height (4 bytes each), bit depth, colour type 0 = grayscale.
+    assert int.from_bytes(data[16:20], "big") == 30
+    assert int.from_bytes(data[20:24], "big") == 20
+    assert data[24] == 1 and data[25] == 0
+    np.testing.assert_array_equal(masks.decode_png(data, 20, 30), mask)
+
+
+def test_packed_bits_layout_is_row_major_msb_first() -> None:
+    mask = np.zeros((2, 5), dtype=bool)
+    mask[0, 0] = True  # bit 0 -> 0x80 of byte 0
+    mask[1, 2] = True  # flat index 7 -> 0x01 of byte 0
+    mask[1, 3] = True  # flat index 8 -> 0x80 of byte 1
+    assert masks.encode_packed_bits(mask) == bytes([0x81, 0x80])
+
+
+def test_area_and_bbox() -> None:
+    batch = np.zeros((3, 10, 12), dtype=bool)
+    batch[1, 7, 5] = True
+    batch[2, 2:5, 3:9] = True
+    batch[2, 8, 11] = True
+    assert masks.mask_areas(batch).tolist() == [0, 1, 19]
+    assert masks.mask_bboxes(batch).tolist() == [[0, 0, 0, 0], [5, 7, 6, 8], [3, 2, 12, 9]]
+
+
+@pytest.mark.parametrize(
+    "counts", ["", "1", "zzzz", "\x7f", "52", "5220300"], ids=repr
+)
+def test_malformed_coco_rle_is_rejected(counts: str) -> None:
+    # "" and "1" make pycocotools return uninitialised memory; we must refuse them.
+    with pytest.raises(InvalidInputError):
+        masks.decode_coco_rle(counts, 4, 4)
+
+
+def test_wrong_sizes_are_rejected() -> None:
+    mask = np.ones((4, 4), dtype=bool)
+    (counts,) = masks.encode_coco_rle(mask)
+    with pytest.raises(InvalidInputError):
+        masks.decode_coco_rle(counts, 5, 5)
+    with pytest.raises(InvalidInputError):
+        masks.decode_packed_bits(masks.encode_packed_bits(mask), 5, 5)
+    with pytest.raises(InvalidInputError):
+        masks.decode_png(masks.encode_png(mask), 5, 4)
+    with pytest.raises(InvalidInputError):
+        masks.decode_png(b"not a png", 4, 4)
+
+
+def test_full_hd_encoding_is_fast() -> None:
+    # A blob with a smooth edge, like a real mask; guards against an accidental
+    # per-pixel Python loop. Budgets are generous for a shared 2-core machine.
+    mask = np.zeros((1080, 1920), dtype=np.uint8)
+    cv2.ellipse(mask, (900, 500), (400, 250), 15, 0, 360, 1, -1)
+    batch = mask.astype(bool)[None].repeat(3, axis=0)
+    for encoding, budget_s in [(MaskEncoding.COCO_RLE, 0.25), (MaskEncoding.PNG, 0.5),
+                               (MaskEncoding.RAW_BITS, 0.25)]:
+        start = time.perf_counter()
+        encoded = masks.encode_masks(batch, encoding)
+        elapsed = time.perf_counter() - start
+        assert elapsed < budget_s, (encoding, elapsed)
+        decoded = masks.decode_mask(encoded[0], encoding, 1080, 1920)
+        np.testing.assert_array_equal(decoded, batch[0])
