@@ -1,0 +1,228 @@
+"""Official checkpoint files: find them, read them, load the parts a tier needs.
+
+Meta's files are ``torch.save({"model": state_dict})`` with ``SAM2Base`` key names.
+Loading is strict: every key a part needs must be present with the right shape, and
+every key in the file must belong to the official model of that id (the image
+keys we load plus the video-memory keys we don't use here).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sam2_shared.errors import CheckpointError
+from sam2_shared.model.config import Sam2Config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("SAM2_CHECKPOINT_DIR", Path.home() / ".cache" / "sam2"))
+
+# Keys the encoder part reads under another name: Meta applies these decoder convs
+# at encode time (checkpoint key prefix -> our module prefix).
+_ENCODER_RENAMES = {
+    "sam_mask_decoder.conv_s0.": "conv_s0.",
+    "sam_mask_decoder.conv_s1.": "conv_s1.",
+}
+_DECODER_SKIPPED = ("sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1.")
+
+# Video-memory keys present in every official file (not used by the image path).
+_VIDEO_PREFIXES = (
+    "memory_attention.",
+    "memory_encoder.",
+    "obj_ptr_proj.",
+    "mask_downsample.",
+)
+_VIDEO_KEYS = ("maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr")
+_SAM21_ONLY_PREFIXES = ("obj_ptr_tpos_proj.", "no_obj_embed_spatial")
+
+
+def resolve_checkpoint(
+    config: Sam2Config,
+    checkpoint: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> Path:
+    """Path of the checkpoint file for a model id.
+
+    Order: an explicit ``checkpoint`` path; ``<cache_dir>/<official file name>``
+    (default ``$SAM2_CHECKPOINT_DIR`` or ``~/.cache/sam2``); a download from Meta's
+    published URL into the cache dir (when ``download`` and a network exist).
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {str(path)!r} does not exist", path=path)
+        return path
+    directory = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
+    path = directory / config.checkpoint_filename
+    if path.is_file():
+        return path
+    where = (
+        f"Download {config.checkpoint_url} and put it at {path}, set SAM2_CHECKPOINT_DIR to "
+        f"the folder holding {config.checkpoint_filename}, or pass checkpoint=PATH "
+        "(--checkpoint / SAM2_CHECKPOINT for the servers)."
+    )
+    if not download:
+        raise CheckpointError(f"no checkpoint for {config.model_id}. {where}")
+    try:
+        _download(config.checkpoint_url, path)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not download the checkpoint for {config.model_id} ({exc}). {where}"
+        ) from exc
+    return path
+
+
+def _download(url: str, path: Path, timeout_s: float = 30.0) -> None:
+    """Download to a temporary name, check it is a readable torch file, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".part")
+    log.info("downloading %s to %s", url, path)
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
+        expected = int(response.headers.get("Content-Length") or 0)
+        received = 0
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+    if expected and received != expected:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"download truncated: {received} of {expected} bytes")
+    # Meta publishes no checksums; a torch archive carries CRCs per record, which
+    # zipfile verifies, so a corrupted transfer is caught here.
+    try:
+        with zipfile.ZipFile(partial) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"downloaded file is not a torch checkpoint: {exc}") from exc
+    if bad is not None:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"downloaded file is corrupt (bad CRC in {bad})")
+    partial.rename(path)
+    log.info("downloaded %s (%d bytes, sha256 %s)", path, received, digest.hexdigest())
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``torch.load(path)["model"]`` with errors that say what is wrong with the file."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for bad files
+        raise CheckpointError(
+            f"{path} is not a readable SAM 2 checkpoint (torch.load failed: {exc}); "
+            "the file may be truncated or not a PyTorch checkpoint",
+            path=path,
+        ) from exc
+    if not isinstance(blob, Mapping) or "model" not in blob:
+        found = sorted(blob)[:5] if isinstance(blob, Mapping) else type(blob).__name__
+        raise CheckpointError(
+            f"{path} is not an official SAM 2 checkpoint: expected a dict with a 'model' "
+            f"state dict, found {found}",
+            path=path,
+        )
+    state = blob["model"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: 'model' is not a state dict", path=path)
+    return dict(state)
+
+
+def _check_whole_file(state: Mapping[str, torch.Tensor], config: Sam2Config, path: Path) -> None:
+    """Every key must belong to the official model of this id."""
+    image_keys = set(expected_checkpoint_keys(config, "encoder")) | set(
+        expected_checkpoint_keys(config, "decoder")
+    ) | set(_DECODER_SKIPPED_KEYS)
+    is_sam21 = config.family == "sam2.1"
+    unexpected = []
+    for key in state:
+        if key in image_keys or key in _VIDEO_KEYS or key.startswith(_VIDEO_PREFIXES):
+            continue
+        if key.startswith(_SAM21_ONLY_PREFIXES) and is_sam21:
+            continue
+        unexpected.append(key)
+    missing_sam21 = [p for p in _SAM21_ONLY_PREFIXES if is_sam21 and not any(
+        k.startswith(p) for k in state)]
+    if unexpected or missing_sam21:
+        hint = ""
+        if any(k.startswith(_SAM21_ONLY_PREFIXES) for k in unexpected):
+            hint = (
+                " (this looks like a SAM 2.1 checkpoint;"
+                f" use the sam2.1/ id, not {config.model_id})"
+            )
+        elif missing_sam21:
+            hint = f" (this looks like a SAM 2 checkpoint; use the sam2/ id, not {config.model_id})"
+        raise CheckpointError(
+            f"{path} does not match {config.model_id}{hint}: unexpected keys "
+            f"{_preview(unexpected)}; missing keys {_preview(missing_sam21)}",
+            path=path,
+        )
+
+
+_DECODER_SKIPPED_KEYS = tuple(f"{p}{s}" for p in _DECODER_SKIPPED for s in ("weight", "bias"))
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
+
+
+def _module_for(config: Sam2Config, part: str) -> nn.Module:
+    from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart
+
+    return Sam2EncoderPart(config) if part == "encoder" else Sam2DecoderPart(config)
+
+
+def _to_checkpoint_key(part: str, module_key: str) -> str:
+    if part == "encoder":
+        for ckpt_prefix, module_prefix in _ENCODER_RENAMES.items():
+            if module_key.startswith(module_prefix):
+                return ckpt_prefix + module_key[len(module_prefix) :]
+    return module_key
+
+
+def expected_checkpoint_keys(config: Sam2Config, part: str) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape for the tensors a part ("encoder"/"decoder") loads."""
+    with torch.device("meta"):
+        module = _module_for(config, part)
+    return {_to_checkpoint_key(part, k): tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_part(
+    module: nn.Module, part: str, state: Mapping[str, torch.Tensor], path: Path | str = "<memory>"
+) -> None:
+    """Strictly load one part from a full official state dict (checks keys and shapes)."""
+    config = module.config
+    _check_whole_file(state, config, Path(path))
+    own = module.state_dict()
+    selected: dict[str, torch.Tensor] = {}
+    missing, wrong_shape = [], []
+    for module_key, tensor in own.items():
+        ckpt_key = _to_checkpoint_key(part, module_key)
+        if ckpt_key not in state:
+            missing.append(ckpt_key)
+            continue
+        value = state[ckpt_key]
+        if tuple(value.shape) != tuple(tensor.shape):
+            wrong_shape.append(
+                f"{ckpt_key}: file {tuple(value.shape)} vs model {tuple(tensor.shape)}"
+            )
+            continue
+        selected[module_key] = value
+    if missing or wrong_shape:
+        raise CheckpointError(
+            f"{path} does not fit {config.model_id} ({part} part): missing keys "
+            f"{_preview(missing)}; wrong shapes {_preview(wrong_shape, 4)} — is it the "
+            "checkpoint of another model size?",
+            path=path,
+        )
+    module.load_state_dict(selected, strict=True)

@@ -1,0 +1,26 @@
+"""The SAM 2 network in plain PyTorch, one module per part.
+
+Shape letters used in docstrings:
+    B  batch (images for the encoder, prompts for the decoder)
+    C  channels
+    H, W  spatial size of a feature map (image frame: 1024 x 1024)
+    N  number of sparse prompt tokens
+    M  number of mask outputs (4 from the decoder, 3 or 1 returned)
+
+Module attribute names follow Meta's state-dict keys so official checkpoints load
+strictly (see ``sam2_shared.checkpoints``). Nothing here knows about files, numpy,
+stores or gRPC; device and dtype are decided by the caller.
+"""
+
+from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart, build_decoder, build_encoder
+from sam2_shared.model.config import MODEL_CONFIGS, Sam2Config, get_config
+
+__all__ = [
+    "MODEL_CONFIGS",
+    "Sam2Config",
+    "Sam2DecoderPart",
+    "Sam2EncoderPart",
+    "build_decoder",
+    "build_encoder",
+    "get_config",
+]

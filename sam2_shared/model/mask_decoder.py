@@ -1,0 +1,167 @@
+"""Mask decoder: two-way transformer + upscaling + hypernetwork, IoU and object heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sam2_shared.model.common import MLP, LayerNorm2d
+from sam2_shared.model.transformer import TwoWayTransformer
+
+
+@dataclass
+class DecoderOutput:
+    """Mask decoder results for B prompts.
+
+    masks: [B, M, 256, 256] low-res logits (M = 3 multimask, else 1).
+    iou_scores: [B, M] predicted IoU (sigmoid).
+    object_score_logits: [B, 1] object presence logit.
+    sam_tokens: [B, M', C] mask tokens for object pointers (video path).
+    """
+
+    masks: torch.Tensor
+    iou_scores: torch.Tensor
+    object_score_logits: torch.Tensor
+    sam_tokens: torch.Tensor
+
+
+class MaskDecoder(nn.Module):
+    """SAM 2 mask decoder with high-resolution skip features.
+
+    Output token order: object score, IoU, then 4 mask tokens (0 = single mask,
+    1..3 = multimask). The ``conv_s0`` / ``conv_s1`` projections of Meta's decoder
+    run at encode time and live in the encoder part (``Sam2EncoderPart``).
+    """
+
+    def __init__(
+        self,
+        transformer_dim: int,
+        transformer: TwoWayTransformer,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+        dynamic_multimask_via_stability: bool = True,
+        dynamic_multimask_stability_delta: float = 0.05,
+        dynamic_multimask_stability_thresh: float = 0.98,
+    ) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.obj_score_token = nn.Embedding(1, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            transformer_dim,
+            iou_head_hidden_dim,
+            self.num_mask_tokens,
+            iou_head_depth,
+            sigmoid_output=True,
+        )
+        self.pred_obj_score_head = MLP(transformer_dim, transformer_dim, 1, 3)
+        self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
+        self.stability_delta = dynamic_multimask_stability_delta
+        self.stability_thresh = dynamic_multimask_stability_thresh
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        high_res_features: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All 4 mask logits [B, 4, 256, 256], IoU [B, 4], mask tokens [B, 4, C], object [B, 1].
+
+        ``image_embeddings`` [1 or B, C, 64, 64] and ``high_res_features``
+        ([1 or B, C/8, 256, 256], [1 or B, C/4, 128, 128]) broadcast over the B prompts.
+        """
+        b = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat(
+            [self.obj_score_token.weight, self.iou_token.weight, self.mask_tokens.weight], dim=0
+        )
+        tokens = torch.cat(
+            (output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1
+        )
+        src = image_embeddings + dense_prompt_embeddings
+        hs, src = self.transformer(src, image_pe, tokens)
+        iou_token_out = hs[:, 1, :]
+        mask_tokens_out = hs[:, 2 : 2 + self.num_mask_tokens, :]
+
+        src = src.transpose(1, 2).reshape(b, -1, *image_embeddings.shape[-2:])
+        upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
+        feat_s0, feat_s1 = high_res_features
+        upscaled = act1(norm1(upconv1(src) + feat_s1))
+        upscaled = act2(upconv2(upscaled) + feat_s0)  # [B, C/8, 256, 256]
+
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )  # [B, 4, C/8]
+        _, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        iou_pred = self.iou_prediction_head(iou_token_out)
+        object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
+        return masks, iou_pred, mask_tokens_out, object_score_logits
+
+    def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """[..., H, W] -> [...]: area(logit > delta) / area(logit > -delta) (1 if empty)."""
+        flat = mask_logits.flatten(-2)
+        area_inner = (flat > self.stability_delta).sum(-1).float()
+        area_outer = (flat > -self.stability_delta).sum(-1).float()
+        return torch.where(area_outer > 0, area_inner / area_outer, 1.0)
+
+    def select_outputs(
+        self,
+        masks: torch.Tensor,
+        iou_pred: torch.Tensor,
+        mask_tokens_out: torch.Tensor,
+        object_score_logits: torch.Tensor,
+        multimask_output: bool,
+    ) -> DecoderOutput:
+        """Pick the returned masks from all 4 (Meta's ``MaskDecoder.forward`` rules)."""
+        if multimask_output:
+            return DecoderOutput(
+                masks[:, 1:], iou_pred[:, 1:], object_score_logits, mask_tokens_out[:, 1:]
+            )
+        single_masks, single_iou = masks[:, 0:1], iou_pred[:, 0:1]
+        if self.dynamic_multimask_via_stability and not self.training:
+            # An unstable single mask falls back to the best multimask candidate.
+            best = iou_pred[:, 1:].argmax(dim=-1)
+            rows = torch.arange(masks.shape[0], device=masks.device)
+            best_masks = masks[:, 1:][rows, best].unsqueeze(1)
+            best_iou = iou_pred[:, 1:][rows, best].unsqueeze(1)
+            stable = self.stability_scores(single_masks[:, 0]) >= self.stability_thresh
+            single_masks = torch.where(stable[:, None, None, None], single_masks, best_masks)
+            single_iou = torch.where(stable[:, None], single_iou, best_iou)
+        return DecoderOutput(single_masks, single_iou, object_score_logits, mask_tokens_out[:, 0:1])
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        high_res_features: tuple[torch.Tensor, torch.Tensor],
+    ) -> DecoderOutput:
+        outputs = self.predict_masks(
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            high_res_features,
+        )
+        return self.select_outputs(*outputs, multimask_output=multimask_output)

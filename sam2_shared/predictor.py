@@ -1,0 +1,434 @@
+"""``Sam2Model``: the in-process API (embed images, segment them with prompts).
+
+Mirrors the well-known SAM 2 model API (``embed_images`` / ``segment_images`` with
+embedding and low-res-mask caches). The remote ``Sam2Client`` offers the same calls.
+Device and precision are decided here, never in ``sam2_shared.model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam2_shared import imaging
+from sam2_shared.caches import Sam2ImageEmbeddingsInMemoryCache, Sam2LowResolutionMasksInMemoryCache
+from sam2_shared.checkpoints import load_part, read_state_dict, resolve_checkpoint
+from sam2_shared.embedding import ImageEmbedding, content_id
+from sam2_shared.errors import InvalidInputError
+from sam2_shared.model import Sam2DecoderPart, Sam2EncoderPart, get_config
+from sam2_shared.model.config import Sam2Config
+from sam2_shared.model.prompt_encoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT
+from sam2_shared.prompts import LOW_RES_SIZE, Prompt, Sam2Prediction
+
+LOGITS_CLAMP = 32.0  # Meta clamps returned low-res logits to [-32, 32]
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PARTS = ("all", "encoder", "decoder")
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+@dataclass
+class _PreparedPrompt:
+    """One validated prompt in the 1024 frame, ready to batch."""
+
+    index: int
+    coords: np.ndarray | None  # [N, 2] float32, box corners first
+    labels: np.ndarray | None  # [N] int32
+    mask_input: np.ndarray | None  # [256, 256] float32
+    multimask_output: bool
+
+    @property
+    def group_key(self) -> tuple[int, bool, bool]:
+        """Prompts with equal keys decode in one batched forward."""
+        n_points = -1 if self.coords is None else len(self.coords)
+        return n_points, self.mask_input is not None, self.multimask_output
+
+
+class Sam2Model:
+    """SAM 2 / SAM 2.1 image segmentation, in process.
+
+    Build with ``from_pretrained``. ``parts="encoder"`` or ``"decoder"`` load only that
+    half of the network (the decoder half never holds the Hiera weights).
+    """
+
+    def __init__(
+        self,
+        config: Sam2Config,
+        encoder: Sam2EncoderPart | None,
+        decoder: Sam2DecoderPart | None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        sam2_image_embeddings_cache: Sam2ImageEmbeddingsInMemoryCache | None = None,
+        sam2_low_resolution_masks_cache: Sam2LowResolutionMasksInMemoryCache | None = None,
+        max_pixels: int = 100_000_000,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.config = config
+        self.device = torch.device(device)
+        self.precision = precision
+        self.encoder = encoder.to(self.device).eval() if encoder is not None else None
+        self.decoder = decoder.to(self.device).eval() if decoder is not None else None
+        self.embeddings_cache = sam2_image_embeddings_cache
+        self.low_res_masks_cache = sam2_low_resolution_masks_cache
+        self.max_pixels = max_pixels
+
+    @property
+    def model_id(self) -> str:
+        return self.config.model_id
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id: str,
+        checkpoint: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        parts: str = "all",
+        precision: str = "fp32",
+        sam2_image_embeddings_cache: Sam2ImageEmbeddingsInMemoryCache | None = None,
+        sam2_low_resolution_masks_cache: Sam2LowResolutionMasksInMemoryCache | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        download: bool = True,
+        max_pixels: int = 100_000_000,
+    ) -> Sam2Model:
+        """Load an official model id (e.g. ``"sam2.1/hiera_b_plus"``) from its checkpoint.
+
+        ``checkpoint`` is a path; without it the file is looked up in ``cache_dir``
+        (``$SAM2_CHECKPOINT_DIR`` or ``~/.cache/sam2``) and downloaded from Meta if absent.
+        """
+        if parts not in _PARTS:
+            raise ValueError(f"parts must be one of {_PARTS}, got {parts!r}")
+        config = get_config(model_id)
+        path = resolve_checkpoint(config, checkpoint, cache_dir=cache_dir, download=download)
+        state = read_state_dict(path)
+        encoder = decoder = None
+        if parts in ("all", "encoder"):
+            encoder = Sam2EncoderPart(config)
+            load_part(encoder, "encoder", state, path)
+        if parts in ("all", "decoder"):
+            decoder = Sam2DecoderPart(config)
+            load_part(decoder, "decoder", state, path)
+        del state
+        return cls(
+            config,
+            encoder,
+            decoder,
+            device=device,
+            precision=precision,
+            sam2_image_embeddings_cache=sam2_image_embeddings_cache,
+            sam2_low_resolution_masks_cache=sam2_low_resolution_masks_cache,
+            max_pixels=max_pixels,
+        )
+
+    # ------------------------------------------------------------------ encoding
+
+    def decode_image(self, image: Any, input_color_format: str = "bgr") -> np.ndarray:
+        """Any accepted image input -> HxWx3 uint8 RGB (see ``imaging.decode_image``)."""
+        return imaging.decode_image(image, input_color_format, max_pixels=self.max_pixels)
+
+    def embedding_id(self, rgb: np.ndarray) -> str:
+        return content_id(rgb, self.model_id)
+
+    @torch.inference_mode()
+    def encode_rgb(
+        self, rgbs: Sequence[np.ndarray], ids: Sequence[str] | None = None
+    ) -> list[ImageEmbedding]:
+        """Run the image encoder on decoded RGB images as one batch (no caches)."""
+        if self.encoder is None:
+            raise RuntimeError("this Sam2Model was built without the encoder part")
+        ids = list(ids) if ids is not None else [self.embedding_id(rgb) for rgb in rgbs]
+        batch = imaging.preprocess_images(rgbs).to(self.device)
+        with _autocast(self.device, self.precision):
+            image_embed, feat_s0, feat_s1 = self.encoder(batch)
+        out = []
+        for i, rgb in enumerate(rgbs):
+            out.append(
+                ImageEmbedding(
+                    image_embed=image_embed[i : i + 1].float(),
+                    high_res_feats=(feat_s0[i : i + 1].float(), feat_s1[i : i + 1].float()),
+                    original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
+                    model_id=self.model_id,
+                    embedding_id=ids[i],
+                )
+            )
+        return out
+
+    def embed_images(
+        self,
+        images: Any,
+        use_embeddings_cache: bool = True,
+        input_color_format: str = "bgr",
+    ) -> list[ImageEmbedding]:
+        """Embed one image or a list of images; returns one ``ImageEmbedding`` each.
+
+        Images: numpy HxWx3 uint8 (BGR unless ``input_color_format="rgb"``), gray or
+        4-channel arrays, encoded bytes, file paths or PIL images.
+        """
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise InvalidInputError("no images given")
+        rgbs = [self.decode_image(item, input_color_format) for item in items]
+        ids = [self.embedding_id(rgb) for rgb in rgbs]
+        results: list[ImageEmbedding | None] = [None] * len(items)
+        if use_embeddings_cache and self.embeddings_cache is not None:
+            for i, key in enumerate(ids):
+                results[i] = self.embeddings_cache.retrieve_embeddings(key, device=self.device)
+        todo = [i for i, found in enumerate(results) if found is None]
+        if todo:
+            computed = self.encode_rgb([rgbs[i] for i in todo], [ids[i] for i in todo])
+            for i, embedding in zip(todo, computed):
+                results[i] = embedding
+                if use_embeddings_cache and self.embeddings_cache is not None:
+                    self.embeddings_cache.save_embeddings(ids[i], embedding)
+        return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------------ decoding
+
+    def _prepare(self, index: int, prompt: Prompt, embedding: ImageEmbedding) -> _PreparedPrompt:
+        imaging.validate_prompt(prompt, embedding.original_hw)
+        coords_parts, label_parts = [], []
+        if prompt.box is not None:
+            corners = imaging.boxes_to_points(np.asarray(prompt.box, dtype=np.float32).reshape(4))
+            coords_parts.append(corners[0])
+            label_parts.append(np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], np.int32))
+        if prompt.point_coords is not None and len(prompt.point_coords) > 0:
+            coords_parts.append(np.asarray(prompt.point_coords, dtype=np.float32).reshape(-1, 2))
+            label_parts.append(np.asarray(prompt.point_labels, dtype=np.int32).reshape(-1))
+        coords = labels = None
+        if coords_parts:
+            coords = imaging.points_to_model_frame(
+                np.concatenate(coords_parts), embedding.original_hw
+            )
+            labels = np.concatenate(label_parts)
+        mask = None
+        if prompt.mask_input is not None:
+            mask = np.asarray(prompt.mask_input, dtype=np.float32).reshape(
+                LOW_RES_SIZE, LOW_RES_SIZE
+            )
+        return _PreparedPrompt(index, coords, labels, mask, bool(prompt.multimask_output))
+
+    @torch.inference_mode()
+    def decode_prompts(
+        self,
+        embedding: ImageEmbedding,
+        prompts: Sequence[Prompt],
+        use_mask_input_cache: bool = False,
+    ) -> list[Sam2Prediction]:
+        """Decode several prompts on one image; one ``Sam2Prediction`` (P = 1) per prompt.
+
+        Prompts with the same number of points, mask presence and multimask flag run
+        in one batched decoder forward; the image side is shared, not repeated.
+        """
+        if self.decoder is None:
+            raise RuntimeError("this Sam2Model was built without the decoder part")
+        if embedding.model_id != self.model_id:
+            raise InvalidInputError(
+                f"embedding was computed by {embedding.model_id}, this model is {self.model_id}"
+            )
+        if not prompts:
+            raise InvalidInputError("no prompts given")
+        prompts = list(prompts)
+        cache = self.low_res_masks_cache if use_mask_input_cache else None
+        if cache is not None:
+            for i, prompt in enumerate(prompts):
+                if prompt.mask_input is None:
+                    earlier = cache.find_refinement(embedding.embedding_id, prompt)
+                    if earlier is not None:
+                        prompts[i] = Prompt(
+                            prompt.point_coords, prompt.point_labels, prompt.box, earlier,
+                            prompt.multimask_output,
+                        )
+        prepared = [self._prepare(i, p, embedding) for i, p in enumerate(prompts)]
+        groups: dict[tuple[int, bool, bool], list[_PreparedPrompt]] = {}
+        for item in prepared:
+            groups.setdefault(item.group_key, []).append(item)
+
+        embedding = embedding.to(self.device)
+        results: list[Sam2Prediction | None] = [None] * len(prompts)
+        for items in groups.values():
+            for item, prediction in zip(items, self._decode_group(embedding, items)):
+                results[item.index] = prediction
+        if cache is not None:
+            for prompt, prediction in zip(prompts, results):
+                best = int(prediction.scores[0].argmax())
+                cache.save_mask(embedding.embedding_id, prompt, prediction.logits[0, best])
+        return results  # type: ignore[return-value]
+
+    def _decode_group(
+        self, embedding: ImageEmbedding, items: list[_PreparedPrompt]
+    ) -> list[Sam2Prediction]:
+        device = self.device
+        coords = labels = masks = None
+        if items[0].coords is not None:
+            coords = torch.from_numpy(np.stack([it.coords for it in items])).to(device)
+            labels = torch.from_numpy(np.stack([it.labels for it in items])).to(device)
+        if items[0].mask_input is not None:
+            masks = torch.from_numpy(np.stack([it.mask_input for it in items]))[:, None].to(device)
+        with _autocast(device, self.precision):
+            out = self.decoder(
+                embedding.image_embed,
+                embedding.high_res_feats,
+                coords,
+                labels,
+                masks,
+                items[0].multimask_output,
+                batch_size=len(items),
+            )
+        low_res = out.masks.float()
+        full = imaging.postprocess_masks(low_res, embedding.original_hw) > 0.0
+        logits = low_res.clamp(-LOGITS_CLAMP, LOGITS_CLAMP).cpu().numpy()
+        scores = out.iou_scores.float().cpu().numpy()
+        objects = out.object_score_logits.float().reshape(-1).cpu().numpy()
+        full_np = full.cpu().numpy()
+        return [
+            Sam2Prediction(
+                masks=full_np[i : i + 1],
+                scores=scores[i : i + 1],
+                logits=logits[i : i + 1],
+                object_score_logits=objects[i : i + 1],
+            )
+            for i in range(len(items))
+        ]
+
+    def segment_images(
+        self,
+        images: Any = None,
+        embeddings: ImageEmbedding | Sequence[ImageEmbedding] | None = None,
+        point_coordinates: Any = None,
+        point_labels: Any = None,
+        boxes: Any = None,
+        mask_input: Any = None,
+        multimask_output: bool = True,
+        use_embeddings_cache: bool = True,
+        use_mask_input_cache: bool = True,
+        input_color_format: str = "bgr",
+    ) -> list[Sam2Prediction]:
+        """Segment one image or a list of images; one ``Sam2Prediction`` per image.
+
+        Per image, prompts are in original pixels: ``point_coordinates`` [N, 2] (one
+        prompt) or [P, N, 2] (P prompts) with ``point_labels`` [N] / [P, N];
+        ``boxes`` [4] or [P, 4] (one prediction row per box); ``mask_input``
+        [256, 256], [1, 256, 256] or [P, 1, 256, 256] low-res logits. For a list of
+        images, pass a list with one such entry per image. Points shared by all P boxes
+        may be given once ([N, 2]).
+        """
+        batched = isinstance(embeddings, (list, tuple)) or (
+            embeddings is None and isinstance(images, (list, tuple))
+        )
+        if embeddings is None:
+            if images is None:
+                raise InvalidInputError("give images or embeddings")
+            embeddings = self.embed_images(images, use_embeddings_cache, input_color_format)
+        elif not isinstance(embeddings, (list, tuple)):
+            embeddings = [embeddings]
+        n = len(embeddings)
+        per_image = {
+            "point_coordinates": point_coordinates,
+            "point_labels": point_labels,
+            "boxes": boxes,
+            "mask_input": mask_input,
+        }
+        for name, value in per_image.items():
+            if not batched:
+                per_image[name] = [value]
+            elif value is None:
+                per_image[name] = [None] * n
+            elif not isinstance(value, (list, tuple)) or len(value) != n:
+                raise InvalidInputError(f"{name} must be a list with one entry per image ({n})")
+        predictions = []
+        for i, embedding in enumerate(embeddings):
+            prompts = prompts_from_arrays(
+                per_image["point_coordinates"][i],
+                per_image["point_labels"][i],
+                per_image["boxes"][i],
+                per_image["mask_input"][i],
+                multimask_output,
+            )
+            rows = self.decode_prompts(embedding, prompts, use_mask_input_cache)
+            predictions.append(stack_predictions(rows))
+        return predictions
+
+
+def prompts_from_arrays(
+    point_coordinates: Any, point_labels: Any, boxes: Any, mask_input: Any, multimask_output: bool
+) -> list[Prompt]:
+    """Split the array-style prompts of one image into P ``Prompt``s."""
+
+    def as_array(value: Any, name: str) -> np.ndarray | None:
+        if value is None:
+            return None
+        try:
+            return np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{name} must be numeric") from None
+
+    coords = as_array(point_coordinates, "point_coordinates")
+    labels = as_array(point_labels, "point_labels")
+    box_array = as_array(boxes, "boxes")
+    masks = as_array(mask_input, "mask_input")
+    if coords is not None and coords.ndim == 2:
+        coords = coords[None]
+    if labels is not None and labels.ndim == 1:
+        labels = labels[None]
+    if box_array is not None and box_array.ndim == 1:
+        box_array = box_array[None]
+    if masks is not None:
+        masks = masks.reshape(-1, LOW_RES_SIZE, LOW_RES_SIZE) if masks.size % (
+            LOW_RES_SIZE * LOW_RES_SIZE) == 0 and masks.ndim in (2, 3, 4) else masks
+    if coords is not None and coords.ndim != 3:
+        raise InvalidInputError(
+            f"point_coordinates must be [N, 2] or [P, N, 2], got {coords.shape}"
+        )
+    if coords is not None and labels is None:
+        raise InvalidInputError("point_labels are required with point_coordinates")
+    if box_array is not None and (box_array.ndim != 2 or box_array.shape[1] != 4):
+        raise InvalidInputError(f"boxes must be [4] or [P, 4], got {box_array.shape}")
+    sizes = {
+        name: len(value)
+        for name, value in (("points", coords), ("labels", labels), ("boxes", box_array),
+                            ("mask_input", masks))
+        if value is not None
+    }
+    count = max(sizes.values(), default=0)
+    if count == 0:
+        raise InvalidInputError("empty prompt: give points, boxes or a mask_input")
+    for name, size in sizes.items():
+        if size not in (1, count):
+            raise InvalidInputError(f"{name} has {size} prompts but another input has {count}")
+
+    def pick(value: np.ndarray | None, i: int) -> np.ndarray | None:
+        return None if value is None else value[i if len(value) > 1 else 0]
+
+    prompts = []
+    for i in range(count):
+        point_labels_i = pick(labels, i)
+        prompts.append(
+            Prompt(
+                point_coords=pick(coords, i),
+                point_labels=None if point_labels_i is None else point_labels_i.astype(np.int32),
+                box=pick(box_array, i),
+                mask_input=pick(masks, i),
+                multimask_output=multimask_output,
+            )
+        )
+    return prompts
+
+
+def stack_predictions(rows: Sequence[Sam2Prediction]) -> Sam2Prediction:
+    """Concatenate per-prompt predictions of one image along P."""
+    return Sam2Prediction(
+        masks=np.concatenate([r.masks for r in rows]),
+        scores=np.concatenate([r.scores for r in rows]),
+        logits=np.concatenate([r.logits for r in rows]),
+        object_score_logits=np.concatenate([r.object_score_logits for r in rows]),
+    )
