@@ -144,9 +144,7 @@ def encode_masks(masks: np.ndarray, encoding: MaskEncoding) -> list[str] | list[
     raise ValueError(f"unknown mask encoding {encoding!r}")
 
 
-def decode_mask(
-    data: str | bytes, encoding: MaskEncoding, height: int, width: int
-) -> np.ndarray:
+def decode_mask(data: str | bytes, encoding: MaskEncoding, height: int, width: int) -> np.ndarray:
     """One encoded mask -> [H, W] bool."""
     if encoding is MaskEncoding.COCO_RLE:
         return decode_coco_rle(data, height, width)

@@ -91,9 +91,7 @@ def test_area_and_bbox() -> None:
     assert masks.mask_bboxes(batch).tolist() == [[0, 0, 0, 0], [5, 7, 6, 8], [3, 2, 12, 9]]
 
 
-@pytest.mark.parametrize(
-    "counts", ["", "1", "zzzz", "\x7f", "52", "5220300"], ids=repr
-)
+@pytest.mark.parametrize("counts", ["", "1", "zzzz", "\x7f", "52", "5220300"], ids=repr)
 def test_malformed_coco_rle_is_rejected(counts: str) -> None:
     # "" and "1" make pycocotools return uninitialised memory; we must refuse them.
     with pytest.raises(InvalidInputError):
@@ -119,8 +117,11 @@ def test_full_hd_encoding_is_fast() -> None:
     mask = np.zeros((1080, 1920), dtype=np.uint8)
     cv2.ellipse(mask, (900, 500), (400, 250), 15, 0, 360, 1, -1)
     batch = mask.astype(bool)[None].repeat(3, axis=0)
-    for encoding, budget_s in [(MaskEncoding.COCO_RLE, 0.25), (MaskEncoding.PNG, 0.5),
-                               (MaskEncoding.RAW_BITS, 0.25)]:
+    for encoding, budget_s in [
+        (MaskEncoding.COCO_RLE, 0.25),
+        (MaskEncoding.PNG, 0.5),
+        (MaskEncoding.RAW_BITS, 0.25),
+    ]:
         start = time.perf_counter()
         encoded = masks.encode_masks(batch, encoding)
         elapsed = time.perf_counter() - start
