@@ -1,0 +1,351 @@
+"""The store interfaces: a byte-level ``BlobStore`` and the typed ``EmbeddingStore`` on top.
+
+Backends only move bytes; everything about formats, verification and counting lives in
+``EmbeddingStore`` so that every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.errors import CorruptEntryError, InvalidInputError
+from sam2_shared.store import codec
+from sam2_shared.store.errors import StoreUnavailableError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_PREFIX = "emb/"
+LOGITS_PREFIX = "logits/"
+# Ids and handles become parts of keys, file names and object names: keep them plain.
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
+_SECRET_QUERY_WORDS = ("password", "secret", "token", "credential", "access_key")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password and secret-looking query values replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        name = user.split(":", 1)[0]
+        netloc = f"{name}:***@{host}"
+    query = [
+        (key, "***" if any(word in key.lower() for word in _SECRET_QUERY_WORDS) else value)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*/:"),
+                       parts.fragment))
+
+
+class BlobStore(ABC):
+    """Bytes by string key, with an optional time to live. Implementations are thread-safe.
+
+    Every method raises ``StoreUnavailableError`` (naming ``self.url``) when the backend
+    cannot be reached; a missing or expired key is not an error.
+    """
+
+    url: str  # for logs and error messages, secrets masked
+
+    @abstractmethod
+    def get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    def put_if_absent(self, key: str, data: bytes, ttl_s: float | None = None) -> bool:
+        """Write unless the key exists; return whether it was written.
+
+        Not atomic by default; backends that can do it atomically override it. Entries are
+        content-addressed, so a lost race writes the same bytes twice, nothing worse.
+        """
+        if self.exists(key):
+            return False
+        self.put(key, data, ttl_s)
+        return True
+
+    def ping(self) -> None:
+        """Raise ``StoreUnavailableError`` unless the backend answers (for readiness checks)."""
+        self.exists("ping")
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections or files."""
+
+    def unavailable(self, action: str, exc: BaseException) -> StoreUnavailableError:
+        """The error to raise when ``action`` failed because of ``exc``."""
+        return StoreUnavailableError(
+            f"store {self.url} is unavailable: {action} failed: {type(exc).__name__}: {exc}",
+            store_url=self.url,
+        )
+
+
+@dataclass(frozen=True)
+class LatencySample:
+    """One store operation, as handed to ``StoreStats`` observers."""
+
+    op: str  # "get" | "put"
+    kind: str  # "embedding" | "logits"
+    outcome: str  # "hit" | "miss" | "corrupt" | "written" | "exists" | "error"
+    seconds: float
+    nbytes: int
+
+
+@dataclass
+class StoreStats:
+    """Counters of one ``EmbeddingStore``; a metrics layer reads them or adds an observer.
+
+    ``hits``/``misses`` count embedding and logits reads; a corrupt entry counts as a miss
+    and in ``corrupt``. ``errors`` counts operations that raised ``StoreUnavailableError``.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    writes: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    read_seconds_total: float = 0.0
+    write_seconds_total: float = 0.0
+    observers: list[Callable[[LatencySample], None]] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, sample: LatencySample) -> None:
+        with self._lock:
+            if sample.op == "get":
+                self.read_seconds_total += sample.seconds
+                self.bytes_read += sample.nbytes
+                self.hits += sample.outcome == "hit"
+                self.misses += sample.outcome in ("miss", "corrupt")
+            else:
+                self.write_seconds_total += sample.seconds
+                self.bytes_written += sample.nbytes
+                self.writes += sample.outcome == "written"
+            self.corrupt += sample.outcome == "corrupt"
+            self.errors += sample.outcome == "error"
+        for observer in self.observers:
+            try:
+                observer(sample)
+            except Exception:  # a broken metrics hook must not fail a request
+                logger.exception("store latency observer failed")
+
+
+def _check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+        raise InvalidInputError(
+            f"{what} {value!r} must be 1-255 characters of letters, digits, '.', '_', ':' or '-'"
+        )
+    return value
+
+
+class EmbeddingStore:
+    """Typed, verified access to embeddings and logits in a ``BlobStore``.
+
+    Arguments:
+        blobs (BlobStore): the backend.
+        storage_dtype (str): dtype new embeddings are stored in ("float32", "float16",
+            "bfloat16"); entries of any dtype are read.
+        embedding_ttl_s (float | None): time to live of new embeddings; None keeps them until
+            the backend evicts them.
+    """
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        *,
+        storage_dtype: codec.StorageDtype = "float16",
+        embedding_ttl_s: float | None = None,
+    ) -> None:
+        if storage_dtype not in codec.STORAGE_DTYPES:
+            raise ValueError(
+                f"storage_dtype {storage_dtype!r} is not one of {', '.join(codec.STORAGE_DTYPES)}"
+            )
+        self.blobs = blobs
+        self.storage_dtype = storage_dtype
+        self.embedding_ttl_s = embedding_ttl_s
+        self.stats = StoreStats()
+
+    @property
+    def url(self) -> str:
+        return self.blobs.url
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({self.url}, storage_dtype={self.storage_dtype})"
+
+    @staticmethod
+    def embedding_key(embedding_id: str) -> str:
+        return EMBEDDING_PREFIX + _check_id(embedding_id, "embedding id")
+
+    @staticmethod
+    def logits_key(handle: str) -> str:
+        return LOGITS_PREFIX + _check_id(handle, "logits handle")
+
+    def _record(self, op: str, kind: str, outcome: str, started: float, nbytes: int) -> None:
+        self.stats.record(LatencySample(op, kind, outcome, time.perf_counter() - started, nbytes))
+
+    def _read(self, kind: str, key: str) -> tuple[bytes | None, float]:
+        started = time.perf_counter()
+        try:
+            return self.blobs.get(key), started
+        except StoreUnavailableError:
+            self._record("get", kind, "error", started, 0)
+            raise
+
+    def _write(self, kind: str, key: str, data: bytes, ttl_s: float | None,
+               started: float) -> bool:
+        try:
+            written = self.blobs.put_if_absent(key, data, ttl_s)
+        except StoreUnavailableError:
+            self._record("put", kind, "error", started, 0)
+            raise
+        self._record("put", kind, "written" if written else "exists", started,
+                     len(data) if written else 0)
+        return written
+
+    def _discard_corrupt(self, kind: str, key: str, exc: CorruptEntryError, started: float,
+                         nbytes: int, delete: bool = True) -> None:
+        logger.warning("corrupt %s entry %s in %s (%s): %s", kind, key, self.url,
+                       "deleted" if delete else "kept", exc)
+        self._record("get", kind, "corrupt", started, nbytes)
+        if delete:
+            try:
+                self.blobs.delete(key)
+            except StoreUnavailableError:
+                logger.warning("could not delete corrupt entry %s from %s", key, self.url)
+
+    def get_embedding(self, embedding_id: str, model_id: str, *,
+                      keep_storage_dtype: bool = False) -> ImageEmbedding | None:
+        """The verified embedding, or None on a miss.
+
+        A damaged entry is counted in ``stats.corrupt``, logged, deleted and reported as a
+        miss. An intact entry of another model is counted and reported as a miss too, but
+        kept: the request was wrong, not the entry, and a caller must not be able to delete
+        other people's embeddings by naming the wrong model.
+        """
+        key = self.embedding_key(embedding_id)
+        data, started = self._read("embedding", key)
+        if data is None:
+            self._record("get", "embedding", "miss", started, 0)
+            return None
+        try:
+            embedding = codec.decode_embedding(
+                data, expected_embedding_id=embedding_id, keep_storage_dtype=keep_storage_dtype
+            )
+        except CorruptEntryError as exc:
+            self._discard_corrupt("embedding", key, exc, started, len(data))
+            return None
+        if embedding.model_id != model_id:
+            exc = CorruptEntryError(f"entry is for model {embedding.model_id!r}, not {model_id!r}")
+            self._discard_corrupt("embedding", key, exc, started, len(data), delete=False)
+            return None
+        self._record("get", "embedding", "hit", started, len(data))
+        return embedding
+
+    def put_embedding(self, embedding: ImageEmbedding, *, ttl_s: float | None = None) -> bool:
+        """Store ``embedding`` under its id; return True if it was already there."""
+        key = self.embedding_key(embedding.embedding_id)
+        started = time.perf_counter()
+        try:
+            if self.blobs.exists(key):  # skip serialising and uploading ~8 MiB
+                self._record("put", "embedding", "exists", started, 0)
+                return True
+        except StoreUnavailableError:
+            self._record("put", "embedding", "error", started, 0)
+            raise
+        data = codec.encode_embedding(embedding, self.storage_dtype)
+        ttl = ttl_s if ttl_s is not None else self.embedding_ttl_s
+        return not self._write("embedding", key, data, ttl, started)
+
+    def has_embedding(self, embedding_id: str) -> bool:
+        """Whether an entry exists (unverified; ``get_embedding`` verifies)."""
+        key = self.embedding_key(embedding_id)
+        try:
+            return self.blobs.exists(key)
+        except StoreUnavailableError:
+            self._record("get", "embedding", "error", time.perf_counter(), 0)
+            raise
+
+    def delete_embedding(self, embedding_id: str) -> None:
+        self.blobs.delete(self.embedding_key(embedding_id))
+
+    def export_embedding(self, embedding_id: str, model_id: str) -> bytes | None:
+        """The stored entry as verified codec bytes (``GetEmbedding``), or None on a miss."""
+        if self.get_embedding(embedding_id, model_id) is None:
+            return None
+        # Read again rather than re-encode: the export must be byte-identical to the entry.
+        data = self.blobs.get(self.embedding_key(embedding_id))
+        if data is None:
+            return None
+        codec.decode_embedding(data, expected_embedding_id=embedding_id,
+                               expected_model_id=model_id)
+        return data
+
+    def import_embedding(self, data: bytes, *, expected_model_id: str | None = None,
+                         ttl_s: float | None = None) -> tuple[ImageEmbedding, bool]:
+        """Verify codec bytes from a client (``PutEmbedding``) and store them as they are.
+
+        Returns the embedding and whether it was already stored. Raises ``CorruptEntryError``
+        if ``data`` fails any check.
+        """
+        embedding = codec.decode_embedding(data, expected_model_id=expected_model_id)
+        key = self.embedding_key(embedding.embedding_id)
+        ttl = ttl_s if ttl_s is not None else self.embedding_ttl_s
+        written = self._write("embedding", key, bytes(data), ttl, time.perf_counter())
+        return embedding, not written
+
+    def get_logits(self, handle: str) -> np.ndarray | None:
+        """The verified float32 [C, 256, 256] logits of ``handle``, or None on a miss."""
+        key = self.logits_key(handle)
+        data, started = self._read("logits", key)
+        if data is None:
+            self._record("get", "logits", "miss", started, 0)
+            return None
+        try:
+            logits = codec.decode_logits(data)
+        except CorruptEntryError as exc:
+            self._discard_corrupt("logits", key, exc, started, len(data))
+            return None
+        self._record("get", "logits", "hit", started, len(data))
+        return logits
+
+    def put_logits(self, handle: str, logits: np.ndarray, ttl_s: float | None) -> None:
+        """Store ``logits`` [C, 256, 256] under ``handle`` (overwriting) for ``ttl_s``."""
+        key = self.logits_key(handle)
+        started = time.perf_counter()
+        data = codec.encode_logits(logits)
+        try:
+            self.blobs.put(key, data, ttl_s)
+        except StoreUnavailableError:
+            self._record("put", "logits", "error", started, 0)
+            raise
+        self._record("put", "logits", "written", started, len(data))
+
+    def delete_logits(self, handle: str) -> None:
+        self.blobs.delete(self.logits_key(handle))
+
+    def ping(self) -> None:
+        self.blobs.ping()
+
+    def close(self) -> None:
+        self.blobs.close()
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

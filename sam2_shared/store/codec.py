@@ -1,0 +1,277 @@
+"""Self-describing, checksummed byte format for embeddings and low-res logits.
+
+This is what the shared store holds and also the wire format of ``GetEmbedding`` /
+``PutEmbedding`` (export/import), so it is documented here in full.
+
+Layout (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic            b"SAM2BLOB"
+    8       2     format_version   uint16, currently 1
+    10      2     reserved         uint16, 0
+    12      4     metadata_nbytes  uint32, length M of the JSON block
+    16      4     metadata_crc32   uint32, zlib.crc32 of the JSON block
+    20      M     metadata         UTF-8 JSON object (below)
+    20+M    P     payload          raw tensors, back to back, C order, little-endian
+
+Metadata keys:
+
+- ``format_version``: same as the header's.
+- ``kind``: ``"embedding"`` or ``"logits"``.
+- ``dtype``: storage dtype of every tensor: ``"float32"``, ``"float16"`` or ``"bfloat16"``
+  (bfloat16 is the upper half of an IEEE float32, stored as its 2 raw bytes).
+- ``tensors``: list of ``{"name", "shape", "offset", "nbytes"}``, offsets relative to the
+  payload start. An embedding has exactly ``image_embed`` [1, 256, 64, 64],
+  ``high_res_feats_0`` [1, 32, 256, 256] and ``high_res_feats_1`` [1, 64, 128, 128], in that
+  order; logits have one tensor ``logits`` [C, 256, 256], always float32.
+- ``payload_nbytes`` and ``payload_sha256`` (hex) of the whole payload.
+- embeddings only: ``embedding_id``, ``model_id``, ``original_hw`` ([H, W] pixels).
+
+The JSON block is covered by the CRC32 in the header and the payload by its SHA-256, so a
+flipped byte anywhere is caught. Decoding checks all of the above and raises
+``CorruptEntryError`` on any mismatch; it never returns partially checked data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.errors import CorruptEntryError, InvalidInputError
+
+StorageDtype = Literal["float32", "float16", "bfloat16"]
+
+MAGIC = b"SAM2BLOB"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sHHII")
+# A JSON block bigger than this is not ours: refuse before parsing it.
+MAX_METADATA_NBYTES = 64 * 1024
+
+STORAGE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+# Numpy view of each storage dtype's bytes; bfloat16 travels as raw int16.
+_NUMPY_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2")}
+_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+EMBEDDING_SHAPES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("image_embed", (1, 256, 64, 64)),
+    ("high_res_feats_0", (1, 32, 256, 256)),
+    ("high_res_feats_1", (1, 64, 128, 128)),
+)
+LOGITS_HW = (256, 256)
+
+
+def _tensor_bytes(tensor: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """CPU, contiguous, little-endian numpy view of ``tensor`` cast to the storage dtype."""
+    cast = tensor.detach().to(device="cpu", dtype=_TORCH_DTYPE[storage_dtype]).contiguous()
+    if storage_dtype == "bfloat16":
+        cast = cast.view(torch.int16)  # numpy has no bfloat16; keep the raw bits
+    return np.ascontiguousarray(cast.numpy(), dtype=_NUMPY_DTYPE[storage_dtype])
+
+
+def _pack(kind: str, storage_dtype: str, named: Sequence[tuple[str, np.ndarray]],
+          extra: dict[str, Any]) -> bytes:
+    digest = hashlib.sha256()
+    tensors = []
+    offset = 0
+    for name, array in named:
+        digest.update(memoryview(array).cast("B"))
+        tensors.append(
+            {"name": name, "shape": list(array.shape), "offset": offset, "nbytes": array.nbytes}
+        )
+        offset += array.nbytes
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "dtype": storage_dtype,
+        "tensors": tensors,
+        "payload_nbytes": offset,
+        "payload_sha256": digest.hexdigest(),
+        **extra,
+    }
+    meta_bytes = json.dumps(metadata, separators=(",", ":"), sort_keys=True).encode()
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(meta_bytes), zlib.crc32(meta_bytes))
+    return b"".join([header, meta_bytes, *(memoryview(a).cast("B") for _, a in named)])
+
+
+def encode_embedding(embedding: ImageEmbedding, storage_dtype: StorageDtype = "float16") -> bytes:
+    """Serialise ``embedding`` with its tensors cast to ``storage_dtype``."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise InvalidInputError(
+            f"storage dtype {storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}"
+        )
+    tensors = (embedding.image_embed, *embedding.high_res_feats)
+    if len(tensors) != len(EMBEDDING_SHAPES):
+        raise InvalidInputError(f"expected 2 high-res feature maps, got {len(tensors) - 1}")
+    named = []
+    for (name, shape), tensor in zip(EMBEDDING_SHAPES, tensors, strict=True):
+        if tuple(tensor.shape) != shape:
+            raise InvalidInputError(
+                f"{name} has shape {list(tensor.shape)}, expected {list(shape)}"
+            )
+        named.append((name, _tensor_bytes(tensor, storage_dtype)))
+    height, width = (int(v) for v in embedding.original_hw)
+    extra = {
+        "embedding_id": embedding.embedding_id,
+        "model_id": embedding.model_id,
+        "original_hw": [height, width],
+    }
+    return _pack("embedding", storage_dtype, named, extra)
+
+
+def encode_logits(logits: np.ndarray) -> bytes:
+    """Serialise low-res mask logits [C, 256, 256] as float32 (exact)."""
+    array = np.asarray(logits)
+    if array.ndim != 3 or array.shape[1:] != LOGITS_HW or array.shape[0] < 1:
+        raise InvalidInputError(f"logits must be [C, 256, 256], got {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InvalidInputError(f"logits must be floating point, got {array.dtype}")
+    return _pack("logits", "float32", [("logits", np.ascontiguousarray(array, "<f4"))], {})
+
+
+def read_metadata(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Check the header and metadata block of ``data`` and return the metadata.
+
+    The payload is not checked here (see ``decode_embedding`` / ``decode_logits``).
+    """
+    view = memoryview(data)
+    if len(view) < HEADER.size:
+        raise CorruptEntryError(f"entry is {len(view)} bytes, shorter than its header")
+    magic, version, _reserved, meta_nbytes, meta_crc = HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise CorruptEntryError("entry does not start with the SAM2BLOB magic")
+    if version != FORMAT_VERSION:
+        raise CorruptEntryError(
+            f"entry has format version {version}; this build reads version {FORMAT_VERSION}"
+        )
+    if meta_nbytes > MAX_METADATA_NBYTES or HEADER.size + meta_nbytes > len(view):
+        raise CorruptEntryError(f"metadata length {meta_nbytes} does not fit the entry")
+    meta_bytes = view[HEADER.size : HEADER.size + meta_nbytes]
+    if zlib.crc32(meta_bytes) != meta_crc:
+        raise CorruptEntryError("metadata checksum mismatch")
+    try:
+        metadata = json.loads(bytes(meta_bytes))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise CorruptEntryError(f"metadata is not valid JSON: {exc}") from None
+    if not isinstance(metadata, dict) or metadata.get("format_version") != version:
+        raise CorruptEntryError("metadata format version disagrees with the header")
+    metadata["_payload_offset"] = HEADER.size + meta_nbytes
+    return metadata
+
+
+def _unpack(data: bytes | bytearray | memoryview, kind: str,
+            expected: Sequence[tuple[str, tuple[int, ...] | None]]) -> tuple[dict, list]:
+    """Verify ``data`` fully; return (metadata, [(name, shape, numpy view)])."""
+    metadata = read_metadata(data)
+    view = memoryview(data)
+    if metadata.get("kind") != kind:
+        raise CorruptEntryError(f"entry holds {metadata.get('kind')!r}, expected {kind!r}")
+    storage_dtype = metadata.get("dtype")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise CorruptEntryError(f"unknown storage dtype {storage_dtype!r}")
+    np_dtype = _NUMPY_DTYPE[storage_dtype]
+    payload = view[metadata["_payload_offset"] :]
+    if len(payload) != metadata.get("payload_nbytes"):
+        raise CorruptEntryError(
+            f"payload is {len(payload)} bytes, metadata says {metadata.get('payload_nbytes')}"
+        )
+    if hashlib.sha256(payload).hexdigest() != metadata.get("payload_sha256"):
+        raise CorruptEntryError("payload checksum mismatch")
+    tensors = metadata.get("tensors")
+    if not isinstance(tensors, list) or len(tensors) != len(expected):
+        raise CorruptEntryError(f"entry lists {tensors!r}, expected {len(expected)} tensors")
+    arrays = []
+    offset = 0
+    for entry, (name, shape) in zip(tensors, expected, strict=True):
+        raw_shape = entry.get("shape") if isinstance(entry, dict) else None
+        got_shape = tuple(raw_shape) if isinstance(raw_shape, list) else ()
+        ok = (
+            isinstance(entry, dict)
+            and entry.get("name") == name
+            and (got_shape == shape if shape is not None else True)
+            and all(isinstance(d, int) and d > 0 for d in got_shape)
+            and entry.get("offset") == offset
+            and entry.get("nbytes") == int(np.prod(got_shape)) * np_dtype.itemsize
+        )
+        if not ok:
+            raise CorruptEntryError(f"tensor entry {entry!r} does not match {name} {shape}")
+        count = entry["nbytes"] // np_dtype.itemsize
+        arrays.append((name, got_shape, np.frombuffer(payload, np_dtype, count, offset)))
+        offset += entry["nbytes"]
+    if offset != len(payload):
+        raise CorruptEntryError("tensor entries do not cover the payload")
+    return metadata, arrays
+
+
+def _to_torch(array: np.ndarray, shape: tuple[int, ...], storage_dtype: str,
+              keep_storage_dtype: bool) -> torch.Tensor:
+    if storage_dtype == "bfloat16":
+        tensor = torch.from_numpy(array.copy()).view(torch.bfloat16)
+        if not keep_storage_dtype:
+            tensor = tensor.float()
+    elif keep_storage_dtype:
+        tensor = torch.from_numpy(array.copy())
+    else:
+        tensor = torch.from_numpy(array.astype(np.float32))  # astype copies: writable, owned
+    return tensor.reshape(shape)
+
+
+def decode_embedding(
+    data: bytes | bytearray | memoryview,
+    *,
+    expected_embedding_id: str | None = None,
+    expected_model_id: str | None = None,
+    keep_storage_dtype: bool = False,
+) -> ImageEmbedding:
+    """Verify and deserialise an embedding entry.
+
+    Arguments:
+        data: bytes from ``encode_embedding``.
+        expected_embedding_id / expected_model_id: when given, the entry must carry them.
+        keep_storage_dtype: return tensors in the stored dtype instead of float32.
+
+    Raises:
+        CorruptEntryError: on any format, checksum, shape or identity mismatch.
+    """
+    metadata, arrays = _unpack(data, "embedding", EMBEDDING_SHAPES)
+    embedding_id = metadata.get("embedding_id")
+    model_id = metadata.get("model_id")
+    hw = metadata.get("original_hw")
+    if not isinstance(embedding_id, str) or not isinstance(model_id, str):
+        raise CorruptEntryError("entry has no embedding id or model id")
+    if expected_embedding_id is not None and embedding_id != expected_embedding_id:
+        raise CorruptEntryError(
+            f"entry is embedding {embedding_id!r}, expected {expected_embedding_id!r}"
+        )
+    if expected_model_id is not None and model_id != expected_model_id:
+        raise CorruptEntryError(f"entry is for model {model_id!r}, expected {expected_model_id!r}")
+    hw_ok = isinstance(hw, list) and len(hw) == 2
+    if not (hw_ok and all(isinstance(v, int) and v > 0 for v in hw)):
+        raise CorruptEntryError(f"entry has invalid original_hw {hw!r}")
+    storage_dtype = metadata["dtype"]
+    image_embed, feats_0, feats_1 = (
+        _to_torch(array, shape, storage_dtype, keep_storage_dtype) for _, shape, array in arrays
+    )
+    return ImageEmbedding(
+        image_embed=image_embed,
+        high_res_feats=(feats_0, feats_1),
+        original_hw=(hw[0], hw[1]),
+        model_id=model_id,
+        embedding_id=embedding_id,
+    )
+
+
+def decode_logits(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Verify and deserialise a logits entry to a writable float32 [C, 256, 256] array."""
+    metadata, arrays = _unpack(data, "logits", [("logits", None)])
+    (_, shape, array), = arrays
+    if metadata["dtype"] != "float32" or len(shape) != 3 or shape[1:] != LOGITS_HW:
+        raise CorruptEntryError(f"logits entry has {metadata['dtype']} {list(shape)}")
+    return array.reshape(shape).copy()
