@@ -487,3 +487,10 @@ def test_store_unavailable_is_a_sam2_error() -> None:
     assert isinstance(error, Sam2Error) and error.reason == "STORE_UNAVAILABLE"
     assert error.metadata == {"store_url": "redis://x"}
     assert struct.calcsize("<8sHHII") == codec.HEADER.size == 20
+
+
+def test_missing_server_binary_names_the_package() -> None:
+    from servers import find_binary
+
+    with pytest.raises(RuntimeError, match="apt-get install -y some-package"):
+        find_binary("no-such-binary-sam2-test", "apt-get install -y some-package")

@@ -237,6 +237,11 @@ class EmbeddingStore:
         kept: the request was wrong, not the entry, and a caller must not be able to delete
         other people's embeddings by naming the wrong model.
         """
+        loaded = self._load_embedding(embedding_id, model_id, keep_storage_dtype)
+        return None if loaded is None else loaded[0]
+
+    def _load_embedding(self, embedding_id: str, model_id: str,
+                        keep_storage_dtype: bool) -> tuple[ImageEmbedding, bytes] | None:
         key = self.embedding_key(embedding_id)
         data, started = self._read("embedding", key)
         if data is None:
@@ -254,7 +259,7 @@ class EmbeddingStore:
             self._discard_corrupt("embedding", key, exc, started, len(data), delete=False)
             return None
         self._record("get", "embedding", "hit", started, len(data))
-        return embedding
+        return embedding, data
 
     def put_embedding(self, embedding: ImageEmbedding, *, ttl_s: float | None = None) -> bool:
         """Store ``embedding`` under its id; return True if it was already there."""
@@ -284,16 +289,13 @@ class EmbeddingStore:
         self.blobs.delete(self.embedding_key(embedding_id))
 
     def export_embedding(self, embedding_id: str, model_id: str) -> bytes | None:
-        """The stored entry as verified codec bytes (``GetEmbedding``), or None on a miss."""
-        if self.get_embedding(embedding_id, model_id) is None:
-            return None
-        # Read again rather than re-encode: the export must be byte-identical to the entry.
-        data = self.blobs.get(self.embedding_key(embedding_id))
-        if data is None:
-            return None
-        codec.decode_embedding(data, expected_embedding_id=embedding_id,
-                               expected_model_id=model_id)
-        return data
+        """The stored entry as verified codec bytes (``GetEmbedding``), or None on a miss.
+
+        The bytes are exactly what is stored, in its storage dtype; ``import_embedding`` on
+        another deployment stores them unchanged.
+        """
+        loaded = self._load_embedding(embedding_id, model_id, keep_storage_dtype=True)
+        return None if loaded is None else loaded[1]
 
     def import_embedding(self, data: bytes, *, expected_model_id: str | None = None,
                          ttl_s: float | None = None) -> tuple[ImageEmbedding, bool]:

@@ -212,10 +212,14 @@ def _unpack(data: bytes | bytearray | memoryview, kind: str,
 
 def _to_torch(array: np.ndarray, shape: tuple[int, ...], storage_dtype: str,
               keep_storage_dtype: bool) -> torch.Tensor:
-    if storage_dtype == "bfloat16":
+    if storage_dtype == "bfloat16" and keep_storage_dtype:
         tensor = torch.from_numpy(array.copy()).view(torch.bfloat16)
-        if not keep_storage_dtype:
-            tensor = tensor.float()
+    elif storage_dtype == "bfloat16":
+        # bfloat16 bits are the top half of a float32: shifting is exact and ~10x faster
+        # than torch's CPU upcast.
+        bits = np.empty(array.shape, np.uint32)
+        np.left_shift(array.view(np.uint16), 16, out=bits, dtype=np.uint32)
+        tensor = torch.from_numpy(bits.view(np.float32))
     elif keep_storage_dtype:
         tensor = torch.from_numpy(array.copy())
     else:

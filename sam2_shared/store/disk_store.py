@@ -50,25 +50,25 @@ class DiskBlobStore(BlobStore):
 
     def get(self, key: str) -> bytes | None:
         try:
-            return self.cache.get(key, default=None, retry=True)
+            return self.cache.get(key, default=None)
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             raise self.unavailable(f"get {key}", exc) from exc
 
     def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
         try:
-            self.cache.set(key, bytes(data), expire=ttl_s, retry=True)
+            self.cache.set(key, bytes(data), expire=ttl_s)
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             raise self.unavailable(f"put {key}", exc) from exc
 
     def put_if_absent(self, key: str, data: bytes, ttl_s: float | None = None) -> bool:
         try:
-            return self.cache.add(key, bytes(data), expire=ttl_s, retry=True)
+            return self.cache.add(key, bytes(data), expire=ttl_s)
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             raise self.unavailable(f"put {key}", exc) from exc
 
     def delete(self, key: str) -> None:
         try:
-            self.cache.delete(key, retry=True)
+            self.cache.delete(key)
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             raise self.unavailable(f"delete {key}", exc) from exc
 
