@@ -1,0 +1,226 @@
+"""The one table from domain errors (``sam2_shared.errors``) to gRPC status.
+
+Errors travel as rich status (AIP-193): a canonical code, a message a user can act
+on, and a ``google.rpc.ErrorInfo{reason, domain="sam2.serving", metadata}`` in
+``google.rpc.Status.details`` (plus ``google.rpc.RetryInfo`` where retrying later
+helps). Anything unexpected becomes INTERNAL with a fixed message; the exception
+is logged, never sent.
+
+Server side: ``ErrorMappingInterceptor`` (installed by ``sam2_shared.server``)
+applies the table to every RPC of a ``grpc.aio`` server; ``to_rpc_status`` builds
+the ``google.rpc.Status`` for per-item errors (EmbedImages results, SegmentStream
+responses). Client side: ``error_from_rpc_error`` / ``error_from_status`` turn a
+status back into the matching domain exception.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from sam2_shared.errors import (
+    CheckpointError,
+    CorruptEntryError,
+    EmbeddingNotFoundError,
+    InvalidInputError,
+    LogitsNotFoundError,
+    NotReadyError,
+    ResourceExhaustedError,
+    Sam2Error,
+    UnknownModelError,
+)
+
+ERROR_DOMAIN = "sam2.serving"
+INTERNAL_MESSAGE = "internal server error"
+DEFAULT_RETRY_DELAY_S = 1.0
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    code: grpc.StatusCode
+    expose_message: bool  # False: fixed message, exception logged with traceback
+    retryable: bool = False
+
+
+# First match wins, so subclasses come before their bases.
+_TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
+    (InvalidInputError, _Mapping(grpc.StatusCode.INVALID_ARGUMENT, True)),  # + UnknownModel
+    (EmbeddingNotFoundError, _Mapping(grpc.StatusCode.NOT_FOUND, True)),  # + LogitsNotFound
+    (ResourceExhaustedError, _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, True, True)),
+    (NotReadyError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
+    (CorruptEntryError, _Mapping(grpc.StatusCode.INTERNAL, False)),
+    (CheckpointError, _Mapping(grpc.StatusCode.INTERNAL, False)),
+    (NotImplementedError, _Mapping(grpc.StatusCode.UNIMPLEMENTED, False)),
+)
+_UNEXPECTED = _Mapping(grpc.StatusCode.INTERNAL, False)
+
+# Reverse direction, for clients: reason -> class, then code -> class.
+_CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
+    cls.reason: cls
+    for cls in (
+        InvalidInputError,
+        UnknownModelError,
+        EmbeddingNotFoundError,
+        LogitsNotFoundError,
+        ResourceExhaustedError,
+        NotReadyError,
+        CorruptEntryError,
+        CheckpointError,
+    )
+}
+_CLASS_OF_CODE: dict[int, type[Sam2Error]] = {
+    code_pb2.INVALID_ARGUMENT: InvalidInputError,
+    code_pb2.NOT_FOUND: EmbeddingNotFoundError,
+    code_pb2.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    code_pb2.UNAVAILABLE: NotReadyError,
+}
+
+
+def _mapping_of(exc: BaseException) -> _Mapping:
+    for cls, mapping in _TABLE:
+        if isinstance(exc, cls):
+            return mapping
+    return _UNEXPECTED
+
+
+def to_rpc_status(exc: BaseException) -> status_pb2.Status:
+    """Domain (or unexpected) exception -> ``google.rpc.Status`` with ``ErrorInfo``.
+
+    Logs unexpected and internal errors with their traceback; their message and
+    metadata are not put on the wire.
+    """
+    mapping = _mapping_of(exc)
+    if mapping.expose_message:
+        message = str(exc)
+        reason = getattr(exc, "reason", mapping.code.name)
+        metadata = dict(getattr(exc, "metadata", {}))
+    else:
+        logger.error("request failed: %s", type(exc).__name__, exc_info=exc)
+        message = (
+            INTERNAL_MESSAGE
+            if mapping.code is grpc.StatusCode.INTERNAL
+            else ("this operation is not implemented by the server")
+        )
+        reason = exc.reason if isinstance(exc, Sam2Error) else mapping.code.name
+        metadata = {}
+    details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)]
+    if mapping.retryable:
+        delay_s = float(metadata.get("retry_delay_s", DEFAULT_RETRY_DELAY_S))
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(delay_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        container = any_pb2.Any()
+        container.Pack(detail)
+        packed.append(container)
+    return status_pb2.Status(code=mapping.code.value[0], message=message, details=packed)
+
+
+async def abort_with_error(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Abort the RPC with the rich status of ``exc`` (raises ``grpc.aio.AbortError``)."""
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
+
+
+# --- client side --------------------------------------------------------------------
+
+
+def error_from_status(status: status_pb2.Status) -> Sam2Error:
+    """``google.rpc.Status`` (not OK) -> the matching domain exception.
+
+    The class comes from the ``ErrorInfo`` reason when it is one of ours, else from
+    the code; the exception keeps the server's reason and metadata.
+    """
+    info = error_details_pb2.ErrorInfo()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(info)
+            break
+    cls = _CLASS_OF_REASON.get(info.reason) or _CLASS_OF_CODE.get(status.code, Sam2Error)
+    reason = info.reason or code_pb2.Code.Name(status.code)
+    return cls(status.message, reason=reason, **dict(info.metadata))
+
+
+def error_from_rpc_error(error: grpc.RpcError) -> Sam2Error:
+    """A failed call's ``grpc.RpcError`` (sync or aio) -> the matching domain exception.
+
+    Calls without rich status (deadline, cancellation, transport) keep their code as
+    the reason, e.g. ``DEADLINE_EXCEEDED``.
+    """
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        code = error.code()  # type: ignore[attr-defined]
+        status = status_pb2.Status(code=code.value[0], message=error.details() or "")  # type: ignore[attr-defined]
+    return error_from_status(status)
+
+
+# --- the interceptor ------------------------------------------------------------------
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Applies the table to every RPC: a raised exception becomes a rich status.
+
+    Wraps all four RPC kinds. ``context.abort`` calls inside servicers pass through
+    untouched.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_streaming(handler.unary_stream))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_wrap_streaming(handler.stream_stream))
+        return handler
+
+
+def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result = behavior(request_or_iterator, context)
+            return await result if inspect.isawaitable(result) else result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the one place that maps them
+            await abort_with_error(context, exc)
+
+    return wrapped
+
+
+def _wrap_streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        # A coroutine that writes with context.write (like the health Watch): keep it a
+        # coroutine, since grpc.aio refuses writes from inside an async generator.
+        return _wrap_unary(behavior)
+
+    async def wrapped(
+        request_or_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request_or_iterator, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with_error(context, exc)
+
+    return wrapped

@@ -1,0 +1,193 @@
+"""What both tiers' gRPC servers share: construction, health, reflection, error
+mapping, message sizes and graceful shutdown. Knows no tier.
+
+A tier's ``cli.py`` does, inside its event loop::
+
+    server, port = build_server([register_encoder], [ENCODER_SERVICE_NAME], port=50051)
+    server.add_close_callback(batcher.close)
+    await server.start()          # health answers NOT_SERVING while the model loads
+    ...load and warm up the model...
+    await server.mark_serving()
+    await server.serve()          # until SIGTERM/SIGINT, then drains and closes
+
+Shutdown sequence (Kubernetes sends SIGTERM, then SIGKILL after
+``terminationGracePeriodSeconds``): health goes NOT_SERVING for good, new RPCs are
+refused, in-flight RPCs get ``grace_s`` to finish, then the close callbacks run in
+reverse order of registration (batcher before store, for example).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sam2_shared.grpc_errors import ErrorMappingInterceptor
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 12 MP JPEG is several MB; raw pixels more
+DEFAULT_GRACE_S = 25.0  # below Kubernetes' default terminationGracePeriodSeconds (30 s)
+
+Registrar = Callable[[grpc.aio.Server], None]
+CloseCallback = Callable[[], "Awaitable[None] | None"]
+
+logger = logging.getLogger(__name__)
+
+
+class Sam2Server:
+    """A started-or-not ``grpc.aio.Server`` with its health servicer and shutdown.
+
+    Built by ``build_server``; the underlying server is ``grpc_server``.
+    """
+
+    def __init__(
+        self,
+        grpc_server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        service_names: Sequence[str],
+        port: int,
+        grace_s: float,
+    ) -> None:
+        self.grpc_server = grpc_server
+        self.health = health_servicer
+        self.service_names = tuple(service_names)
+        self.port = port
+        self.grace_s = grace_s
+        self._close_callbacks: list[CloseCallback] = []
+        self._stopped: asyncio.Event | None = None
+        self._stopping = False
+
+    def add_close_callback(self, callback: CloseCallback) -> None:
+        """Run ``callback`` (sync or async) after the server has stopped."""
+        self._close_callbacks.append(callback)
+
+    async def _set_all(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Start serving RPCs; health reports NOT_SERVING until ``mark_serving``."""
+        self._stopped = asyncio.Event()
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.start()
+        logger.info(
+            "gRPC server listening on port %d: %s", self.port, ", ".join(self.service_names)
+        )
+
+    async def mark_serving(self) -> None:
+        """Report SERVING (overall and per service): the model is loaded and warm."""
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def mark_not_serving(self) -> None:
+        """Report NOT_SERVING, e.g. while a dependency is unreachable."""
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, drain for ``grace_s``, then close callbacks.
+
+        Safe to call more than once; later calls wait for the first to finish.
+        """
+        if self._stopped is None:
+            raise RuntimeError("stop() before start()")
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.grace_s if grace_s is None else grace_s
+        try:
+            await self.health.enter_graceful_shutdown()
+            logger.info("stopping gRPC server (grace %.1f s)", grace)
+            await self.grpc_server.stop(grace)
+        finally:
+            for callback in reversed(self._close_callbacks):
+                try:
+                    result = callback()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    logger.exception("close callback %r failed", callback)
+            self._stopped.set()
+
+    async def serve(
+        self,
+        grace_s: float | None = None,
+        signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    ) -> None:
+        """Serve until one of ``signals`` arrives, then ``stop`` gracefully."""
+        if self._stopped is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        requested = asyncio.Event()
+        for sig in signals:
+            loop.add_signal_handler(sig, requested.set)
+        try:
+            # Not raced against wait_for_termination(): cancelling that waiter cancels
+            # grpc's own shutdown future and breaks the later stop().
+            await requested.wait()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.stop(grace_s)
+
+
+def build_server(
+    registrars: Sequence[Registrar],
+    service_names: Sequence[str],
+    *,
+    port: int,
+    host: str = "0.0.0.0",
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    reflection_enabled: bool = True,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, int | str]] = (),
+    grace_s: float = DEFAULT_GRACE_S,
+) -> tuple[Sam2Server, int]:
+    """Build (not start) a ``grpc.aio`` server for one tier; call inside the event loop.
+
+    Arguments:
+        registrars: callables that add a servicer, e.g.
+            ``lambda s: encoder_pb2_grpc.add_EncoderServiceServicer_to_server(svc, s)``.
+        service_names: full names of those services (``"sam2.v1.EncoderService"``),
+            for health and reflection.
+        port: TCP port; 0 picks a free one (returned).
+        host: address to bind, "0.0.0.0" for all interfaces, "127.0.0.1" for tests.
+        max_message_bytes: receive and send limit per message.
+        reflection_enabled: register server reflection (grpcurl, Postman).
+        interceptors: extra interceptors (auth, metrics), outermost first; the error
+            mapping interceptor always runs innermost, next to the servicer.
+        options: extra channel arguments, appended after ours.
+        grace_s: default drain time of ``stop``.
+
+    Returns:
+        ``(server, bound_port)``.
+    """
+    grpc_options: list[tuple[str, int | str]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Fail loudly when the port is taken instead of sharing it with another process.
+        ("grpc.so_reuseport", 0),
+        *options,
+    ]
+    server = grpc.aio.server(
+        interceptors=(*interceptors, ErrorMappingInterceptor()), options=grpc_options
+    )
+    for register in registrars:
+        register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if reflection_enabled:
+        names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound_port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises when binding fails
+        raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
+    if bound_port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return Sam2Server(server, health_servicer, service_names, bound_port, grace_s), bound_port
