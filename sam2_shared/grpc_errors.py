@@ -37,6 +37,7 @@ from sam2_shared.errors import (
     Sam2Error,
     UnknownModelError,
 )
+from sam2_shared.store.errors import StoreUnavailableError
 
 ERROR_DOMAIN = "sam2.serving"
 INTERNAL_MESSAGE = "internal server error"
@@ -58,6 +59,7 @@ _TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (EmbeddingNotFoundError, _Mapping(grpc.StatusCode.NOT_FOUND, True)),  # + LogitsNotFound
     (ResourceExhaustedError, _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, True, True)),
     (NotReadyError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
+    (StoreUnavailableError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
     (CorruptEntryError, _Mapping(grpc.StatusCode.INTERNAL, False)),
     (CheckpointError, _Mapping(grpc.StatusCode.INTERNAL, False)),
     (NotImplementedError, _Mapping(grpc.StatusCode.UNIMPLEMENTED, False)),
@@ -74,6 +76,7 @@ _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
         LogitsNotFoundError,
         ResourceExhaustedError,
         NotReadyError,
+        StoreUnavailableError,
         CorruptEntryError,
         CheckpointError,
     )

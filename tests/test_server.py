@@ -29,6 +29,7 @@ from sam2_shared.errors import (
     UnknownModelError,
 )
 from sam2_shared.server import Sam2Server, build_server
+from sam2_shared.store.errors import StoreUnavailableError
 
 SERVICE = "sam2.v1.DecoderService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -42,6 +43,7 @@ FAILURES: dict[str, Exception] = {
     "expired": LogitsNotFoundError("logits handle h1 expired"),
     "busy": ResourceExhaustedError("encoder queue is full", retry_delay_s="0.25"),
     "loading": NotReadyError("model is still loading"),
+    "store-down": StoreUnavailableError("redis://127.0.0.1:1/0 is unreachable"),
     "corrupt": CorruptEntryError("checksum mismatch in /var/cache/secret-entry"),
     "boom": RuntimeError("secret internal detail /etc/passwd"),
 }
@@ -111,12 +113,20 @@ def test_health_is_not_serving_until_marked() -> None:
 
 
 def test_reflection_lists_services_and_serves_descriptors() -> None:
+    from google.protobuf import descriptor_pb2
+
     async def scenario() -> None:
         async with running() as (_, _, channel):
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             requests = [
                 reflection_pb2.ServerReflectionRequest(list_services=""),
                 reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+                # What grpcurl asks next: every dependency by file name.
+                reflection_pb2.ServerReflectionRequest(file_by_filename="sam2/v1/common.proto"),
+                reflection_pb2.ServerReflectionRequest(file_by_filename="google/rpc/status.proto"),
+                reflection_pb2.ServerReflectionRequest(
+                    file_by_filename="google/api/field_behavior.proto"
+                ),
             ]
             replies = [r async for r in stub.ServerReflectionInfo(iter(requests))]
             names = {s.name for s in replies[0].list_services_response.service}
@@ -125,8 +135,18 @@ def test_reflection_lists_services_and_serves_descriptors() -> None:
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection",
             }
-            files = replies[1].file_descriptor_response.file_descriptor_proto
-            assert len(files) >= 1  # decoder.proto, and its dependencies as needed
+            for reply in replies[1:]:
+                assert not reply.HasField("error_response"), reply.error_response
+                files = [
+                    descriptor_pb2.FileDescriptorProto.FromString(raw)
+                    for raw in reply.file_descriptor_response.file_descriptor_proto
+                ]
+                assert files and all(f.name for f in files)
+            decoder_files = {
+                descriptor_pb2.FileDescriptorProto.FromString(raw).name
+                for raw in replies[1].file_descriptor_response.file_descriptor_proto
+            }
+            assert "sam2/v1/decoder.proto" in decoder_files
 
     run(scenario())
 
@@ -140,6 +160,7 @@ def test_reflection_lists_services_and_serves_descriptors() -> None:
         ("expired", grpc.StatusCode.NOT_FOUND, "LOGITS_NOT_FOUND"),
         ("busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
         ("loading", grpc.StatusCode.UNAVAILABLE, "NOT_READY"),
+        ("store-down", grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
     ],
 )
 def test_domain_errors_become_rich_status(
