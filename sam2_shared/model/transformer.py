@@ -51,6 +51,60 @@ class Attention(nn.Module):
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
 
+    def _head_weights(self, linear: nn.Linear) -> torch.Tensor:
+        """[internal, C_in] weight -> [heads, head_dim, C_in]."""
+        return linear.weight.reshape(self.num_heads, -1, linear.weight.shape[1])
+
+    def attend_few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Same result as ``forward`` for few queries and many keys (tokens -> image).
+
+        Instead of projecting all Nk keys and values, fold the projections into the
+        Nq queries: ``q_h K_h^T = (q_h W_k,h) k^T`` (the key bias adds a constant per
+        query and cancels in the softmax) and ``A V_h = (A v) W_v,h^T + b_v,h`` (rows of A
+        sum to 1). Costs Nq * heads * C * Nk twice instead of 2 * Nk * C * internal.
+
+        q [B, Nq, C], k/v [B or 1, Nk, C_kv] -> [B, Nq, C].
+        """
+        b, nq, _ = q.shape
+        qh = self._split_heads(self.q_proj(q))  # [B, H, Nq, d]
+        scale = qh.shape[-1] ** -0.5
+        q_in_key_space = qh @ self._head_weights(self.k_proj)  # [B, H, Nq, C_kv]
+        scores = (q_in_key_space * scale).flatten(1, 2) @ k.transpose(1, 2)  # [B, H*Nq, Nk]
+        attn = scores.softmax(dim=-1)
+        mixed = (attn @ v).reshape(b, self.num_heads, nq, -1)  # [B, H, Nq, C_kv]
+        w_v = self._head_weights(self.v_proj)  # [H, d, C_kv]
+        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.reshape(self.num_heads, 1, -1)
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, -1))
+
+    def attend_few_keys(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shared_q: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Same result as ``forward`` for many queries and few keys (image -> tokens).
+
+        The output projection is folded into the values: ``sum_h A_h (V_h W_o,h^T)``, so
+        the Nq x internal x C product is never formed. ``shared_q`` (the projected queries
+        of a batch-1 image side, [1, H, Nq, d]) lets several prompts share that projection.
+
+        q [B or 1, Nq, C], k/v [B, Nk, C] -> [B, Nq, C].
+        """
+        b, nk, _ = k.shape
+        kh = self._split_heads(self.k_proj(k))  # [B, H, Nk, d]
+        vh = self._split_heads(self.v_proj(v))  # [B, H, Nk, d]
+        w_o = self.out_proj.weight.reshape(-1, self.num_heads, kh.shape[-1])  # [C, H, d]
+        values_out = vh @ w_o.permute(1, 2, 0)  # [B, H, Nk, C]
+        scale = kh.shape[-1] ** -0.5
+        if shared_q is not None:
+            scores = shared_q @ (kh.transpose(-2, -1) * scale)  # [B, H, Nq, Nk]
+        else:
+            # Fold W_q into the keys: q_h K_h^T = q (W_q,h^T K_h^T) + b_q,h K_h^T.
+            w_q = self._head_weights(self.q_proj)  # [H, d, C]
+            keys_in_query_space = (w_q.transpose(1, 2) @ kh.transpose(-2, -1)) * scale
+            bias = (self.q_proj.bias.reshape(self.num_heads, 1, -1) @ kh.transpose(-2, -1)) * scale
+            scores = q.unsqueeze(1) @ keys_in_query_space + bias  # [B, H, Nq, Nk]
+        attn = scores.softmax(dim=-1)
+        out = (attn.transpose(1, 2).flatten(2) @ values_out.flatten(1, 2))  # [B, Nq, C]
+        return out + self.out_proj.bias
+
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image, token MLP, image->token (post-norm).
@@ -97,14 +151,24 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         keys_with_pe = keys + key_pe
-        queries = queries + self.cross_attn_token_to_image(queries + query_pe, keys_with_pe, keys)
+        to_image, from_image = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        shared_image = keys.shape[0] == 1 and queries.shape[0] > 1
+        if shared_image:
+            # Several prompts on one image: project the image side once for all.
+            queries = queries + to_image(queries + query_pe, keys_with_pe, keys)
+        else:
+            queries = queries + to_image.attend_few_queries(
+                queries + query_pe, keys_with_pe, keys
+            )
         queries = self.norm2(queries)
 
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        image_queries = keys_with_pe.expand(q.shape[0], -1, -1)
-        keys = keys + self.cross_attn_image_to_token(image_queries, q, queries)
+        shared_q = None
+        if shared_image:
+            shared_q = from_image._split_heads(from_image.q_proj(keys_with_pe))
+        keys = keys + from_image.attend_few_keys(keys_with_pe, q, queries, shared_q)
         keys = self.norm4(keys)
         return queries, keys
 
@@ -148,6 +212,8 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+        attn_out = self.final_attn_token_to_image.attend_few_queries(
+            queries + point_embedding, keys + key_pe, keys
+        )
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys
