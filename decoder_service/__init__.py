@@ -1,0 +1,1 @@
+"""The decoder tier: prompts + stored embeddings -> masks, served over gRPC (``sam2-decoder``)."""

@@ -1,0 +1,469 @@
+"""The decoder tier's logic: embeddings from the tiers of caches, batched prompt decoding,
+logits handles. Plain asyncio + torch through ``Sam2Model``; no grpc here.
+
+Embedding lookup, fastest first:
+    1. the hot tier, a bytes-bounded in-process LRU of decoded embeddings;
+    2. the shared store (every replica and the encoder see the same entries);
+    3. the encoder, only when the request carries the image and an encoder is configured:
+       it computes and stores the embedding, then the store is read again.
+Concurrent misses for one id load it once.
+
+Prompt batching: one worker thread runs the model. While it is busy, requests queue per
+embedding; when it frees up, all prompts queued for the oldest waiting embedding go into one
+``decode_prompts`` call. So there is no gather window and no added latency when idle, and
+batches grow with load (see ``bench/bench_grpc.py`` for what it buys).
+
+Logits handles: the low-res logits of every prompt's candidates are written to the shared store
+as one entry under a random token with a TTL; candidate ``c`` gets the handle ``"<token>.<c>"``.
+Any replica can resolve it; a small local LRU spares the store read on the replica that made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from sam2_shared import imaging
+from sam2_shared.caches import LruCache
+from sam2_shared.embedding import ImageEmbedding, content_id
+from sam2_shared.errors import (
+    EmbeddingNotFoundError,
+    InvalidInputError,
+    LogitsNotFoundError,
+    UnknownModelError,
+)
+from sam2_shared.predictor import Sam2Model
+from sam2_shared.prompts import Prompt, Sam2Prediction
+from sam2_shared.store import EmbeddingStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOT_CACHE_BYTES = 512 * 1024 * 1024  # 32 fp32 embeddings of 16 MiB
+DEFAULT_LOGITS_CACHE_BYTES = 64 * 1024 * 1024
+DEFAULT_LOGITS_TTL_S = 600.0
+DEFAULT_MAX_PROMPTS = 64
+DEFAULT_MAX_POINTS = 64
+DEFAULT_MAX_BATCH_PROMPTS = 256
+
+
+class EncoderClient(Protocol):
+    """What the decoder needs from the encoder tier (``sam2_shared.client.AsyncEncoderClient``)."""
+
+    async def embed_image(
+        self, image: bytes | np.ndarray, input_color_format: str, model_id: str
+    ) -> str:
+        """Have the encoder compute and store the embedding of ``image``; return its id."""
+        ...
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image attached to a request, as ``wire.image_from_proto`` returns it."""
+
+    data: bytes | np.ndarray
+    input_color_format: str = "rgb"
+
+
+@dataclass(frozen=True)
+class EmbeddingRef:
+    """Which embedding a response was decoded from (no tensors)."""
+
+    embedding_id: str
+    model_id: str
+    original_hw: tuple[int, int]
+
+
+@dataclass
+class SegmentResult:
+    """One ``Sam2Prediction`` (P = 1) and one logits handle per candidate, per prompt."""
+
+    embedding: EmbeddingRef
+    predictions: list[Sam2Prediction]
+    logits_handles: list[list[str]]
+
+
+@dataclass
+class DecoderStats:
+    """Counters for metrics and for judging the batching."""
+
+    requests: int = 0
+    model_calls: int = 0
+    prompts_decoded: int = 0
+    store_hits: int = 0
+    encoder_calls: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class _Job:
+    embedding: ImageEmbedding
+    prompts: list[Prompt]
+    future: asyncio.Future
+
+
+class _DecodeQueue:
+    """Runs the model on one worker thread, merging queued prompts per embedding.
+
+    Arguments:
+        model (Sam2Model): the decoder half.
+        max_batch_prompts (int): most prompts merged into one call.
+        batching (bool): merge prompts of different requests (False: one call per request).
+    """
+
+    def __init__(self, model: Sam2Model, max_batch_prompts: int, batching: bool,
+                 stats: DecoderStats) -> None:
+        self._model = model
+        self._max_batch_prompts = max_batch_prompts
+        self._batching = batching
+        self._stats = stats
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sam2-decode")
+        self._pending: OrderedDict[str, list[_Job]] = OrderedDict()
+        self._drainer: asyncio.Task | None = None
+
+    async def decode(self, embedding: ImageEmbedding, prompts: list[Prompt]
+                     ) -> list[Sam2Prediction]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(embedding.embedding_id, []).append(
+            _Job(embedding, prompts, future)
+        )
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    def _take(self) -> list[_Job]:
+        """The next batch: queued jobs of the oldest waiting embedding, up to the cap."""
+        key, jobs = next(iter(self._pending.items()))
+        taken, total = [], 0
+        while jobs and (not taken or (
+                self._batching and total + len(jobs[0].prompts) <= self._max_batch_prompts)):
+            job = jobs.pop(0)
+            taken.append(job)
+            total += len(job.prompts)
+        if not jobs:
+            del self._pending[key]
+        return taken
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            jobs = self._take()
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._run, jobs)
+            except BaseException as exc:  # cancelled loop or executor shut down
+                outcomes = [exc] * len(jobs)
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if job.future.done():  # the caller gave up (deadline, cancellation)
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+
+    def _run(self, jobs: list[_Job]) -> list[list[Sam2Prediction] | BaseException]:
+        """Decode ``jobs`` (one embedding) in one call; on failure, job by job so that one
+        request's error is not blamed on the others."""
+        jobs = [job for job in jobs if not job.future.done()]
+        if len(jobs) > 1:
+            merged = [prompt for job in jobs for prompt in job.prompts]
+            try:
+                rows = self._model.decode_prompts(jobs[0].embedding, merged)
+            except Exception:
+                logger.warning("merged decode of %d requests failed; retrying one by one",
+                               len(jobs))
+            else:
+                self._stats.add(model_calls=1, prompts_decoded=len(merged))
+                outcomes: list[list[Sam2Prediction] | BaseException] = []
+                start = 0
+                for job in jobs:
+                    outcomes.append(rows[start : start + len(job.prompts)])
+                    start += len(job.prompts)
+                return outcomes
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(self._model.decode_prompts(job.embedding, job.prompts))
+                self._stats.add(model_calls=1, prompts_decoded=len(job.prompts))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class Decoder:
+    """Segments stored embeddings with prompts, for the decoder tier.
+
+    Arguments:
+        model (Sam2Model): built with ``parts="decoder"`` (or ``"all"``).
+        store (EmbeddingStore): the shared store the encoder writes to.
+        hot_cache_bytes (int): bound of the in-process embedding LRU (fp32 tensors).
+        encoder_client (EncoderClient | None): used on a miss when the request has the image.
+        logits_ttl_s (float): how long logits handles stay resolvable.
+        max_prompts (int): most prompts per request.
+        max_points (int): most points per prompt.
+        max_pixels (int): largest attached image (H * W).
+        batching (bool): merge concurrent requests' prompts on one embedding into one call.
+        max_batch_prompts (int): most prompts in one merged call.
+        logits_cache_bytes (int): local LRU of recently written or read logits.
+    """
+
+    def __init__(
+        self,
+        model: Sam2Model,
+        store: EmbeddingStore,
+        *,
+        hot_cache_bytes: int = DEFAULT_HOT_CACHE_BYTES,
+        encoder_client: EncoderClient | None = None,
+        logits_ttl_s: float = DEFAULT_LOGITS_TTL_S,
+        max_prompts: int = DEFAULT_MAX_PROMPTS,
+        max_points: int = DEFAULT_MAX_POINTS,
+        max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+        batching: bool = True,
+        max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS,
+        logits_cache_bytes: int = DEFAULT_LOGITS_CACHE_BYTES,
+    ) -> None:
+        if model.decoder is None:
+            raise ValueError("the decoder tier needs a Sam2Model with the decoder part")
+        self.model = model
+        self.store = store
+        self.encoder_client = encoder_client
+        self.logits_ttl_s = logits_ttl_s
+        self.max_prompts = max_prompts
+        self.max_points = max_points
+        self.max_pixels = max_pixels
+        self.stats = DecoderStats()
+        self.hot_cache: LruCache[str, ImageEmbedding] = LruCache(
+            1_000_000, max_bytes=hot_cache_bytes, size_of=lambda e: e.nbytes
+        )
+        self.logits_cache: LruCache[str, np.ndarray] = LruCache(
+            1_000_000, max_bytes=logits_cache_bytes, size_of=lambda a: a.nbytes
+        )
+        self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
+        self._queue = _DecodeQueue(model, max_batch_prompts, batching, self.stats)
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    # ------------------------------------------------------------------ requests
+
+    def check_model(self, model_id: str) -> None:
+        """Empty means this server's model; anything else must name it."""
+        if model_id and model_id != self.model_id:
+            raise UnknownModelError(
+                f"this decoder serves model {self.model_id!r}, not {model_id!r}; leave model_id "
+                "empty or send the request to a decoder of that model",
+                model_id=model_id,
+            )
+
+    def check_prompt_count(self, count: int) -> None:
+        """Called before the prompts are converted, so oversized requests cost nothing."""
+        if count == 0:
+            raise InvalidInputError("no prompts: give at least one prompt")
+        if count > self.max_prompts:
+            raise InvalidInputError(
+                f"{count} prompts in one request; the limit is {self.max_prompts}: split the "
+                "request", limit=str(self.max_prompts),
+            )
+
+    async def segment(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        embedding_id: str = "",
+        image: ImageInput | None = None,
+        model_id: str = "",
+    ) -> SegmentResult:
+        """Decode ``prompts`` on the embedding named by ``embedding_id`` and/or ``image``.
+
+        Raises ``InvalidInputError`` (bad prompt, limits, id not matching the image),
+        ``UnknownModelError``, ``EmbeddingNotFoundError`` (in no tier and no way to compute it).
+        """
+        self.stats.add(requests=1)
+        self.check_model(model_id)
+        self.check_prompt_count(len(prompts))
+        for index, prompt in enumerate(prompts):
+            self._check_points(index, prompt)
+        if not embedding_id and image is None:
+            raise InvalidInputError("give embedding_id or image")
+        if image is not None:
+            image_id = await asyncio.to_thread(self._image_id, image)
+            if embedding_id and embedding_id != image_id:
+                raise InvalidInputError(
+                    f"embedding_id {embedding_id!r} is not the id of the attached image "
+                    f"({image_id!r}); send one of them, or the image's own id",
+                )
+            embedding_id = image_id
+        embedding = await self.embedding(embedding_id, image)
+        for index, prompt in enumerate(prompts):
+            _validate(index, prompt, embedding.original_hw)
+        predictions = await self._queue.decode(embedding, list(prompts))
+        handles = await asyncio.to_thread(self._store_logits, predictions)
+        ref = EmbeddingRef(embedding.embedding_id, embedding.model_id, embedding.original_hw)
+        return SegmentResult(ref, predictions, handles)
+
+    def _check_points(self, index: int, prompt: Prompt) -> None:
+        count = 0 if prompt.point_coords is None else len(np.asarray(prompt.point_coords))
+        if count > self.max_points:
+            raise InvalidInputError(
+                f"prompt {index} has {count} points; the limit is {self.max_points}",
+                prompt_index=str(index), limit=str(self.max_points),
+            )
+
+    def _image_id(self, image: ImageInput) -> str:
+        rgb = imaging.decode_image(image.data, image.input_color_format, self.max_pixels)
+        return content_id(rgb, self.model_id)
+
+    # ------------------------------------------------------------------ embeddings
+
+    async def embedding(self, embedding_id: str, image: ImageInput | None = None
+                        ) -> ImageEmbedding:
+        """The embedding from the hot tier, the store, or (with ``image``) the encoder."""
+        found = self.hot_cache.get(embedding_id)
+        if found is not None:
+            return found
+        task = self._loads.get(embedding_id)
+        if task is None:
+            task = asyncio.create_task(self._load(embedding_id, image))
+            self._loads[embedding_id] = task
+            task.add_done_callback(lambda done: self._load_finished(embedding_id, done))
+        elif image is not None and self.encoder_client is not None:
+            # Someone else's load may give up without an image; ours can still encode.
+            try:
+                return await asyncio.shield(task)
+            except EmbeddingNotFoundError:
+                return await self._load(embedding_id, image)
+        return await asyncio.shield(task)  # one caller's cancellation must not stop the load
+
+    def _load_finished(self, embedding_id: str, task: asyncio.Task) -> None:
+        self._loads.pop(embedding_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here, so that no waiter left is no warning either
+
+    async def _load(self, embedding_id: str, image: ImageInput | None) -> ImageEmbedding:
+        embedding = await asyncio.to_thread(self._from_store, embedding_id)
+        if embedding is None and image is not None and self.encoder_client is not None:
+            self.stats.add(encoder_calls=1)
+            computed_id = await self.encoder_client.embed_image(
+                image.data, image.input_color_format, self.model_id
+            )
+            if computed_id != embedding_id:  # different preprocessing version or decoder
+                raise InvalidInputError(
+                    f"the encoder computed id {computed_id!r} for this image, the decoder "
+                    f"{embedding_id!r}: the tiers run different versions"
+                )
+            embedding = await asyncio.to_thread(self._from_store, embedding_id)
+        if embedding is None:
+            hint = (
+                "call EncoderService.EmbedImages with the image first, or attach the image to "
+                "this request" if self.encoder_client is not None else
+                "call EncoderService.EmbedImages with the image first (this decoder has no "
+                "encoder configured, so it cannot compute embeddings itself)"
+            )
+            raise EmbeddingNotFoundError(
+                f"embedding {embedding_id!r} of model {self.model_id} is not stored; {hint}",
+                embedding_id=embedding_id,
+            )
+        self.hot_cache.put(embedding_id, embedding)
+        return embedding
+
+    def _from_store(self, embedding_id: str) -> ImageEmbedding | None:
+        try:
+            embedding = self.store.get_embedding(embedding_id, self.model_id)
+        except InvalidInputError:  # not even a well-formed id
+            raise InvalidInputError(
+                f"embedding_id {embedding_id!r} is not a valid id; use the id EmbedImages "
+                "returned", embedding_id=embedding_id,
+            ) from None
+        if embedding is not None:
+            self.stats.add(store_hits=1)
+            embedding = embedding.to(self.model.device, torch.float32)
+        return embedding
+
+    # ------------------------------------------------------------------ logits
+
+    def _store_logits(self, predictions: list[Sam2Prediction]) -> list[list[str]]:
+        """Write each prompt's candidate logits under a new token; return the handles."""
+        handles = []
+        for prediction in predictions:
+            token = secrets.token_hex(16)
+            logits = np.ascontiguousarray(prediction.logits[0], dtype=np.float32)  # [C, 256, 256]
+            self.store.put_logits(token, logits, self.logits_ttl_s)
+            self.logits_cache.put(token, logits)
+            handles.append([f"{token}.{c}" for c in range(logits.shape[0])])
+        return handles
+
+    def resolve_logits(self, handle: str) -> np.ndarray:
+        """[256, 256] logits of a handle from an earlier response (blocking store read).
+
+        Raises ``LogitsNotFoundError`` when it is malformed, unknown or expired.
+        """
+        token, _, candidate = handle.rpartition(".")
+        logits = None
+        if token and candidate.isdigit():
+            logits = self.logits_cache.get(token)
+            if logits is None:
+                try:
+                    logits = self.store.get_logits(token)
+                except InvalidInputError:  # a token no handle of ours can have
+                    logits = None
+        if logits is None or int(candidate) >= logits.shape[0]:
+            raise LogitsNotFoundError(
+                f"logits handle {handle!r} is unknown or expired (handles live "
+                f"{self.logits_ttl_s:g} s); send the logits inline or start again from points "
+                "or a box", logits_handle=handle,
+            )
+        return logits[int(candidate)]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def warm_up(self) -> float:
+        """Decode once on a dummy embedding (not stored); return the seconds it took."""
+        dummy = ImageEmbedding(
+            image_embed=torch.zeros(1, 256, 64, 64),
+            high_res_feats=(torch.zeros(1, 32, 256, 256), torch.zeros(1, 64, 128, 128)),
+            original_hw=(480, 640),
+            model_id=self.model_id,
+            embedding_id="warm-up",
+        ).to(self.model.device)
+        prompt = Prompt(np.array([[320.0, 240.0]], np.float32), np.array([1], np.int32))
+        started = time.perf_counter()
+        await self._queue.decode(dummy, [prompt])
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self._queue.close()
+
+
+def _validate(index: int, prompt: Prompt, original_hw: tuple[int, int]) -> None:
+    """Validate before queueing, so a bad prompt fails only its own request."""
+    try:
+        imaging.validate_prompt(prompt, original_hw)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"prompt {index}: {exc}", prompt_index=str(index)) from None
+
+
+__all__ = [
+    "Decoder",
+    "EmbeddingRef",
+    "EncoderClient",
+    "ImageInput",
+    "SegmentResult",
+]
