@@ -27,6 +27,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from sam2_shared.store.base import mask_url
 
@@ -203,7 +204,8 @@ def _masked(value: Any) -> str:
         return "None"
     text = str(value)
     if "://" in text:
-        return mask_url(text)
+        parts = urlsplit(text)
+        return mask_url(text) if parts.password is not None or parts.query else text
     return "***" if text else ""
 
 

@@ -1,0 +1,153 @@
+"""``sam2-encoder``: the encoder tier's entry point.
+
+Every flag is also an environment variable (``--max-batch-size`` / ``SAM2_MAX_BATCH_SIZE``).
+Start-up: settings are printed (secrets masked), the gRPC server starts with health
+NOT_SERVING, the model loads and warms up, then health turns SERVING. Once the port is
+bound a line ``SAM2_LISTENING port=N`` goes to stdout, so ``--port 0`` can be used by
+tests and supervisors. SIGTERM/SIGINT: health NOT_SERVING, in-flight RPCs drain for
+``--grace-s``, queued encodes finish, the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sam2_shared.config import describe_settings, load_settings, setting
+from sam2_shared.errors import CheckpointError, UnknownModelError
+from sam2_shared.server import DEFAULT_GRACE_S, build_server
+
+logger = logging.getLogger("encoder_service")
+
+DEFAULT_STORE = "diskcache://" + os.path.join(tempfile.gettempdir(), "sam2-embeddings")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    model: str = setting("sam2.1/hiera_tiny", "official model id, e.g. sam2.1/hiera_b_plus")
+    checkpoint: str | None = setting(
+        None, "checkpoint file; default: the model's file in $SAM2_CHECKPOINT_DIR or "
+        "~/.cache/sam2, downloaded from Meta if missing"
+    )
+    store: str = setting(
+        DEFAULT_STORE, "embedding store URL: diskcache:///path, redis://host:port/db or "
+        "s3://bucket/prefix?endpoint_url=...", secret=True
+    )
+    store_dtype: str = setting("float16", "dtype embeddings are stored in",
+                               choices=STORAGE_DTYPES)
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(50051, "gRPC port (0 picks a free one)", minimum=0)
+    metrics_port: int = setting(9101, "Prometheus metrics port (0 disables)", minimum=0)
+    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
+    precision: str = setting("auto", "encoder precision (auto: bf16 on CUDA, fp32 on CPU)",
+                             choices=PRECISIONS)
+    max_batch_size: int = setting(4, "most images per encoder forward", minimum=1)
+    max_wait_ms: float = setting(10.0, "longest an image waits for its batch to fill",
+                                 minimum=0)
+    max_queue: int = setting(64, "most images waiting; beyond, RESOURCE_EXHAUSTED", minimum=1)
+    max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
+    max_image_pixels: int = setting(100_000_000, "largest decoded image (pixels)", minimum=1)
+    grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
+    reflection: bool = setting(True, "enable gRPC server reflection")
+    log_level: str = setting("INFO", "logging level",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        from sam2_shared.model import get_config
+
+        try:
+            get_config(self.model)
+        except (KeyError, ValueError, UnknownModelError) as exc:
+            raise ValueError(f"--model / SAM2_MODEL: {exc}") from None
+
+
+async def serve(settings: EncoderSettings) -> None:
+    """Run the encoder tier until SIGTERM/SIGINT."""
+    from encoder_service.servicer import SERVICE_NAME, EncoderServicer
+    from sam2_shared.store import open_store
+
+    store = open_store(settings.store, storage_dtype=settings.store_dtype)  # type: ignore[arg-type]
+    servicer = EncoderServicer()
+    server, port = build_server(
+        [servicer.register],
+        [SERVICE_NAME],
+        port=settings.port,
+        host=settings.host,
+        max_message_bytes=settings.max_message_mb * 1024 * 1024,
+        reflection_enabled=settings.reflection,
+        grace_s=settings.grace_s,
+    )
+    server.add_close_callback(store.close)
+    await server.start()
+    print(f"SAM2_LISTENING port={port}", flush=True)
+    try:
+        encoder = await asyncio.to_thread(_load_encoder, settings, store)
+        server.add_close_callback(encoder.close)  # runs before store.close
+        await encoder.warm_up()
+    except BaseException:
+        await server.stop(0)
+        raise
+    servicer.encoder = encoder
+    await server.mark_serving()
+    logger.info("encoder ready: %s on %s (%s), store %s", encoder.model_id,
+                encoder.model.device, encoder.model.precision, store.url)
+    await server.serve()
+
+
+def _load_encoder(settings: EncoderSettings, store):  # -> Encoder, imported lazily (torch)
+    from encoder_service.encoder import Encoder, resolve_device_and_precision
+    from sam2_shared.predictor import Sam2Model
+
+    device, precision = resolve_device_and_precision(settings.device, settings.precision)
+    model = Sam2Model.from_pretrained(
+        settings.model,
+        settings.checkpoint,
+        device=device,
+        parts="encoder",
+        precision=precision,
+        max_pixels=settings.max_image_pixels,
+    )
+    return Encoder(
+        model,
+        store,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000.0,
+        max_queue=settings.max_queue,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(
+        EncoderSettings, argv, prog="sam2-encoder",
+        description="SAM 2 encoder tier: embeds images into the shared store over gRPC.",
+    )
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logger.info("settings: %s", describe_settings(settings))
+    if settings.metrics_port > 0:
+        import prometheus_client
+
+        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        logger.info("metrics on port %d", settings.metrics_port)
+    try:
+        asyncio.run(serve(settings))
+    except CheckpointError as exc:
+        logger.error("cannot load the model: %s", exc)
+        return 2
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
