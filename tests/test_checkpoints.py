@@ -447,7 +447,21 @@ def _flip_a_data_byte(body: bytes, weights: torch.Tensor) -> bytes:
     return bytes(corrupt)
 
 
-@pytest.mark.parametrize("damage", ["bad-crc", "not-a-zip", "short-transfer"])
+def _reset_after_first_chunk() -> Callable[[], None]:
+    reads = 0
+
+    def on_read() -> None:
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            raise ConnectionResetError("connection reset by peer")
+
+    return on_read
+
+
+@pytest.mark.parametrize(
+    "damage", ["bad-crc", "not-a-zip", "short-transfer", "connection-reset"]
+)
 def test_corrupt_download_is_rejected_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
@@ -457,8 +471,10 @@ def test_corrupt_download_is_rejected_and_leaves_nothing(
         _serve(monkeypatch, _flip_a_data_byte(body, weights))
     elif damage == "not-a-zip":
         _serve(monkeypatch, np.random.default_rng(1).bytes(5000))
-    else:
+    elif damage == "short-transfer":
         _serve(monkeypatch, body[: len(body) // 2], content_length=len(body))
+    else:  # the connection drops after part of the file arrived
+        _serve(monkeypatch, body, on_read=_reset_after_first_chunk())
     with pytest.raises(CheckpointError) as caught:
         resolve_checkpoint(config, cache_dir=tmp_path, download=True)
     _assert_tells_where_to_put_it(str(caught.value), TINY, tmp_path)
