@@ -8,10 +8,11 @@ Embedding lookup, fastest first:
        it computes and stores the embedding, then the store is read again.
 Concurrent misses for one id load it once.
 
-Prompt batching: one worker thread runs the model. While it is busy, requests queue per
-embedding; when it frees up, all prompts queued for the oldest waiting embedding go into one
-``decode_prompts`` call. So there is no gather window and no added latency when idle, and
-batches grow with load (see ``bench/bench_grpc.py`` for what it buys).
+Prompt batching: the shared ``MicroBatcher`` runs the model on one worker thread. Requests that
+queue while it is busy form the next batch, and within it the prompts of all requests on the
+same embedding go into one ``decode_prompts`` call. With the default ``batch_wait_s=0`` there
+is no gather window, so no added latency when idle, and batches grow with load (see
+``bench/bench_grpc.py`` for what it buys).
 
 Logits handles: the low-res logits of every prompt's candidates are written to the shared store
 as one entry under a random token with a TTL; candidate ``c`` gets the handle ``"<token>.<c>"``.
@@ -25,9 +26,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from sam2_shared import imaging
+from sam2_shared.batching import MicroBatcher
 from sam2_shared.caches import LruCache
 from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import (
@@ -54,7 +54,9 @@ DEFAULT_LOGITS_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_LOGITS_TTL_S = 600.0
 DEFAULT_MAX_PROMPTS = 64
 DEFAULT_MAX_POINTS = 64
-DEFAULT_MAX_BATCH_PROMPTS = 256
+DEFAULT_MAX_BATCH_PROMPTS = 64  # full-size masks of a batch are materialised at once
+DEFAULT_MAX_BATCH_REQUESTS = 32
+DEFAULT_MAX_QUEUE = 256
 
 
 class EncoderClient(Protocol):
@@ -114,16 +116,14 @@ class DecoderStats:
 class _Job:
     embedding: ImageEmbedding
     prompts: list[Prompt]
-    future: asyncio.Future
 
 
-class _DecodeQueue:
-    """Runs the model on one worker thread, merging queued prompts per embedding.
+class _BatchDecoder:
+    """The batch function of the decode ``MicroBatcher`` (runs on its worker thread).
 
-    Arguments:
-        model (Sam2Model): the decoder half.
-        max_batch_prompts (int): most prompts merged into one call.
-        batching (bool): merge prompts of different requests (False: one call per request).
+    A batch holds the requests that queued while the previous one ran, maybe for several
+    embeddings: requests on one embedding are merged into ``decode_prompts`` calls of at most
+    ``max_batch_prompts`` prompts; with ``batching`` off, each request is its own call.
     """
 
     def __init__(self, model: Sam2Model, max_batch_prompts: int, batching: bool,
@@ -132,53 +132,33 @@ class _DecodeQueue:
         self._max_batch_prompts = max_batch_prompts
         self._batching = batching
         self._stats = stats
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sam2-decode")
-        self._pending: OrderedDict[str, list[_Job]] = OrderedDict()
-        self._drainer: asyncio.Task | None = None
 
-    async def decode(self, embedding: ImageEmbedding, prompts: list[Prompt]
-                     ) -> list[Sam2Prediction]:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(embedding.embedding_id, []).append(
-            _Job(embedding, prompts, future)
-        )
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain())
-        return await future
+    def __call__(self, jobs: list[_Job]) -> list[list[Sam2Prediction] | Exception]:
+        outcomes: list[list[Sam2Prediction] | Exception | None] = [None] * len(jobs)
+        groups: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.embedding.embedding_id, []).append(index)
+        for indices in groups.values():
+            for chunk in self._chunks(indices, jobs):
+                for index, outcome in zip(chunk, self._run([jobs[i] for i in chunk])):
+                    outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]
 
-    def _take(self) -> list[_Job]:
-        """The next batch: queued jobs of the oldest waiting embedding, up to the cap."""
-        key, jobs = next(iter(self._pending.items()))
-        taken, total = [], 0
-        while jobs and (not taken or (
-                self._batching and total + len(jobs[0].prompts) <= self._max_batch_prompts)):
-            job = jobs.pop(0)
-            taken.append(job)
-            total += len(job.prompts)
-        if not jobs:
-            del self._pending[key]
-        return taken
+    def _chunks(self, indices: list[int], jobs: list[_Job]) -> list[list[int]]:
+        chunks: list[list[int]] = []
+        total = 0
+        for index in indices:
+            size = len(jobs[index].prompts)
+            if not chunks or not self._batching or total + size > self._max_batch_prompts:
+                chunks.append([])
+                total = 0
+            chunks[-1].append(index)
+            total += size
+        return chunks
 
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            jobs = self._take()
-            try:
-                outcomes = await loop.run_in_executor(self._executor, self._run, jobs)
-            except BaseException as exc:  # cancelled loop or executor shut down
-                outcomes = [exc] * len(jobs)
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if job.future.done():  # the caller gave up (deadline, cancellation)
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
-
-    def _run(self, jobs: list[_Job]) -> list[list[Sam2Prediction] | BaseException]:
+    def _run(self, jobs: list[_Job]) -> list[list[Sam2Prediction] | Exception]:
         """Decode ``jobs`` (one embedding) in one call; on failure, job by job so that one
         request's error is not blamed on the others."""
-        jobs = [job for job in jobs if not job.future.done()]
         if len(jobs) > 1:
             merged = [prompt for job in jobs for prompt in job.prompts]
             try:
@@ -188,7 +168,7 @@ class _DecodeQueue:
                                len(jobs))
             else:
                 self._stats.add(model_calls=1, prompts_decoded=len(merged))
-                outcomes: list[list[Sam2Prediction] | BaseException] = []
+                outcomes: list[list[Sam2Prediction] | Exception] = []
                 start = 0
                 for job in jobs:
                     outcomes.append(rows[start : start + len(job.prompts)])
@@ -202,9 +182,6 @@ class _DecodeQueue:
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class Decoder:
@@ -221,6 +198,10 @@ class Decoder:
         max_pixels (int): largest attached image (H * W).
         batching (bool): merge concurrent requests' prompts on one embedding into one call.
         max_batch_prompts (int): most prompts in one merged call.
+        max_batch_requests (int): most requests taken from the queue at once.
+        batch_wait_s (float): how long a batch may wait to fill; 0 takes what queued while
+            the previous batch ran, which adds no latency when idle.
+        max_queue (int): most requests waiting for the model; beyond it RESOURCE_EXHAUSTED.
         logits_cache_bytes (int): local LRU of recently written or read logits.
     """
 
@@ -237,6 +218,9 @@ class Decoder:
         max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         batching: bool = True,
         max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS,
+        max_batch_requests: int = DEFAULT_MAX_BATCH_REQUESTS,
+        batch_wait_s: float = 0.0,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         logits_cache_bytes: int = DEFAULT_LOGITS_CACHE_BYTES,
     ) -> None:
         if model.decoder is None:
@@ -256,7 +240,13 @@ class Decoder:
             1_000_000, max_bytes=logits_cache_bytes, size_of=lambda a: a.nbytes
         )
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
-        self._queue = _DecodeQueue(model, max_batch_prompts, batching, self.stats)
+        self._batcher: MicroBatcher[_Job, list[Sam2Prediction]] = MicroBatcher(
+            _BatchDecoder(model, max_batch_prompts, batching, self.stats),
+            max_batch_size=max_batch_requests if batching else 1,
+            max_wait_s=batch_wait_s,
+            max_queue=max_queue,
+            name="sam2-decode",
+        )
 
     @property
     def model_id(self) -> str:
@@ -314,7 +304,7 @@ class Decoder:
         embedding = await self.embedding(embedding_id, image)
         for index, prompt in enumerate(prompts):
             _validate(index, prompt, embedding.original_hw)
-        predictions = await self._queue.decode(embedding, list(prompts))
+        predictions = await self._batcher.submit(_Job(embedding, list(prompts)))
         handles = await asyncio.to_thread(self._store_logits, predictions)
         ref = EmbeddingRef(embedding.embedding_id, embedding.model_id, embedding.original_hw)
         return SegmentResult(ref, predictions, handles)
@@ -445,11 +435,12 @@ class Decoder:
         ).to(self.model.device)
         prompt = Prompt(np.array([[320.0, 240.0]], np.float32), np.array([1], np.int32))
         started = time.perf_counter()
-        await self._queue.decode(dummy, [prompt])
+        await self._batcher.submit(_Job(dummy, [prompt]))
         return time.perf_counter() - started
 
-    def close(self) -> None:
-        self._queue.close()
+    async def close(self) -> None:
+        """Finish queued requests, then stop the model thread."""
+        await self._batcher.close()
 
 
 def _validate(index: int, prompt: Prompt, original_hw: tuple[int, int]) -> None:

@@ -1,0 +1,212 @@
+"""``sam2-decoder``: the decoder tier's entry point.
+
+Every flag is also an environment variable (``--hot-cache-mb`` / ``SAM2_HOT_CACHE_MB``).
+Start-up: settings are printed (secrets masked), the gRPC server starts with health
+NOT_SERVING and prints ``SAM2_LISTENING port=N`` to stdout (so ``--port 0`` works for tests
+and supervisors), the decoder half of the model loads (never the Hiera weights) and decodes
+once on a dummy embedding, then health turns SERVING. SIGTERM/SIGINT: health NOT_SERVING,
+in-flight RPCs drain for ``--grace-s``, queued decodes finish, the encoder channel and the
+store close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sam2_shared.config import describe_settings, load_settings, setting
+from sam2_shared.errors import CheckpointError, UnknownModelError
+from sam2_shared.server import DEFAULT_GRACE_S, build_server
+
+logger = logging.getLogger("decoder_service")
+
+DEFAULT_STORE = "diskcache://" + os.path.join(tempfile.gettempdir(), "sam2-embeddings")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    model: str = setting("sam2.1/hiera_tiny", "official model id, e.g. sam2.1/hiera_b_plus")
+    checkpoint: str | None = setting(
+        None, "checkpoint file; default: the model's file in $SAM2_CHECKPOINT_DIR or "
+        "~/.cache/sam2, downloaded from Meta if missing"
+    )
+    store: str = setting(
+        DEFAULT_STORE, "embedding store URL (the encoder's): diskcache:///path, "
+        "redis://host:port/db or s3://bucket/prefix?endpoint_url=...", secret=True
+    )
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(50052, "gRPC port (0 picks a free one)", minimum=0)
+    metrics_port: int = setting(9102, "Prometheus metrics port (0 disables)", minimum=0)
+    encoder_address: str | None = setting(
+        None, "host:port of the encoder tier, asked on a miss when the request has the image"
+    )
+    encoder_timeout_s: float = setting(60.0, "deadline of a call to the encoder", minimum=0)
+    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
+    precision: str = setting("auto", "decoder precision (auto: fp32; the decoder is small)",
+                             choices=PRECISIONS)
+    hot_cache_mb: float = setting(512.0, "in-process embedding LRU in MiB (16 MiB each)",
+                                  minimum=0)
+    logits_ttl_s: float = setting(600.0, "how long logits handles stay valid", minimum=1)
+    max_prompts: int = setting(64, "most prompts per request", minimum=1)
+    max_points: int = setting(64, "most points per prompt", minimum=1)
+    batching: bool = setting(True, "decode concurrent requests on one image in one forward")
+    max_batch_prompts: int = setting(64, "most prompts in one decoder forward", minimum=1)
+    batch_wait_ms: float = setting(0.0, "longest a request waits for its batch to fill "
+                                   "(0: batch only what queued while the model was busy)",
+                                   minimum=0)
+    max_queue: int = setting(256, "most requests waiting; beyond, RESOURCE_EXHAUSTED",
+                             minimum=1)
+    max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
+    max_image_pixels: int = setting(100_000_000, "largest attached image (pixels)", minimum=1)
+    grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
+    reflection: bool = setting(True, "enable gRPC server reflection")
+    log_level: str = setting("INFO", "logging level",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        from sam2_shared.model import get_config
+
+        try:
+            get_config(self.model)
+        except (KeyError, ValueError, UnknownModelError) as exc:
+            raise ValueError(f"--model / SAM2_MODEL: {exc}") from None
+
+
+async def serve(settings: DecoderSettings) -> None:
+    """Run the decoder tier until SIGTERM/SIGINT."""
+    from decoder_service.servicer import SERVICE_NAME, DecoderServicer
+    from sam2_shared.client import AsyncEncoderClient
+    from sam2_shared.store import open_store
+
+    store = open_store(settings.store)
+    servicer = DecoderServicer()
+    server, port = build_server(
+        [servicer.register],
+        [SERVICE_NAME],
+        port=settings.port,
+        host=settings.host,
+        max_message_bytes=settings.max_message_mb * MIB,
+        reflection_enabled=settings.reflection,
+        grace_s=settings.grace_s,
+    )
+    server.add_close_callback(store.close)
+    encoder_client = None
+    if settings.encoder_address:
+        encoder_client = AsyncEncoderClient(
+            settings.encoder_address,
+            timeout_s=settings.encoder_timeout_s,
+            max_message_bytes=settings.max_message_mb * MIB,
+        )
+        server.add_close_callback(encoder_client.close)
+    await server.start()
+    print(f"SAM2_LISTENING port={port}", flush=True)
+    try:
+        decoder = await asyncio.to_thread(_load_decoder, settings, store, encoder_client)
+        server.add_close_callback(decoder.close)  # runs before the client and store close
+        warm_s = await decoder.warm_up()
+    except BaseException:
+        await server.stop(0)
+        raise
+    servicer.decoder = decoder
+    _register_metrics(decoder)
+    await server.mark_serving()
+    logger.info("decoder ready: %s on %s (%s), warm-up %.3f s, store %s, encoder %s",
+                decoder.model_id, decoder.model.device, decoder.model.precision, warm_s,
+                store.url, settings.encoder_address or "none")
+    await server.serve()
+
+
+def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) -> Any:
+    """Build the ``Decoder`` (imported here: torch loads in the worker thread)."""
+    import torch
+
+    from decoder_service.decoder import Decoder
+    from sam2_shared.predictor import Sam2Model
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = "fp32" if settings.precision == "auto" else settings.precision
+    model = Sam2Model.from_pretrained(
+        settings.model, settings.checkpoint, device=device, parts="decoder",
+        precision=precision, max_pixels=settings.max_image_pixels,
+    )
+    return Decoder(
+        model,
+        store,
+        hot_cache_bytes=int(settings.hot_cache_mb * MIB),
+        encoder_client=encoder_client,
+        logits_ttl_s=settings.logits_ttl_s,
+        max_prompts=settings.max_prompts,
+        max_points=settings.max_points,
+        max_pixels=settings.max_image_pixels,
+        batching=settings.batching,
+        max_batch_prompts=settings.max_batch_prompts,
+        batch_wait_s=settings.batch_wait_ms / 1000.0,
+        max_queue=settings.max_queue,
+    )
+
+
+def _register_metrics(decoder: Any) -> None:
+    """Expose the decoder's counters (read at scrape time) on the default registry."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class DecoderCollector:
+        def collect(self) -> Iterator[Any]:
+            stats, hot, store = decoder.stats, decoder.hot_cache, decoder.store.stats
+            for name, value, doc in (
+                ("requests", stats.requests, "Segment requests (stream messages included)"),
+                ("model_calls", stats.model_calls, "decoder forwards (batched)"),
+                ("prompts_decoded", stats.prompts_decoded, "prompts decoded"),
+                ("encoder_calls", stats.encoder_calls, "embeddings asked of the encoder"),
+                ("hot_cache_hits", hot.hits, "embeddings found in the in-process LRU"),
+                ("hot_cache_misses", hot.misses, "embeddings not in the in-process LRU"),
+                ("store_hits", store.hits, "store reads that found a valid entry"),
+                ("store_misses", store.misses, "store reads that found nothing usable"),
+                ("store_corrupt", store.corrupt, "corrupt store entries seen"),
+                ("store_errors", store.errors, "store operations that failed"),
+            ):
+                yield CounterMetricFamily(f"sam2_decoder_{name}", doc, value=value)
+            yield GaugeMetricFamily("sam2_decoder_hot_cache_bytes", "bytes in the LRU",
+                                    value=hot.nbytes)
+
+    REGISTRY.register(DecoderCollector())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(
+        DecoderSettings, argv, prog="sam2-decoder",
+        description="SAM 2 decoder tier: segments stored embeddings with prompts over gRPC.",
+    )
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logger.info("settings: %s", describe_settings(settings))
+    if settings.metrics_port > 0:
+        import prometheus_client
+
+        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        logger.info("metrics on port %d", settings.metrics_port)
+    try:
+        asyncio.run(serve(settings))
+    except CheckpointError as exc:
+        logger.error("cannot load the model: %s", exc)
+        return 2
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""``sam2.v1.DecoderService`` over ``grpc.aio``: translates protos to ``Decoder`` calls and back.
+
+No model code here. Errors are raised as domain exceptions and mapped to rich status by the
+shared interceptor (``sam2_shared.grpc_errors``); ``SegmentStream`` instead answers a failing
+request with its ``google.rpc.Status`` and keeps the stream open, as the proto documents.
+CPU-heavy conversions (logits handles, mask encoding) run in threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from decoder_service.decoder import Decoder, ImageInput
+from sam2_shared import wire
+from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
+from sam2_shared.errors import NotReadyError
+from sam2_shared.grpc_errors import to_rpc_status
+
+SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
+
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
+    """Serves ``decoder`` once it is set (the model loads after the server starts)."""
+
+    def __init__(self, decoder: Decoder | None = None) -> None:
+        self.decoder = decoder
+
+    def register(self, server: grpc.aio.Server) -> None:
+        decoder_pb2_grpc.add_DecoderServiceServicer_to_server(self, server)
+
+    async def Segment(
+        self, request: decoder_pb2.SegmentRequest, context: grpc.aio.ServicerContext
+    ) -> decoder_pb2.SegmentResponse:
+        return await self._segment(request)
+
+    async def SegmentStream(
+        self,
+        request_iterator: AsyncIterator[decoder_pb2.SegmentStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[decoder_pb2.SegmentStreamResponse]:
+        last_embedding_id = ""
+        async for message in request_iterator:
+            segment = message.segment
+            if not segment.embedding_id and not segment.HasField("image"):
+                segment.embedding_id = last_embedding_id  # the session's image
+            try:
+                response = await self._segment(segment)
+            except Exception as exc:  # answered per request; the stream goes on
+                yield decoder_pb2.SegmentStreamResponse(
+                    request_id=message.request_id, error=to_rpc_status(exc)
+                )
+                continue
+            last_embedding_id = response.embedding.embedding_id
+            yield decoder_pb2.SegmentStreamResponse(
+                request_id=message.request_id, segment=response
+            )
+
+    async def _segment(self, request: decoder_pb2.SegmentRequest) -> decoder_pb2.SegmentResponse:
+        decoder = self._ready()
+        decoder.check_model(request.model_id)
+        decoder.check_prompt_count(len(request.prompts))  # before resolving any handle
+        encoding = wire.mask_encoding_from_proto(request.mask_format)
+        image = ImageInput(*wire.image_from_proto(request.image)) if request.HasField(
+            "image") else None
+        prompts = await asyncio.to_thread(
+            wire.prompts_from_proto, request.prompts, decoder.resolve_logits
+        )
+        result = await decoder.segment(
+            prompts, embedding_id=request.embedding_id, image=image, model_id=request.model_id
+        )
+        results = await asyncio.to_thread(
+            wire.prompt_results_to_proto,
+            result.predictions, encoding, result.logits_handles, request.include_logits,
+        )
+        ref = result.embedding
+        return decoder_pb2.SegmentResponse(
+            embedding=wire.embedding_to_proto(ref.embedding_id, ref.model_id, ref.original_hw),
+            results=results,
+        )
+
+    def _ready(self) -> Decoder:
+        if self.decoder is None:
+            raise NotReadyError("the decoder is still loading its model; retry shortly")
+        return self.decoder
