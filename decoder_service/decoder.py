@@ -236,8 +236,9 @@ class Decoder:
         self.hot_cache: LruCache[str, ImageEmbedding] = LruCache(
             1_000_000, max_bytes=hot_cache_bytes, size_of=lambda e: e.nbytes
         )
-        self.logits_cache: LruCache[str, np.ndarray] = LruCache(
-            1_000_000, max_bytes=logits_cache_bytes, size_of=lambda a: a.nbytes
+        # token -> (monotonic expiry, [C, 256, 256]): honours the TTL like the store does
+        self.logits_cache: LruCache[str, tuple[float, np.ndarray]] = LruCache(
+            1_000_000, max_bytes=logits_cache_bytes, size_of=lambda entry: entry[1].nbytes
         )
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
         self._batcher: MicroBatcher[_Job, list[Sam2Prediction]] = MicroBatcher(
@@ -396,7 +397,7 @@ class Decoder:
             token = secrets.token_hex(16)
             logits = np.ascontiguousarray(prediction.logits[0], dtype=np.float32)  # [C, 256, 256]
             self.store.put_logits(token, logits, self.logits_ttl_s)
-            self.logits_cache.put(token, logits)
+            self.logits_cache.put(token, (time.monotonic() + self.logits_ttl_s, logits))
             handles.append([f"{token}.{c}" for c in range(logits.shape[0])])
         return handles
 
@@ -408,8 +409,10 @@ class Decoder:
         token, _, candidate = handle.rpartition(".")
         logits = None
         if token and candidate.isdigit():
-            logits = self.logits_cache.get(token)
-            if logits is None:
+            cached = self.logits_cache.get(token)
+            if cached is not None and cached[0] > time.monotonic():
+                logits = cached[1]
+            else:
                 try:
                     logits = self.store.get_logits(token)
                 except InvalidInputError:  # a token no handle of ours can have
