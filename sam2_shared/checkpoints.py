@@ -32,7 +32,6 @@ _ENCODER_RENAMES = {
     "sam_mask_decoder.conv_s0.": "conv_s0.",
     "sam_mask_decoder.conv_s1.": "conv_s1.",
 }
-_DECODER_SKIPPED = ("sam_mask_decoder.conv_s0.", "sam_mask_decoder.conv_s1.")
 
 # Video-memory keys present in every official file (not used by the image path).
 _VIDEO_PREFIXES = (
@@ -88,13 +87,17 @@ def _download(url: str, path: Path, timeout_s: float = 30.0) -> None:
     partial = path.with_suffix(path.suffix + ".part")
     log.info("downloading %s to %s", url, path)
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
-        expected = int(response.headers.get("Content-Length") or 0)
-        received = 0
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-            digest.update(chunk)
-            received += len(chunk)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
+            expected = int(response.headers.get("Content-Length") or 0)
+            received = 0
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     if expected and received != expected:
         partial.unlink(missing_ok=True)
         raise OSError(f"download truncated: {received} of {expected} bytes")
@@ -138,37 +141,48 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _check_whole_file(state: Mapping[str, torch.Tensor], config: Sam2Config, path: Path) -> None:
-    """Every key must belong to the official model of this id."""
-    image_keys = set(expected_checkpoint_keys(config, "encoder")) | set(
-        expected_checkpoint_keys(config, "decoder")
-    ) | set(_DECODER_SKIPPED_KEYS)
+    """The file must be the official checkpoint of this id, whichever part is loaded.
+
+    Checks every image-path key (present, right shape) and that no key is foreign, from
+    shapes alone, so a decoder process validates the Hiera keys without loading them.
+    """
+    expected = dict(expected_checkpoint_keys(config, "encoder"))
+    expected.update(expected_checkpoint_keys(config, "decoder"))
+    missing = [key for key in expected if key not in state]
+    wrong_shape = [
+        f"{key}: file {tuple(state[key].shape)} vs model {shape}"
+        for key, shape in expected.items()
+        if key in state and tuple(state[key].shape) != shape
+    ]
     is_sam21 = config.family == "sam2.1"
     unexpected = []
     for key in state:
-        if key in image_keys or key in _VIDEO_KEYS or key.startswith(_VIDEO_PREFIXES):
+        if key in expected or key in _VIDEO_KEYS or key.startswith(_VIDEO_PREFIXES):
             continue
         if key.startswith(_SAM21_ONLY_PREFIXES) and is_sam21:
             continue
         unexpected.append(key)
-    missing_sam21 = [p for p in _SAM21_ONLY_PREFIXES if is_sam21 and not any(
-        k.startswith(p) for k in state)]
-    if unexpected or missing_sam21:
+    missing_sam21 = [
+        prefix
+        for prefix in _SAM21_ONLY_PREFIXES
+        if is_sam21 and not any(key.startswith(prefix) for key in state)
+    ]
+    if not (missing or wrong_shape or unexpected or missing_sam21):
+        return
+    if missing or wrong_shape:
+        hint = " (is it the checkpoint of another model size?)"
+    elif any(key.startswith(_SAM21_ONLY_PREFIXES) for key in unexpected):
+        hint = f" (this looks like a SAM 2.1 checkpoint; use the sam2.1/ id, not {config.model_id})"
+    elif missing_sam21:
+        hint = f" (this looks like a SAM 2 checkpoint; use the sam2/ id, not {config.model_id})"
+    else:
         hint = ""
-        if any(k.startswith(_SAM21_ONLY_PREFIXES) for k in unexpected):
-            hint = (
-                " (this looks like a SAM 2.1 checkpoint;"
-                f" use the sam2.1/ id, not {config.model_id})"
-            )
-        elif missing_sam21:
-            hint = f" (this looks like a SAM 2 checkpoint; use the sam2/ id, not {config.model_id})"
-        raise CheckpointError(
-            f"{path} does not match {config.model_id}{hint}: unexpected keys "
-            f"{_preview(unexpected)}; missing keys {_preview(missing_sam21)}",
-            path=path,
-        )
-
-
-_DECODER_SKIPPED_KEYS = tuple(f"{p}{s}" for p in _DECODER_SKIPPED for s in ("weight", "bias"))
+    raise CheckpointError(
+        f"{path} does not match {config.model_id}{hint}: missing keys "
+        f"{_preview(missing + missing_sam21)}; wrong shapes {_preview(wrong_shape, 4)}; "
+        f"unexpected keys {_preview(unexpected)}",
+        path=path,
+    )
 
 
 def _preview(keys: list[str], limit: int = 8) -> str:

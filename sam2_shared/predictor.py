@@ -217,6 +217,29 @@ class Sam2Model:
             )
         return _PreparedPrompt(index, coords, labels, mask, bool(prompt.multimask_output))
 
+    def prepare_embedding(self, embedding: ImageEmbedding) -> ImageEmbedding:
+        """The embedding on this model's device, in the decoder's dtype and channels_last.
+
+        The decoder works token-major; channels_last maps make that a free view. A no-op
+        for embeddings already prepared (callers holding a hot cache keep these).
+        """
+        dtype = next(self.decoder.parameters()).dtype if self.decoder is not None else None
+        moved = embedding.to(self.device, dtype)
+
+        def channels_last(t: torch.Tensor) -> torch.Tensor:
+            return t.contiguous(memory_format=torch.channels_last)
+
+        return ImageEmbedding(
+            image_embed=channels_last(moved.image_embed),
+            high_res_feats=(
+                channels_last(moved.high_res_feats[0]),
+                channels_last(moved.high_res_feats[1]),
+            ),
+            original_hw=moved.original_hw,
+            model_id=moved.model_id,
+            embedding_id=moved.embedding_id,
+        )
+
     @torch.inference_mode()
     def decode_prompts(
         self,
@@ -253,7 +276,7 @@ class Sam2Model:
         for item in prepared:
             groups.setdefault(item.group_key, []).append(item)
 
-        embedding = embedding.to(self.device)
+        embedding = self.prepare_embedding(embedding)
         results: list[Sam2Prediction | None] = [None] * len(prompts)
         for items in groups.values():
             for item, prediction in zip(items, self._decode_group(embedding, items)):
@@ -284,12 +307,11 @@ class Sam2Model:
                 items[0].multimask_output,
                 batch_size=len(items),
             )
-        low_res = out.masks.float()
-        full = imaging.postprocess_masks(low_res, embedding.original_hw) > 0.0
-        logits = low_res.clamp(-LOGITS_CLAMP, LOGITS_CLAMP).cpu().numpy()
+        low_res = out.masks.float().cpu().numpy()
+        full_np = imaging.masks_from_low_res(low_res, embedding.original_hw)
+        logits = np.clip(low_res, -LOGITS_CLAMP, LOGITS_CLAMP)
         scores = out.iou_scores.float().cpu().numpy()
         objects = out.object_score_logits.float().reshape(-1).cpu().numpy()
-        full_np = full.cpu().numpy()
         return [
             Sam2Prediction(
                 masks=full_np[i : i + 1],

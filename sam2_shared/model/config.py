@@ -141,7 +141,9 @@ def _build_registry() -> dict[str, Sam2Config]:
     for family, (date, prefix, flags) in _RELEASES.items():
         for size, trunk in _TRUNKS.items():
             model_id = f"{family}/{size}"
-            url = f"{_URL_BASE}/{date}/{prefix}{size}.pt"
+            # Meta's file names spell b_plus out as "base_plus".
+            file_size = size.replace("b_plus", "base_plus")
+            url = f"{_URL_BASE}/{date}/{prefix}{file_size}.pt"
             registry[model_id] = Sam2Config(
                 model_id=model_id, trunk=trunk, checkpoint_url=url, **flags
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sam2_shared.model.common import MLP, LayerNorm2d
@@ -100,21 +101,34 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 1, :]
         mask_tokens_out = hs[:, 2 : 2 + self.num_mask_tokens, :]
 
-        src = src.transpose(1, 2).reshape(b, -1, *image_embeddings.shape[-2:])
-        upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
-        feat_s0, feat_s1 = high_res_features
-        upscaled = act1(norm1(upconv1(src) + feat_s1))
-        upscaled = act2(upconv2(upscaled) + feat_s0)  # [B, C/8, 256, 256]
+        h, w = image_embeddings.shape[-2:]
+        upscaled = self.upscale(src.reshape(b, h, w, -1), *high_res_features)  # [B, 4h, 4w, C/8]
 
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )  # [B, 4, C/8]
-        _, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        masks = (hyper_in @ upscaled.reshape(b, 16 * h * w, -1).transpose(1, 2))
+        masks = masks.reshape(b, -1, 4 * h, 4 * w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
         return masks, iou_pred, mask_tokens_out, object_score_logits
+
+    def upscale(
+        self, image: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor
+    ) -> torch.Tensor:
+        """Channels-last [B, h, w, C] -> [B, 4h, 4w, C/8] through ``output_upscaling``.
+
+        ``GELU(ConvT2(GELU(LN(ConvT1(x) + feat_s1))) + feat_s0)``. A kernel-2 stride-2
+        transposed conv is a per-pixel matmul to 4 sub-pixels; doing it channels-last
+        avoids the layout copies of the NCHW ops. feat_s0 [1 or B, C/8, 4h, 4w] and
+        feat_s1 [1 or B, C/4, 2h, 2w] are NCHW (ideally stored channels_last).
+        """
+        upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
+        x = _conv_transpose_2x2_channels_last(image, upconv1) + feat_s1.permute(0, 2, 3, 1)
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm1.weight, norm1.bias, norm1.eps))
+        x = _conv_transpose_2x2_channels_last(x, upconv2) + feat_s0.permute(0, 2, 3, 1)
+        return act2(x)
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """[..., H, W] -> [...]: area(logit > delta) / area(logit > -delta) (1 if empty)."""
@@ -165,3 +179,13 @@ class MaskDecoder(nn.Module):
             high_res_features,
         )
         return self.select_outputs(*outputs, multimask_output=multimask_output)
+
+
+def _conv_transpose_2x2_channels_last(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """``conv`` (kernel 2, stride 2) on channels-last [B, h, w, Cin] -> [B, 2h, 2w, Cout]."""
+    b, h, w, c_in = x.shape
+    c_out = conv.weight.shape[1]
+    # weight [Cin, Cout, 2, 2] -> [Cin, Cout*4]: output pixel (2i+di, 2j+dj) of channel o.
+    y = x.reshape(b, h * w, c_in) @ conv.weight.reshape(c_in, c_out * 4)
+    y = y.reshape(b, h, w, c_out, 2, 2).permute(0, 1, 4, 2, 5, 3)  # [B, h, di, w, dj, Cout]
+    return y.reshape(b, 2 * h, 2 * w, c_out) + conv.bias

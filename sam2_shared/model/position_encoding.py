@@ -69,8 +69,9 @@ class PositionEmbeddingRandom(nn.Module):
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
         """[..., 2] in [0, 1] -> [..., 2 * num_pos_feats]."""
-        coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix
+        # Always float32: in half precision the phase of high frequencies is quantised.
+        coords = 2 * coords.float() - 1
+        coords = coords @ self.positional_encoding_gaussian_matrix.float()
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 

@@ -56,7 +56,8 @@ class PromptEncoder(nn.Module):
             or self._dense_pe.dtype != gaussian.dtype
         ):
             size = self.image_embedding_size
-            self._dense_pe = self.pe_layer.dense(size, size)
+            dense = self.pe_layer.dense(size, size).to(gaussian.dtype)
+            self._dense_pe = dense.contiguous(memory_format=torch.channels_last)
         return self._dense_pe
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,7 @@ class PromptEncoder(nn.Module):
         coords = torch.cat([coords, coords.new_zeros(b, 1, 2)], dim=1)
         labels = torch.cat([labels, labels.new_full((b, 1), LABEL_PAD)], dim=1)
         embedding = self.pe_layer.forward_with_coords(coords, self.input_image_size)
+        embedding = embedding.to(self.not_a_point_embed.weight.dtype)
         labels = labels.unsqueeze(-1)
         embedding = torch.where(
             labels == LABEL_PAD, self.not_a_point_embed.weight.expand_as(embedding), embedding

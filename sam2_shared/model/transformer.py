@@ -58,15 +58,23 @@ class Attention(nn.Module):
     def attend_few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Same result as ``forward`` for few queries and many keys (tokens -> image).
 
-        Instead of projecting all Nk keys and values, fold the projections into the
-        Nq queries: ``q_h K_h^T = (q_h W_k,h) k^T`` (the key bias adds a constant per
-        query and cancels in the softmax) and ``A V_h = (A v) W_v,h^T + b_v,h`` (rows of A
-        sum to 1). Costs Nq * heads * C * Nk twice instead of 2 * Nk * C * internal.
-
         q [B, Nq, C], k/v [B or 1, Nk, C_kv] -> [B, Nq, C].
+
+        With one image shared by B > 1 prompts, keys and values are projected once and
+        the prompts' queries are stacked into one attention call. Otherwise the
+        projections are folded into the Nq queries instead of applied to the Nk keys:
+        ``q_h K_h^T = (q_h W_k,h) k^T`` (the key bias adds a constant per query, which
+        cancels in the softmax) and ``A V_h = (A v) W_v,h^T + b_v,h`` (rows of A sum to 1).
         """
         b, nq, _ = q.shape
         qh = self._split_heads(self.q_proj(q))  # [B, H, Nq, d]
+        if k.shape[0] == 1 and b > 1:
+            kh = self._split_heads(self.k_proj(k))  # [1, H, Nk, d]
+            vh = self._split_heads(self.v_proj(v))
+            stacked = qh.transpose(0, 1).reshape(1, self.num_heads, b * nq, -1)
+            out = F.scaled_dot_product_attention(stacked, kh, vh)  # [1, H, B*Nq, d]
+            out = out.reshape(self.num_heads, b, nq, -1).permute(1, 2, 0, 3)
+            return self.out_proj(out.reshape(b, nq, -1))
         scale = qh.shape[-1] ** -0.5
         q_in_key_space = qh @ self._head_weights(self.k_proj)  # [B, H, Nq, C_kv]
         scores = (q_in_key_space * scale).flatten(1, 2) @ k.transpose(1, 2)  # [B, H*Nq, Nk]
@@ -76,34 +84,37 @@ class Attention(nn.Module):
         out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.reshape(self.num_heads, 1, -1)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, -1))
 
-    def attend_few_keys(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shared_q: torch.Tensor | None
-    ) -> torch.Tensor:
+    def attend_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Same result as ``forward`` for many queries and few keys (image -> tokens).
 
-        The output projection is folded into the values: ``sum_h A_h (V_h W_o,h^T)``, so
-        the Nq x internal x C product is never formed. ``shared_q`` (the projected queries
-        of a batch-1 image side, [1, H, Nq, d]) lets several prompts share that projection.
-
         q [B or 1, Nq, C], k/v [B, Nk, C] -> [B, Nq, C].
+
+        The output projection is folded into the values (``sum_h A_h (V_h W_o,h^T)``), so
+        the Nq x internal x C product is never formed. With one image shared by B > 1
+        prompts the queries are projected once; otherwise W_q is folded into the keys:
+        ``q_h K_h^T = q (W_q,h^T K_h^T) + b_q,h K_h^T``.
         """
         b, nk, _ = k.shape
+        heads = self.num_heads
         kh = self._split_heads(self.k_proj(k))  # [B, H, Nk, d]
-        vh = self._split_heads(self.v_proj(v))  # [B, H, Nk, d]
-        w_o = self.out_proj.weight.reshape(-1, self.num_heads, kh.shape[-1])  # [C, H, d]
-        values_out = vh @ w_o.permute(1, 2, 0)  # [B, H, Nk, C]
+        vh = self._split_heads(self.v_proj(v))
         scale = kh.shape[-1] ** -0.5
-        if shared_q is not None:
-            scores = shared_q @ (kh.transpose(-2, -1) * scale)  # [B, H, Nq, Nk]
+        w_o = self.out_proj.weight.reshape(-1, heads, kh.shape[-1])  # [C, H, d]
+        values_out = (vh @ w_o.permute(1, 2, 0)).reshape(b, heads * nk, -1)  # [B, H*Nk, C]
+        nq = q.shape[1]
+        if q.shape[0] == 1 and b > 1:
+            qh = self._split_heads(self.q_proj(q))[0]  # [H, Nq, d]
+            keys = kh.permute(1, 3, 0, 2).reshape(heads, -1, b * nk)  # [H, d, B*Nk]
+            scores = (qh @ keys * scale).reshape(heads, nq, b, nk)
+            attn = scores.softmax(dim=-1).permute(2, 1, 0, 3).reshape(b, nq, heads * nk)
         else:
-            # Fold W_q into the keys: q_h K_h^T = q (W_q,h^T K_h^T) + b_q,h K_h^T.
             w_q = self._head_weights(self.q_proj)  # [H, d, C]
-            keys_in_query_space = (w_q.transpose(1, 2) @ kh.transpose(-2, -1)) * scale
-            bias = (self.q_proj.bias.reshape(self.num_heads, 1, -1) @ kh.transpose(-2, -1)) * scale
-            scores = q.unsqueeze(1) @ keys_in_query_space + bias  # [B, H, Nq, Nk]
-        attn = scores.softmax(dim=-1)
-        out = (attn.transpose(1, 2).flatten(2) @ values_out.flatten(1, 2))  # [B, Nq, C]
-        return out + self.out_proj.bias
+            folded = (w_q.transpose(1, 2) @ kh.transpose(-2, -1)) * scale  # [B, H, C, Nk]
+            folded = folded.permute(0, 2, 1, 3).reshape(b, -1, heads * nk)  # [B, C, H*Nk]
+            bias = (self.q_proj.bias.reshape(heads, 1, -1) @ kh.transpose(-2, -1)) * scale
+            scores = q @ folded + bias.reshape(b, 1, heads * nk)  # [B, Nq, H*Nk]
+            attn = scores.reshape(b, nq, heads, nk).softmax(dim=-1).reshape(b, nq, heads * nk)
+        return attn @ values_out + self.out_proj.bias
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -152,23 +163,13 @@ class TwoWayAttentionBlock(nn.Module):
 
         keys_with_pe = keys + key_pe
         to_image, from_image = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        shared_image = keys.shape[0] == 1 and queries.shape[0] > 1
-        if shared_image:
-            # Several prompts on one image: project the image side once for all.
-            queries = queries + to_image(queries + query_pe, keys_with_pe, keys)
-        else:
-            queries = queries + to_image.attend_few_queries(
-                queries + query_pe, keys_with_pe, keys
-            )
+        queries = queries + to_image.attend_few_queries(queries + query_pe, keys_with_pe, keys)
         queries = self.norm2(queries)
 
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        shared_q = None
-        if shared_image:
-            shared_q = from_image._split_heads(from_image.q_proj(keys_with_pe))
-        keys = keys + from_image.attend_few_keys(keys_with_pe, q, queries, shared_q)
+        keys = keys + from_image.attend_few_keys(keys_with_pe, q, queries)
         keys = self.norm4(keys)
         return queries, keys
 
@@ -207,8 +208,10 @@ class TwoWayTransformer(nn.Module):
 
         Returns (tokens [B, N, C], image [B, hw, C]).
         """
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
+        # Token-major copies (free when the inputs are channels_last): adding strided
+        # NCHW views costs more than the attention itself on a CPU.
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)
