@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The project's test command: set the environment up (idempotent), then run every test,
+# including the slow ones. Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/parity`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest -q -ra "$@"
