@@ -15,11 +15,13 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sam2_shared.config import describe_settings, load_settings, setting
 from sam2_shared.errors import CheckpointError, UnknownModelError
+from sam2_shared.metrics import Sam2Metrics
 from sam2_shared.server import DEFAULT_GRACE_S, build_server
 
 logger = logging.getLogger("encoder_service")
@@ -68,12 +70,14 @@ class EncoderSettings:
             raise ValueError(f"--model / SAM2_MODEL: {exc}") from None
 
 
-async def serve(settings: EncoderSettings) -> None:
+async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -> None:
     """Run the encoder tier until SIGTERM/SIGINT."""
     from encoder_service.servicer import SERVICE_NAME, EncoderServicer
     from sam2_shared.store import open_store
 
+    metrics = metrics if metrics is not None else Sam2Metrics()
     store = open_store(settings.store, storage_dtype=settings.store_dtype)  # type: ignore[arg-type]
+    metrics.watch_store(store)
     servicer = EncoderServicer()
     server, port = build_server(
         [servicer.register],
@@ -83,18 +87,26 @@ async def serve(settings: EncoderSettings) -> None:
         max_message_bytes=settings.max_message_mb * 1024 * 1024,
         reflection_enabled=settings.reflection,
         grace_s=settings.grace_s,
+        interceptors=[metrics.interceptor()],
     )
     server.add_close_callback(store.close)
     await server.start()
     print(f"SAM2_LISTENING port={port}", flush=True)
     try:
+        started = time.perf_counter()
         encoder = await asyncio.to_thread(_load_encoder, settings, store)
+        load_s = time.perf_counter() - started
         server.add_close_callback(encoder.close)  # runs before store.close
         await encoder.warm_up()
+        metrics.observe_model_load(encoder.model_id, "encoder", load_s,
+                                   time.perf_counter() - started - load_s,
+                                   str(encoder.model.device), encoder.model.precision)
     except BaseException:
         await server.stop(0)
         raise
     servicer.encoder = encoder
+    servicer.metrics = metrics.encoder(encoder.model_id)
+    servicer.metrics.attach_batcher(encoder.batcher)
     await server.mark_serving()
     logger.info("encoder ready: %s on %s (%s), store %s", encoder.model_id,
                 encoder.model.device, encoder.model.precision, store.url)
@@ -133,13 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("settings: %s", describe_settings(settings))
+    metrics = Sam2Metrics()
     if settings.metrics_port > 0:
-        import prometheus_client
-
-        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        metrics.serve(settings.metrics_port, settings.host)
         logger.info("metrics on port %d", settings.metrics_port)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, metrics))
     except CheckpointError as exc:
         logger.error("cannot load the model: %s", exc)
         return 2

@@ -20,6 +20,7 @@ from sam2_shared.grpc_errors import to_rpc_status
 
 if TYPE_CHECKING:
     from encoder_service.encoder import EmbeddingInfo, Encoder
+    from sam2_shared.metrics import EncoderMetrics
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -35,8 +36,10 @@ def _embedding_proto(info: EmbeddingInfo):
 class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     """Serves an ``Encoder``; until ``encoder`` is set (model loading), RPCs get UNAVAILABLE."""
 
-    def __init__(self, encoder: Encoder | None = None) -> None:
+    def __init__(self, encoder: Encoder | None = None,
+                 metrics: EncoderMetrics | None = None) -> None:
         self.encoder = encoder
+        self.metrics = metrics  # per-image outcomes; None in tests that need no metrics
 
     def register(self, server: grpc.aio.Server) -> None:
         encoder_pb2_grpc.add_EncoderServiceServicer_to_server(self, server)
@@ -54,6 +57,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         outcomes = await asyncio.gather(
             *(self._embed_one(encoder, image) for image in request.images), return_exceptions=True
         )
+        if self.metrics is not None:
+            self.metrics.observe_images(outcomes)
         return encoder_pb2.EmbedImagesResponse(results=[_result(o) for o in outcomes])
 
     @staticmethod
