@@ -102,13 +102,15 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 2 : 2 + self.num_mask_tokens, :]
 
         h, w = image_embeddings.shape[-2:]
-        upscaled = self.upscale(src.reshape(b, h, w, -1), *high_res_features)  # [B, 4h, 4w, C/8]
+        upscaled = self.upscale(src.reshape(b, h, w, -1), *high_res_features)
 
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )  # [B, 4, C/8]
-        masks = (hyper_in @ upscaled.reshape(b, 16 * h * w, -1).transpose(1, 2))
+        masks = hyper_in @ upscaled.reshape(b, 16 * h * w, -1).transpose(1, 2)  # [B, 4, 16hw]
+        # Blocked (i, j, di, dj, di2, dj2) pixel order -> rows 4i+2di+di2, cols 4j+2dj+dj2.
+        masks = masks.reshape(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         masks = masks.reshape(b, -1, 4 * h, 4 * w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
@@ -117,17 +119,30 @@ class MaskDecoder(nn.Module):
     def upscale(
         self, image: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor
     ) -> torch.Tensor:
-        """Channels-last [B, h, w, C] -> [B, 4h, 4w, C/8] through ``output_upscaling``.
+        """``GELU(ConvT2(GELU(LN(ConvT1(x) + feat_s1))) + feat_s0)`` of ``output_upscaling``.
 
-        ``GELU(ConvT2(GELU(LN(ConvT1(x) + feat_s1))) + feat_s0)``. A kernel-2 stride-2
-        transposed conv is a per-pixel matmul to 4 sub-pixels; doing it channels-last
-        avoids the layout copies of the NCHW ops. feat_s0 [1 or B, C/8, 4h, 4w] and
-        feat_s1 [1 or B, C/4, 2h, 2w] are NCHW (ideally stored channels_last).
+        image: channels-last [B, h, w, C]; feat_s0 [1 or B, C/8, 4h, 4w], feat_s1
+        [1 or B, C/4, 2h, 2w] (NCHW). Returns [B, h, w, 2, 2, 2, 2, C/8]: the 4h x 4w map
+        in *blocked* pixel order (i, j, di, dj, di2, dj2) for row 4i+2di+di2, column
+        4j+2dj+dj2.
+
+        A kernel-2 stride-2 transposed conv is a per-pixel matmul to 2x2 sub-pixels, and
+        everything after it up to the hypernetwork is per-pixel too, so the sub-pixels can
+        stay where the matmul puts them. Only the per-image skip features (batch 1) are
+        rearranged into that order; the big per-prompt maps are never transposed.
         """
         upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
-        x = _conv_transpose_2x2_channels_last(image, upconv1) + feat_s1.permute(0, 2, 3, 1)
-        x = act1(F.layer_norm(x, (x.shape[-1],), norm1.weight, norm1.bias, norm1.eps))
-        x = _conv_transpose_2x2_channels_last(x, upconv2) + feat_s0.permute(0, 2, 3, 1)
+        b, h, w, c = image.shape
+        c4, c8 = feat_s1.shape[1], feat_s0.shape[1]
+        skip1 = feat_s1.reshape(-1, c4, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1) + upconv1.bias
+        skip0 = feat_s0.reshape(-1, c8, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
+        skip0 = skip0 + upconv2.bias
+        # weight [Cin, Cout, 2, 2] -> [Cin, (di, dj, Cout)].
+        weight1 = upconv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4)
+        weight2 = upconv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
+        x = (image.reshape(b, h * w, c) @ weight1).reshape(b, h, w, 2, 2, c4) + skip1
+        x = act1(F.layer_norm(x, (c4,), norm1.weight, norm1.bias, norm1.eps))
+        x = (x.reshape(b, 4 * h * w, c4) @ weight2).reshape(b, h, w, 2, 2, 2, 2, c8) + skip0
         return act2(x)
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -180,12 +195,3 @@ class MaskDecoder(nn.Module):
         )
         return self.select_outputs(*outputs, multimask_output=multimask_output)
 
-
-def _conv_transpose_2x2_channels_last(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """``conv`` (kernel 2, stride 2) on channels-last [B, h, w, Cin] -> [B, 2h, 2w, Cout]."""
-    b, h, w, c_in = x.shape
-    c_out = conv.weight.shape[1]
-    # weight [Cin, Cout, 2, 2] -> [Cin, Cout*4]: output pixel (2i+di, 2j+dj) of channel o.
-    y = x.reshape(b, h * w, c_in) @ conv.weight.reshape(c_in, c_out * 4)
-    y = y.reshape(b, h, w, c_out, 2, 2).permute(0, 1, 4, 2, 5, 3)  # [B, h, di, w, dj, Cout]
-    return y.reshape(b, 2 * h, 2 * w, c_out) + conv.bias
