@@ -193,3 +193,83 @@ class RcloneS3Server(_ServerProcess):
             return False
         finally:
             connection.close()
+
+
+class PrometheusServer(_ServerProcess):
+    """``prometheus`` (Debian package prometheus) scraping ``targets`` every second.
+
+    Arguments:
+        targets (dict[str, list[str]]): job name -> ``host:port`` addresses serving /metrics.
+        scrape_interval_s (float): how often each target is scraped.
+
+    ``query`` runs an instant PromQL query; ``wait_for`` polls one until a check passes
+    (the first scraped sample is queryable only after several seconds).
+    """
+
+    name = "prometheus"
+
+    def __init__(self, targets: dict[str, list[str]], scrape_interval_s: float = 1.0) -> None:
+        self.binary = find_binary(
+            "prometheus", "apt-get install -y --no-install-recommends prometheus"
+        )
+        self.targets = targets
+        self.scrape_interval_s = scrape_interval_s
+        super().__init__()
+
+    def command(self) -> list[str]:
+        import json
+
+        interval = f"{self.scrape_interval_s:g}s"
+        config = {
+            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "scrape_configs": [
+                {"job_name": job, "scrape_interval": interval, "scrape_timeout": interval,
+                 "static_configs": [{"targets": list(addresses)}]}
+                for job, addresses in self.targets.items()
+            ],
+        }
+        config_path = self.workdir / "prometheus.yml"
+        config_path.write_text(json.dumps(config))  # JSON is YAML
+        return [
+            self.binary, f"--config.file={config_path}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+
+    def is_ready(self) -> bool:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=0.5)
+        try:
+            connection.request("GET", "/-/ready")
+            return connection.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def query(self, promql: str) -> list[dict]:
+        """Result vector of an instant query: ``[{"metric": {...}, "value": [t, "v"]}]``."""
+        import json
+        import urllib.parse
+
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            connection.request("GET", "/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+            body = json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+        if body.get("status") != "success":
+            raise RuntimeError(f"query {promql!r} failed: {body}")
+        return body["data"]["result"]
+
+    def wait_for(self, promql: str, check, timeout_s: float = 20.0) -> list[dict]:  # noqa: ANN001
+        """Poll ``promql`` until ``check(result)`` is true; AssertionError with the last result
+        after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = self.query(promql)
+            if check(result):
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{promql!r} never passed the check; last: {result}\n"
+                                     f"{self.log_tail()}")
+            time.sleep(0.5)
