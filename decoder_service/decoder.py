@@ -385,7 +385,9 @@ class Decoder:
             ) from None
         if embedding is not None:
             self.stats.add(store_hits=1)
-            embedding = embedding.to(self.model.device, torch.float32)
+            # Hot-cache the decoder-ready form (device, dtype, channels_last) so clicks
+            # don't redo the layout conversion.
+            embedding = self.model.prepare_embedding(embedding)
         return embedding
 
     # ------------------------------------------------------------------ logits
