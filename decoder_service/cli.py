@@ -16,12 +16,15 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sam2_shared.config import describe_settings, load_settings, setting
 from sam2_shared.errors import CheckpointError, UnknownModelError
+from sam2_shared.metrics import Sam2Metrics
+from sam2_shared.security import auth_interceptor, tls_server_settings
 from sam2_shared.server import DEFAULT_GRACE_S, build_server
 
 logger = logging.getLogger("decoder_service")
@@ -67,6 +70,24 @@ class DecoderSettings:
     max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
     max_image_pixels: int = setting(100_000_000, "largest attached image (pixels)", minimum=1)
     grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
+    api_keys_file: str | None = setting(
+        None, "file (one '<key> [namespace]' per line) or directory (a Kubernetes Secret, one "
+        "key per file) of accepted API keys, reloaded on change; unset: no authentication")
+    tls_cert: str | None = setting(None, "PEM certificate (chain) of this server: enables TLS")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = setting(
+        None, "PEM CA of client certificates: enables mutual TLS (needs --tls-cert)")
+    max_sessions_per_key: int = setting(
+        16, "most concurrent SegmentStream sessions per API key (per peer without keys); "
+        "0: no limit", minimum=0)
+    encoder_api_key: str | None = setting(
+        None, "API key for calls to the encoder when the caller sent none", secret=True)
+    encoder_tls: bool = setting(False, "call the encoder over TLS (system roots unless "
+                                "--encoder-tls-ca)")
+    encoder_tls_ca: str | None = setting(None, "PEM CA that signed the encoder's certificate")
+    encoder_tls_cert: str | None = setting(None, "PEM client certificate for mutual TLS to "
+                                           "the encoder")
+    encoder_tls_key: str | None = setting(None, "PEM key of --encoder-tls-cert")
     reflection: bool = setting(True, "enable gRPC server reflection")
     log_level: str = setting("INFO", "logging level",
                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -80,13 +101,15 @@ class DecoderSettings:
             raise ValueError(f"--model / SAM2_MODEL: {exc}") from None
 
 
-async def serve(settings: DecoderSettings) -> None:
+async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -> None:
     """Run the decoder tier until SIGTERM/SIGINT."""
     from decoder_service.servicer import SERVICE_NAME, DecoderServicer
     from sam2_shared.client import AsyncEncoderClient
     from sam2_shared.store import open_store
 
+    metrics = metrics if metrics is not None else Sam2Metrics()
     store = open_store(settings.store)
+    metrics.watch_store(store)
     servicer = DecoderServicer()
     server, port = build_server(
         [servicer.register],
@@ -96,6 +119,11 @@ async def serve(settings: DecoderSettings) -> None:
         max_message_bytes=settings.max_message_mb * MIB,
         reflection_enabled=settings.reflection,
         grace_s=settings.grace_s,
+        interceptors=[metrics.interceptor(),
+                      auth_interceptor(settings.api_keys_file,
+                                       max_streams_per_key=settings.max_sessions_per_key)],
+        server_credentials=tls_server_settings(settings.tls_cert, settings.tls_key,
+                                               settings.tls_client_ca),
     )
     server.add_close_callback(store.close)
     encoder_client = None
@@ -104,19 +132,32 @@ async def serve(settings: DecoderSettings) -> None:
             settings.encoder_address,
             timeout_s=settings.encoder_timeout_s,
             max_message_bytes=settings.max_message_mb * MIB,
+            api_key=settings.encoder_api_key,
+            tls=settings.encoder_tls,
+            tls_root_certs=settings.encoder_tls_ca,
+            tls_client_cert=settings.encoder_tls_cert,
+            tls_client_key=settings.encoder_tls_key,
         )
         server.add_close_callback(encoder_client.close)
     await server.start()
     print(f"SAM2_LISTENING port={port}", flush=True)
     try:
+        started = time.perf_counter()
         decoder = await asyncio.to_thread(_load_decoder, settings, store, encoder_client)
+        load_s = time.perf_counter() - started
         server.add_close_callback(decoder.close)  # runs before the client and store close
         warm_s = await decoder.warm_up()
     except BaseException:
         await server.stop(0)
         raise
     servicer.decoder = decoder
-    _register_metrics(decoder)
+    metrics.observe_model_load(decoder.model_id, "decoder", load_s, warm_s,
+                               str(decoder.model.device), decoder.model.precision)
+    decoder_metrics = metrics.decoder(decoder.model_id)
+    decoder_metrics.attach_batcher(decoder._batcher)
+    decoder_metrics.attach_hot_cache(decoder.hot_cache)
+    decoder_metrics.attach_logits_cache(decoder.logits_cache)
+    decoder_metrics.attach_stats(decoder.stats)
     await server.mark_serving()
     logger.info("decoder ready: %s on %s (%s), warm-up %.3f s, store %s, encoder %s",
                 decoder.model_id, decoder.model.device, decoder.model.precision, warm_s,
@@ -155,33 +196,6 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
     )
 
 
-def _register_metrics(decoder: Any) -> None:
-    """Expose the decoder's counters (read at scrape time) on the default registry."""
-    from prometheus_client import REGISTRY
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    class DecoderCollector:
-        def collect(self) -> Iterator[Any]:
-            stats, hot, store = decoder.stats, decoder.hot_cache, decoder.store.stats
-            for name, value, doc in (
-                ("requests", stats.requests, "Segment requests (stream messages included)"),
-                ("model_calls", stats.model_calls, "decoder forwards (batched)"),
-                ("prompts_decoded", stats.prompts_decoded, "prompts decoded"),
-                ("encoder_calls", stats.encoder_calls, "embeddings asked of the encoder"),
-                ("hot_cache_hits", hot.hits, "embeddings found in the in-process LRU"),
-                ("hot_cache_misses", hot.misses, "embeddings not in the in-process LRU"),
-                ("store_hits", store.hits, "store reads that found a valid entry"),
-                ("store_misses", store.misses, "store reads that found nothing usable"),
-                ("store_corrupt", store.corrupt, "corrupt store entries seen"),
-                ("store_errors", store.errors, "store operations that failed"),
-            ):
-                yield CounterMetricFamily(f"sam2_decoder_{name}", doc, value=value)
-            yield GaugeMetricFamily("sam2_decoder_hot_cache_bytes", "bytes in the LRU",
-                                    value=hot.nbytes)
-
-    REGISTRY.register(DecoderCollector())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(
         DecoderSettings, argv, prog="sam2-decoder",
@@ -192,13 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("settings: %s", describe_settings(settings))
+    metrics = Sam2Metrics()
     if settings.metrics_port > 0:
-        import prometheus_client
-
-        prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
+        metrics.serve(settings.metrics_port, settings.host)
         logger.info("metrics on port %d", settings.metrics_port)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, metrics))
     except CheckpointError as exc:
         logger.error("cannot load the model: %s", exc)
         return 2

@@ -57,7 +57,7 @@ STORE_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MASK_BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 
-MASK_FORMATS = ("rle", "png", "raw")  # anything else is counted as "other"
+MASK_FORMATS = ("coco_rle", "png", "raw_bits")  # MaskEncoding values; else "other"
 STORE_OUTCOMES = ("hit", "miss", "corrupt", "written", "exists", "error")
 
 
@@ -489,7 +489,7 @@ class DecoderMetrics(_BatcherMetrics):
     - ``attach_stats(stats)``: an object with ``requests``, ``model_calls``,
       ``prompts_decoded``, ``encoder_calls`` counters (``DecoderStats``), read at scrape time.
     - ``observe_mask_encoding(fmt, seconds, nbytes)``: once per response, around the mask
-      encoding (``wire.prompt_results_to_proto``); ``fmt`` is "rle", "png" or "raw".
+      encoding (``wire.prompt_results_to_proto``); ``fmt`` a ``MaskEncoding`` or its value.
     """
 
     def __init__(self, registry: CollectorRegistry, model_id: str) -> None:
@@ -545,7 +545,8 @@ class DecoderMetrics(_BatcherMetrics):
         self._registry.register(_Collector())
 
     def observe_mask_encoding(self, fmt: str, seconds: float, nbytes: int) -> None:
-        label = fmt.lower() if fmt.lower() in MASK_FORMATS else "other"
+        value = str(getattr(fmt, "value", fmt)).lower()
+        label = value if value in MASK_FORMATS else "other"
         self.mask_encode_seconds.labels(label).observe(seconds)
         self.mask_bytes.labels(label).observe(nbytes)
 

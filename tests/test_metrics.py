@@ -17,13 +17,20 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from servers import PrometheusServer, free_port
-from tier_processes import encoder_process
+from tier_processes import decoder_process, encoder_process
 
-from sam2_shared.api.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
+from sam2_shared.api.v1 import (
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    encoder_pb2,
+    encoder_pb2_grpc,
+)
 from sam2_shared.batching import MicroBatcher
 from sam2_shared.caches import LruCache
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import EmbeddingNotFoundError, ResourceExhaustedError
+from sam2_shared.masks import MaskEncoding
 from sam2_shared.metrics import GpuMemoryCollector, Sam2Metrics
 from sam2_shared.server import build_server
 from sam2_shared.store import open_store
@@ -223,7 +230,7 @@ def test_decoder_metrics_caches_stats_and_mask_encoding() -> None:
         requests, model_calls, prompts_decoded, encoder_calls = 5, 2, 9, 1
 
     decoder_metrics.attach_stats(Stats())
-    decoder_metrics.observe_mask_encoding("rle", 0.002, 300)
+    decoder_metrics.observe_mask_encoding(MaskEncoding.COCO_RLE, 0.002, 300)
     decoder_metrics.observe_mask_encoding("WebP", 0.002, 300)  # unknown -> "other"
     cache = {"tier": "decoder_memory", "kind": "embedding"}
     assert value(metrics, "sam2_cache_hits_total", **cache) == 1
@@ -233,7 +240,7 @@ def test_decoder_metrics_caches_stats_and_mask_encoding() -> None:
     assert value(metrics, "sam2_cache_bytes", **cache) == 8
     assert value(metrics, "sam2_decoder_prompts_decoded_total", model=MODEL_ID) == 9
     assert value(metrics, "sam2_decoder_forwards_total", model=MODEL_ID) == 2
-    assert value(metrics, "sam2_decoder_mask_bytes_sum", format="rle") == 300
+    assert value(metrics, "sam2_decoder_mask_bytes_sum", format="coco_rle") == 300
     assert value(metrics, "sam2_decoder_mask_encode_seconds_count", format="other") == 1
 
 
@@ -353,3 +360,29 @@ def test_real_prometheus_scrapes_the_encoder_tier(tiny_checkpoint: Path, tmp_pat
             assert scalar('sam2_model_load_seconds{part="encoder"}') > 0
             assert scalar('process_resident_memory_bytes{job="encoder"}') > 100e6
             assert scalar('up{job="encoder"}') == 1
+
+
+def test_decoder_tier_exports_its_metrics(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The decoder CLI serves the same registry layout: RPC codes, store lookups, model load,
+    and its own families (read straight from /metrics; the Prometheus path is shown above)."""
+    metrics_port = free_port()
+    store = f"diskcache://{tmp_path / 'store'}"
+    with decoder_process(tiny_checkpoint, store, "--metrics-port", str(metrics_port)) as decoder:
+        with grpc.insecure_channel(decoder.address) as channel:
+            stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+            point = common_pb2.Point(x_px=1, y_px=1, label=common_pb2.POINT_LABEL_FOREGROUND)
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.Segment(decoder_pb2.SegmentRequest(
+                    model_id=MODEL_ID, embedding_id="0" * 64,
+                    prompts=[decoder_pb2.Prompt(points=[point])]), timeout=60)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                      timeout=10).read().decode()
+    assert ('sam2_grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="Segment",'
+            'grpc_service="sam2.v1.DecoderService",grpc_type="unary"} 1.0') in text
+    assert 'sam2_cache_misses_total{kind="embedding",tier="store"} 1.0' in text
+    assert 'sam2_cache_misses_total{kind="embedding",tier="decoder_memory"}' in text
+    assert re.search(r'sam2_model_load_seconds\{model="sam2.1/hiera_tiny",part="decoder"\} '
+                     r'[0-9.e-]+', text)
+    assert 'sam2_decoder_requests_total{model="sam2.1/hiera_tiny"}' in text
+    assert "sam2_decoder_queue_depth" in text
