@@ -36,7 +36,7 @@ import torch
 from sam2_shared import imaging
 from sam2_shared.batching import MicroBatcher
 from sam2_shared.caches import LruCache
-from sam2_shared.embedding import ImageEmbedding, content_id
+from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import (
     EmbeddingNotFoundError,
     InvalidInputError,
@@ -45,6 +45,7 @@ from sam2_shared.errors import (
 )
 from sam2_shared.predictor import Sam2Model
 from sam2_shared.prompts import Prompt, Sam2Prediction
+from sam2_shared.security import check_id_namespace, namespaced_content_id, scope_id
 from sam2_shared.store import EmbeddingStore
 
 logger = logging.getLogger(__name__)
@@ -281,8 +282,12 @@ class Decoder:
         embedding_id: str = "",
         image: ImageInput | None = None,
         model_id: str = "",
+        namespace: str = "",
     ) -> SegmentResult:
         """Decode ``prompts`` on the embedding named by ``embedding_id`` and/or ``image``.
+
+        ``namespace``: the caller's tenant (``sam2_shared.security``); ids and logits handles
+        of other namespaces are NOT_FOUND, new handles are made in it.
 
         Raises ``InvalidInputError`` (bad prompt, limits, id not matching the image),
         ``UnknownModelError``, ``EmbeddingNotFoundError`` (in no tier and no way to compute it).
@@ -294,8 +299,10 @@ class Decoder:
             self._check_points(index, prompt)
         if not embedding_id and image is None:
             raise InvalidInputError("give embedding_id or image")
+        if embedding_id:
+            check_id_namespace(embedding_id, namespace)
         if image is not None:
-            image_id = await asyncio.to_thread(self._image_id, image)
+            image_id = await asyncio.to_thread(self._image_id, image, namespace)
             if embedding_id and embedding_id != image_id:
                 raise InvalidInputError(
                     f"embedding_id {embedding_id!r} is not the id of the attached image "
@@ -306,7 +313,7 @@ class Decoder:
         for index, prompt in enumerate(prompts):
             _validate(index, prompt, embedding.original_hw)
         predictions = await self._batcher.submit(_Job(embedding, list(prompts)))
-        handles = await asyncio.to_thread(self._store_logits, predictions)
+        handles = await asyncio.to_thread(self._store_logits, predictions, namespace)
         ref = EmbeddingRef(embedding.embedding_id, embedding.model_id, embedding.original_hw)
         return SegmentResult(ref, predictions, handles)
 
@@ -318,9 +325,9 @@ class Decoder:
                 prompt_index=str(index), limit=str(self.max_points),
             )
 
-    def _image_id(self, image: ImageInput) -> str:
+    def _image_id(self, image: ImageInput, namespace: str = "") -> str:
         rgb = imaging.decode_image(image.data, image.input_color_format, self.max_pixels)
-        return content_id(rgb, self.model_id)
+        return namespaced_content_id(rgb, self.model_id, namespace)
 
     # ------------------------------------------------------------------ embeddings
 
@@ -392,22 +399,26 @@ class Decoder:
 
     # ------------------------------------------------------------------ logits
 
-    def _store_logits(self, predictions: list[Sam2Prediction]) -> list[list[str]]:
-        """Write each prompt's candidate logits under a new token; return the handles."""
+    def _store_logits(self, predictions: list[Sam2Prediction], namespace: str = ""
+                      ) -> list[list[str]]:
+        """Write each prompt's candidate logits under a new token (in the caller's namespace);
+        return the handles."""
         handles = []
         for prediction in predictions:
-            token = secrets.token_hex(16)
+            token = scope_id(namespace, secrets.token_hex(16))
             logits = np.ascontiguousarray(prediction.logits[0], dtype=np.float32)  # [C, 256, 256]
             self.store.put_logits(token, logits, self.logits_ttl_s)
             self.logits_cache.put(token, (time.monotonic() + self.logits_ttl_s, logits))
             handles.append([f"{token}.{c}" for c in range(logits.shape[0])])
         return handles
 
-    def resolve_logits(self, handle: str) -> np.ndarray:
+    def resolve_logits(self, handle: str, namespace: str = "") -> np.ndarray:
         """[256, 256] logits of a handle from an earlier response (blocking store read).
 
-        Raises ``LogitsNotFoundError`` when it is malformed, unknown or expired.
+        Raises ``LogitsNotFoundError`` when it is malformed, unknown, expired or another
+        namespace's.
         """
+        check_id_namespace(handle, namespace, what="logits")
         token, _, candidate = handle.rpartition(".")
         logits = None
         if token and candidate.isdigit():

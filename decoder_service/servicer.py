@@ -9,6 +9,7 @@ CPU-heavy conversions (logits handles, mask encoding) run in threads, off the ev
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,6 +19,7 @@ from sam2_shared import wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
 from sam2_shared.errors import NotReadyError
 from sam2_shared.grpc_errors import to_rpc_status
+from sam2_shared.security import current_namespace
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 
@@ -60,16 +62,19 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
 
     async def _segment(self, request: decoder_pb2.SegmentRequest) -> decoder_pb2.SegmentResponse:
         decoder = self._ready()
+        namespace = current_namespace()  # the caller's tenant, set by the auth interceptor
         decoder.check_model(request.model_id)
         decoder.check_prompt_count(len(request.prompts))  # before resolving any handle
         encoding = wire.mask_encoding_from_proto(request.mask_format)
         image = ImageInput(*wire.image_from_proto(request.image)) if request.HasField(
             "image") else None
         prompts = await asyncio.to_thread(
-            wire.prompts_from_proto, request.prompts, decoder.resolve_logits
+            wire.prompts_from_proto, request.prompts,
+            functools.partial(decoder.resolve_logits, namespace=namespace),
         )
         result = await decoder.segment(
-            prompts, embedding_id=request.embedding_id, image=image, model_id=request.model_id
+            prompts, embedding_id=request.embedding_id, image=image, model_id=request.model_id,
+            namespace=namespace,
         )
         results = await asyncio.to_thread(
             wire.prompt_results_to_proto,

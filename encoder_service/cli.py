@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from sam2_shared.config import describe_settings, load_settings, setting
 from sam2_shared.errors import CheckpointError, UnknownModelError
 from sam2_shared.metrics import Sam2Metrics
+from sam2_shared.security import auth_interceptor, tls_server_settings
 from sam2_shared.server import DEFAULT_GRACE_S, build_server
 
 logger = logging.getLogger("encoder_service")
@@ -57,6 +58,13 @@ class EncoderSettings:
     max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
     max_image_pixels: int = setting(100_000_000, "largest decoded image (pixels)", minimum=1)
     grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
+    api_keys_file: str | None = setting(
+        None, "file (one '<key> [namespace]' per line) or directory (a Kubernetes Secret, one "
+        "key per file) of accepted API keys, reloaded on change; unset: no authentication")
+    tls_cert: str | None = setting(None, "PEM certificate (chain) of this server: enables TLS")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = setting(
+        None, "PEM CA of client certificates: enables mutual TLS (needs --tls-cert)")
     reflection: bool = setting(True, "enable gRPC server reflection")
     log_level: str = setting("INFO", "logging level",
                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -87,7 +95,9 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
         max_message_bytes=settings.max_message_mb * 1024 * 1024,
         reflection_enabled=settings.reflection,
         grace_s=settings.grace_s,
-        interceptors=[metrics.interceptor()],
+        interceptors=[metrics.interceptor(), auth_interceptor(settings.api_keys_file)],
+        server_credentials=tls_server_settings(settings.tls_cert, settings.tls_key,
+                                               settings.tls_client_ca),
     )
     server.add_close_callback(store.close)
     await server.start()

@@ -29,6 +29,7 @@ from sam2_shared.errors import (
     UnknownModelError,
 )
 from sam2_shared.predictor import Sam2Model
+from sam2_shared.security import check_id_namespace, namespaced_content_id
 from sam2_shared.store import EmbeddingStore, codec
 
 EXPORT_FORMAT = f"sam2-embedding-v{codec.FORMAT_VERSION}"
@@ -119,19 +120,21 @@ class Encoder:
         self.images_encoded += len(items)
         return embeddings
 
-    def _decode(self, image: Any, color_format: str) -> tuple[np.ndarray, str]:
+    def _decode(self, image: Any, color_format: str, namespace: str) -> tuple[np.ndarray, str]:
         rgb = self.model.decode_image(image, color_format)
-        return rgb, self.model.embedding_id(rgb)
+        return rgb, namespaced_content_id(rgb, self.model_id, namespace)
 
-    async def embed(self, image: Any, color_format: str = "rgb") -> tuple[EmbeddingInfo, bool]:
+    async def embed(self, image: Any, color_format: str = "rgb", namespace: str = ""
+                    ) -> tuple[EmbeddingInfo, bool]:
         """Embed one image into the store; returns its info and whether it was stored
         before this call (then nothing was computed).
 
         ``image``: encoded bytes or an [H, W] / [H, W, 3|4] uint8 array in ``color_format``.
         Raises ``InvalidInputError`` for bad images, ``ResourceExhaustedError`` when the
-        queue is full.
+        queue is full. ``namespace``: the caller's tenant (``sam2_shared.security``), part
+        of the id.
         """
-        rgb, embedding_id = await asyncio.to_thread(self._decode, image, color_format)
+        rgb, embedding_id = await asyncio.to_thread(self._decode, image, color_format, namespace)
         info = EmbeddingInfo(embedding_id, self.model_id, (int(rgb.shape[0]), int(rgb.shape[1])))
         if await asyncio.to_thread(self.store.has_embedding, embedding_id):
             return info, True
@@ -150,9 +153,10 @@ class Encoder:
 
     # ------------------------------------------------------------------ export / import
 
-    async def export(self, embedding_id: str) -> ExportedEmbedding:
+    async def export(self, embedding_id: str, namespace: str = "") -> ExportedEmbedding:
         """The stored entry of ``embedding_id`` as verified bytes; ``EmbeddingNotFoundError``
-        when it is not stored (or its entry was corrupt)."""
+        when it is not stored (or its entry was corrupt, or belongs to another namespace)."""
+        check_id_namespace(embedding_id, namespace)
         data = await asyncio.to_thread(self.store.export_embedding, embedding_id, self.model_id)
         if data is None:
             raise EmbeddingNotFoundError(
@@ -174,6 +178,7 @@ class Encoder:
         size_bytes: int | None = None,
         embedding_id: str | None = None,
         format: str = EXPORT_FORMAT,
+        namespace: str = "",
     ) -> tuple[EmbeddingInfo, bool]:
         """Verify an exported entry and store it as it is; returns its info and whether it
         was already stored. Any mismatch or damage raises ``InvalidInputError`` (the upload
@@ -197,6 +202,11 @@ class Encoder:
             stored_id = codec.read_metadata(data).get("embedding_id")
             if embedding_id and stored_id != embedding_id:
                 raise CorruptEntryError(f"it holds embedding {stored_id!r}, not {embedding_id!r}")
+            try:  # a tenant may only import into its own namespace
+                check_id_namespace(str(stored_id), namespace)
+            except EmbeddingNotFoundError:
+                raise CorruptEntryError(
+                    f"it holds embedding {stored_id!r} of another namespace") from None
             embedding, existed = await asyncio.to_thread(
                 self.store.import_embedding, data, expected_model_id=self.model_id
             )

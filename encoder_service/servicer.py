@@ -17,6 +17,7 @@ from sam2_shared import wire
 from sam2_shared.api.v1 import encoder_pb2, encoder_pb2_grpc
 from sam2_shared.errors import InvalidInputError, NotReadyError
 from sam2_shared.grpc_errors import to_rpc_status
+from sam2_shared.security import current_namespace
 
 if TYPE_CHECKING:
     from encoder_service.encoder import EmbeddingInfo, Encoder
@@ -55,21 +56,22 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if not request.images:
             raise InvalidInputError("no images: send at least one image")
         outcomes = await asyncio.gather(
-            *(self._embed_one(encoder, image) for image in request.images), return_exceptions=True
+            *(self._embed_one(encoder, image, current_namespace()) for image in request.images),
+            return_exceptions=True,
         )
         if self.metrics is not None:
             self.metrics.observe_images(outcomes)
         return encoder_pb2.EmbedImagesResponse(results=[_result(o) for o in outcomes])
 
     @staticmethod
-    async def _embed_one(encoder: Encoder, image) -> tuple[EmbeddingInfo, bool]:
+    async def _embed_one(encoder: Encoder, image, namespace: str) -> tuple[EmbeddingInfo, bool]:
         pixels, color_format = wire.image_from_proto(image)
-        return await encoder.embed(pixels, color_format)
+        return await encoder.embed(pixels, color_format, namespace)
 
     async def GetEmbedding(
         self, request, context
     ) -> AsyncIterator[encoder_pb2.GetEmbeddingResponse]:
-        exported = await self._ready().export(request.embedding_id)
+        exported = await self._ready().export(request.embedding_id, current_namespace())
         chunk = request.chunk_size_bytes or DEFAULT_CHUNK_BYTES
         chunk = min(max(chunk, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
         header = encoder_pb2.EmbeddingBlobHeader(
@@ -114,6 +116,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
             size_bytes=header.size_bytes,
             embedding_id=header.embedding.embedding_id or None,
             format=header.format,
+            namespace=current_namespace(),
         )
         return encoder_pb2.PutEmbeddingResponse(
             embedding=_embedding_proto(info), already_stored=existed

@@ -21,6 +21,25 @@ embedding on a miss.
 
 Errors come back as the domain exceptions of ``sam2_shared.errors`` (same class and reason as
 the server raised), e.g. ``EmbeddingNotFoundError``, ``InvalidInputError``.
+
+Security and reliability (``sam2_shared.security``, ``sam2_shared.retry``):
+
+- ``api_key=`` is sent on every call as ``authorization: Bearer <key>``; ``namespace=`` must
+  be the tenant namespace of that key (the id computed locally has to match the server's).
+- ``tls_root_certs=`` (PEM path; ``tls=True`` for the system roots) switches to TLS;
+  ``tls_client_cert=`` / ``tls_client_key=`` add a client certificate for mutual TLS.
+- Idempotent calls (EmbedImages, Segment) are retried on UNAVAILABLE / RESOURCE_EXHAUSTED with
+  exponential backoff and jitter, waiting at least the server's ``RetryInfo`` hint, all within
+  ``timeout_s`` (``retry=sam2_shared.retry.NO_RETRY`` turns it off).
+
+Channel options (``channel_options``): message size limits for real images; keepalive pings
+every 30 s (``grpc.keepalive_time_ms``, also without calls in flight) so that a silently dropped
+connection (a load balancer's idle timeout, a dead pod) is noticed before the next call, not by
+it; and the ``round_robin`` load-balancing policy, so that a target resolving to several
+addresses spreads calls over all of them instead of pinning one (gRPC's default is
+``pick_first``). For several decoder replicas give ``decoder="dns:///decoder.ns.svc:50052"``
+with a headless Kubernetes Service (one A record per pod), or ``"ipv4:10.0.0.1:50052,10.0.0.2:
+50052"``; behind an L4 Service (one virtual IP) all calls of a channel go to one pod.
 """
 
 from __future__ import annotations
@@ -37,23 +56,46 @@ import numpy as np
 
 from sam2_shared import imaging, wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
-from sam2_shared.embedding import content_id
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
 from sam2_shared.grpc_errors import error_from_rpc_error, error_from_status
 from sam2_shared.predictor import prompts_from_arrays, stack_predictions
 from sam2_shared.prompts import Prompt, Sam2Prediction
+from sam2_shared.retry import DEFAULT_POLICY, RetryPolicy, async_call_with_retry, call_with_retry
+from sam2_shared.security import (
+    auth_metadata,
+    channel_credentials,
+    current_caller,
+    namespaced_content_id,
+)
 
 DEFAULT_MODEL_ID = "sam2.1/hiera_tiny"
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Channel arguments for real images and masks (the 4 MiB gRPC default is too small)."""
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+                    ) -> list[tuple[str, int | str]]:
+    """Channel arguments: message limits for real images and masks (the 4 MiB gRPC default is
+    too small), keepalive, and round-robin over every address the target resolves to (see the
+    module docstring)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.lb_policy_name", "round_robin"),
     ]
+
+
+def _credentials(tls: bool, root_certs: str | None, client_cert: str | None,
+                 client_key: str | None) -> grpc.ChannelCredentials | None:
+    if not (tls or root_certs or client_cert or client_key):
+        return None
+    return channel_credentials(root_certs, client_cert, client_key)
 
 
 @dataclass(frozen=True)
@@ -108,6 +150,12 @@ class Sam2Client:
         timeout_s (float): deadline of each call.
         max_message_bytes (int): send and receive limit per message.
         max_pixels (int): largest image accepted locally (H * W).
+        api_key (str | None): sent as ``authorization: Bearer <key>`` on every call.
+        namespace (str): the tenant namespace of ``api_key`` ("" for none).
+        tls (bool): TLS with the system's root certificates.
+        tls_root_certs (str | None): PEM file of the CA that signed the servers' certificates.
+        tls_client_cert, tls_client_key (str | None): client certificate for mutual TLS.
+        retry (RetryPolicy): retries of idempotent calls (``retry.NO_RETRY``: none).
     """
 
     def __init__(
@@ -119,25 +167,38 @@ class Sam2Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+        api_key: str | None = None,
+        namespace: str = "",
+        tls: bool = False,
+        tls_root_certs: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+        retry: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         if encoder is None and decoder is None:
             raise ValueError("give the encoder and/or decoder address (host:port)")
         options = channel_options(max_message_bytes)
+        credentials = _credentials(tls, tls_root_certs, tls_client_cert, tls_client_key)
         self.model_id = model_id
         self.timeout_s = timeout_s
         self.max_pixels = max_pixels
+        self.namespace = namespace
+        self.retry = retry
+        self._metadata = auth_metadata(api_key)
         self.stats = ClientStats()
         self._channels: list[grpc.Channel] = []
         self._encoder: encoder_pb2_grpc.EncoderServiceStub | None = None
         self._decoder: decoder_pb2_grpc.DecoderServiceStub | None = None
-        if encoder is not None:
-            channel = grpc.insecure_channel(encoder, options=options)
+        for address, is_encoder in ((encoder, True), (decoder, False)):
+            if address is None:
+                continue
+            channel = (grpc.insecure_channel(address, options=options) if credentials is None
+                       else grpc.secure_channel(address, credentials, options=options))
             self._channels.append(channel)
-            self._encoder = encoder_pb2_grpc.EncoderServiceStub(channel)
-        if decoder is not None:
-            channel = grpc.insecure_channel(decoder, options=options)
-            self._channels.append(channel)
-            self._decoder = decoder_pb2_grpc.DecoderServiceStub(channel)
+            if is_encoder:
+                self._encoder = encoder_pb2_grpc.EncoderServiceStub(channel)
+            else:
+                self._decoder = decoder_pb2_grpc.DecoderServiceStub(channel)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -162,11 +223,14 @@ class Sam2Client:
                 raise InvalidInputError(f"cannot read image file {image!r}: {exc}") from None
         rgb = imaging.decode_image(image, input_color_format, self.max_pixels)
         upload = bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else rgb
-        return _Image(rgb, upload, content_id(rgb, self.model_id))
+        return _Image(rgb, upload, namespaced_content_id(rgb, self.model_id, self.namespace))
 
     def _call(self, method: Any, request: Any) -> Any:
+        """An idempotent unary call, retried per ``self.retry`` within ``timeout_s``."""
         try:
-            return method(request, timeout=self.timeout_s)
+            return call_with_retry(
+                lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
+                self.retry, timeout_s=self.timeout_s)
         except grpc.RpcError as exc:
             raise error_from_rpc_error(exc) from None
 
@@ -311,7 +375,11 @@ class Sam2Client:
 class AsyncEncoderClient:
     """``grpc.aio`` client of ``EncoderService.EmbedImages`` for the decoder tier's misses.
 
-    Create inside the event loop that uses it.
+    Create inside the event loop that uses it. Inside an RPC served by a tier, each call
+    forwards the caller's API key (so the encoder sees the same tenant) or else ``api_key``,
+    and its deadline is the smaller of ``timeout_s`` and what is left of the caller's
+    deadline (``sam2_shared.security.current_caller``). UNAVAILABLE / RESOURCE_EXHAUSTED are
+    retried within that deadline (``retry``).
     """
 
     def __init__(
@@ -320,12 +388,31 @@ class AsyncEncoderClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_root_certs: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+        retry: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(
-            max_message_bytes))
+        self.api_key = api_key
+        self.retry = retry
+        options = channel_options(max_message_bytes)
+        credentials = _credentials(tls, tls_root_certs, tls_client_cert, tls_client_key)
+        self._channel = (grpc.aio.insecure_channel(address, options=options)
+                         if credentials is None
+                         else grpc.aio.secure_channel(address, credentials, options=options))
         self._stub = encoder_pb2_grpc.EncoderServiceStub(self._channel)
+
+    def _call_settings(self) -> tuple[float, tuple[tuple[str, str], ...]]:
+        """(timeout, metadata) of a call made now, on behalf of the current caller."""
+        caller = current_caller()
+        remaining = caller.time_remaining()
+        timeout = self.timeout_s if remaining is None else max(0.0, min(self.timeout_s,
+                                                                        remaining))
+        return timeout, auth_metadata(caller.api_key or self.api_key)
 
     async def embed_image(
         self, image: bytes | np.ndarray, input_color_format: str, model_id: str
@@ -334,8 +421,12 @@ class AsyncEncoderClient:
         request = encoder_pb2.EmbedImagesRequest(
             model_id=model_id, images=[wire.image_to_proto(image, input_color_format)]
         )
+        timeout, metadata = self._call_settings()
         try:
-            response = await self._stub.EmbedImages(request, timeout=self.timeout_s)
+            response = await async_call_with_retry(
+                lambda remaining: self._stub.EmbedImages(request, timeout=remaining,
+                                                         metadata=metadata),
+                self.retry, timeout_s=timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc_error(exc) from None
         result = response.results[0]

@@ -146,6 +146,7 @@ def build_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, int | str]] = (),
     grace_s: float = DEFAULT_GRACE_S,
+    server_credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[Sam2Server, int]:
     """Build (not start) a ``grpc.aio`` server for one tier; call inside the event loop.
 
@@ -162,6 +163,8 @@ def build_server(
             mapping interceptor always runs innermost, next to the servicer.
         options: extra channel arguments, appended after ours.
         grace_s: default drain time of ``stop``.
+        server_credentials: TLS / mutual TLS for the listener
+            (``sam2_shared.security.server_credentials``); None listens in plaintext.
 
     Returns:
         ``(server, bound_port)``.
@@ -185,7 +188,10 @@ def build_server(
         reflection.enable_server_reflection(names, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound_port = server.add_insecure_port(address)
+        if server_credentials is None:
+            bound_port = server.add_insecure_port(address)
+        else:
+            bound_port = server.add_secure_port(address, server_credentials)
     except RuntimeError as exc:  # grpcio raises when binding fails
         raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
     if bound_port == 0:

@@ -1,0 +1,561 @@
+"""Who may call a tier, under which tenant, over which transport.
+
+API keys
+    Sent by clients as gRPC metadata, ``authorization: Bearer <key>`` or ``x-api-key: <key>``,
+    and compared in constant time (``hmac.compare_digest``) against every configured key.
+    Keys come from ``--api-keys-file`` / ``SAM2_API_KEYS_FILE``:
+
+    - a file, one key per line, optionally ``<key> <namespace>``; ``#`` starts a comment;
+    - or a directory (a Kubernetes Secret mounted as a volume): every regular file whose
+      name does not start with ``.`` holds one key (first line) and optionally a namespace
+      (``<key> <namespace>``). Several files or lines = several valid keys, for rotation:
+      add the new key, roll the clients, remove the old one.
+
+    The key set is reloaded when the file's (or the directory's) modification time
+    changes, checked at most every ``reload_interval_s``; Kubernetes updates a mounted
+    Secret by swapping a ``..data`` symlink, which changes the directory's mtime.
+
+    Health checking and server reflection stay open (probes, grpcurl). Anything else
+    without a valid key gets ``UNAUTHENTICATED`` with ``ErrorInfo.reason`` ``API_KEY_MISSING``
+    or ``API_KEY_INVALID``; ``AuthInterceptor.stats`` counts them for the metrics layer.
+
+Tenancy
+    A key may carry a namespace. Embedding ids and logits handles made for a namespaced
+    caller are ``"<namespace>:<hex>"`` (the hex hashed with the namespace too, see
+    ``sam2_shared.embedding.content_id``); a caller may only use ids of its own namespace,
+    anything else is answered like an unknown id (NOT_FOUND), so one tenant can neither read
+    nor probe another's embeddings or logits, even for identical images. Callers without
+    a namespace (or with auth off) use plain hex ids.
+
+    The interceptor puts the caller (key, namespace, deadline) in a context variable for the
+    duration of the call; servicers read it with ``current_caller()`` and pass the namespace
+    to the tier logic. ``sam2_shared.client.AsyncEncoderClient`` reads it too, to forward the
+    caller's key and the remaining deadline to the encoder.
+
+Sessions per client
+    ``max_streams_per_key`` bounds the concurrent streaming calls (``SegmentStream``
+    sessions) of one key (of one peer address when auth is off); one more gets
+    ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a retry hint.
+
+TLS
+    ``server_credentials`` (TLS, or mutual TLS with a client CA) for ``build_server``, and
+    ``channel_credentials`` for clients. PEM files are read once at start-up.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import inspect
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from sam2_shared.errors import EmbeddingNotFoundError, ResourceExhaustedError, Sam2Error
+
+logger = logging.getLogger(__name__)
+
+API_KEY_HEADER = "x-api-key"
+AUTHORIZATION_HEADER = "authorization"
+# Always open: Kubernetes probes and grpcurl must work without a key.
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+NAMESPACE_SEPARATOR = ":"
+DEFAULT_RELOAD_INTERVAL_S = 5.0
+SESSION_RETRY_DELAY_S = 5.0
+
+
+class UnauthenticatedError(Sam2Error):
+    """No key, or a key that is not configured. Mapped to UNAUTHENTICATED here (auth runs
+    before the servicer and its error mapping)."""
+
+    reason = "API_KEY_INVALID"
+
+
+# --- keys ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One accepted key and the tenant namespace it stands for ("" = none)."""
+
+    key: str = field(repr=False)
+    namespace: str = ""
+    source: str = ""  # file (and line) it came from, for logs; never the key itself
+
+
+def _parse_line(line: str, source: str) -> ApiKey | None:
+    text = line.split("#", 1)[0].strip()
+    if not text:
+        return None
+    parts = text.split()
+    if len(parts) > 2:
+        raise ValueError(f"{source}: expected '<key> [namespace]', got {len(parts)} fields")
+    namespace = parts[1] if len(parts) == 2 else ""
+    if namespace and not NAMESPACE_PATTERN.fullmatch(namespace):
+        raise ValueError(f"{source}: namespace {namespace!r} must match "
+                         f"{NAMESPACE_PATTERN.pattern}")
+    if len(parts[0]) < 16:
+        raise ValueError(f"{source}: API keys must be at least 16 characters")
+    return ApiKey(parts[0], namespace, source)
+
+
+def load_api_keys(path: str | os.PathLike[str]) -> list[ApiKey]:
+    """Keys from a file (one per line) or a directory (one per file); see the module doc."""
+    root = Path(path)
+    keys: list[ApiKey] = []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue  # Kubernetes' ..data / ..2024_... bookkeeping entries
+            lines = entry.read_text().splitlines()
+            key = _parse_line(lines[0] if lines else "", str(entry))
+            if key is not None:
+                keys.append(key)
+    else:
+        for number, line in enumerate(root.read_text().splitlines(), 1):
+            key = _parse_line(line, f"{root}:{number}")
+            if key is not None:
+                keys.append(key)
+    if not keys:
+        raise ValueError(f"no API keys in {root}")
+    return keys
+
+
+def _mtime_of(path: Path) -> float:
+    """The newest mtime of ``path`` and (for a directory) its entries."""
+    stamps = [path.stat().st_mtime]
+    if path.is_dir():
+        stamps += [entry.stat().st_mtime for entry in path.iterdir() if entry.exists()]
+    return max(stamps)
+
+
+class ApiKeyRing:
+    """The accepted keys, reloaded from ``path`` when it changes.
+
+    Arguments:
+        keys: fixed keys (tests, embedding a tier); or
+        path: file or directory to load them from (see the module docstring).
+        reload_interval_s: how often at most the path's mtime is looked at.
+    """
+
+    def __init__(self, keys: Iterable[ApiKey] = (), *, path: str | os.PathLike[str] | None = None,
+                 reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S) -> None:
+        self.path = Path(path) if path is not None else None
+        self.reload_interval_s = reload_interval_s
+        self._lock = threading.Lock()
+        self._keys: tuple[ApiKey, ...] = tuple(keys)
+        self._mtime = 0.0
+        self._checked_at = 0.0
+        if self.path is not None:
+            self._mtime = _mtime_of(self.path)
+            self._keys = tuple(load_api_keys(self.path))
+            self._checked_at = time.monotonic()
+        if not self._keys:
+            raise ValueError("an ApiKeyRing needs at least one key")
+        self.reloads = 0
+
+    def _maybe_reload(self) -> None:
+        if self.path is None or time.monotonic() - self._checked_at < self.reload_interval_s:
+            return
+        with self._lock:
+            if time.monotonic() - self._checked_at < self.reload_interval_s:
+                return
+            self._checked_at = time.monotonic()
+            try:
+                mtime = _mtime_of(self.path)
+                if mtime == self._mtime:
+                    return
+                keys = load_api_keys(self.path)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                # A half-written or emptied file must not lock everyone out: keep the old set.
+                logger.warning("API keys not reloaded from %s (keeping %d keys): %s",
+                               self.path, len(self._keys), exc)
+                return
+            self._keys, self._mtime = tuple(keys), mtime
+            self.reloads += 1
+            logger.info("reloaded %d API keys from %s", len(keys), self.path)
+
+    def match(self, presented: str) -> ApiKey | None:
+        """The configured key equal to ``presented`` (constant time per key), else None.
+
+        Every key is compared, so the time taken does not tell which one (nearly) matched.
+        """
+        self._maybe_reload()
+        candidate = presented.encode()
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(key.key.encode(), candidate):
+                found = key
+        return found
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+# --- the caller of the current RPC -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, as established by ``AuthInterceptor``.
+
+    ``deadline`` is a ``time.monotonic()`` instant (None: the call has no deadline).
+    """
+
+    api_key: str | None = field(default=None, repr=False)
+    namespace: str = ""
+    deadline: float | None = None
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+_ANONYMOUS = Caller()
+_current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
+    "sam2_caller", default=_ANONYMOUS
+)
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being served (anonymous outside of one or with auth off)."""
+    return _current_caller.get()
+
+
+def current_namespace() -> str:
+    return _current_caller.get().namespace
+
+
+def presented_key(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The key in ``x-api-key`` or ``authorization: Bearer``, if any."""
+    for name, value in metadata or ():
+        name = name.lower()
+        if isinstance(value, bytes):
+            continue  # keys are text; binary headers end in -bin
+        if name == API_KEY_HEADER and value.strip():
+            return value.strip()
+        if name == AUTHORIZATION_HEADER:
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``api_key`` (empty without one)."""
+    return ((AUTHORIZATION_HEADER, f"Bearer {api_key}"),) if api_key else ()
+
+
+# --- tenant-scoped ids ----------------------------------------------------------------
+
+
+def scope_id(namespace: str, local_id: str) -> str:
+    """The id a caller of ``namespace`` sees for ``local_id`` (unchanged without one)."""
+    return f"{namespace}{NAMESPACE_SEPARATOR}{local_id}" if namespace else local_id
+
+
+def namespace_of_id(scoped_id: str) -> str:
+    """The namespace an id or logits handle was made in ("" for plain ids)."""
+    head, separator, _ = scoped_id.partition(NAMESPACE_SEPARATOR)
+    return head if separator else ""
+
+
+def namespaced_content_id(rgb: Any, model_id: str, namespace: str = "") -> str:
+    """Embedding id of decoded RGB pixels for a caller of ``namespace``: the content hash
+    (which includes the namespace) prefixed by the namespace. Both tiers and the client
+    compute ids with this, so they agree."""
+    from sam2_shared.embedding import content_id
+
+    return scope_id(namespace, content_id(rgb, model_id, namespace=namespace))
+
+
+def check_id_namespace(scoped_id: str, namespace: str, *, what: str = "embedding") -> None:
+    """Raise NOT_FOUND unless ``scoped_id`` belongs to ``namespace``: another tenant's id
+    is answered exactly like an id that does not exist."""
+    if namespace_of_id(scoped_id) != namespace:
+        if what == "logits":
+            from sam2_shared.errors import LogitsNotFoundError
+
+            raise LogitsNotFoundError(
+                f"logits handle {scoped_id!r} is unknown or expired; send the logits inline or "
+                "start again from points or a box", logits_handle=scoped_id,
+            )
+        raise EmbeddingNotFoundError(
+            f"embedding {scoped_id!r} is not stored; call EncoderService.EmbedImages with the "
+            "image first", embedding_id=scoped_id,
+        )
+
+
+# --- the interceptor ------------------------------------------------------------------
+
+
+@dataclass
+class AuthStats:
+    """Counters for the metrics layer: rejected calls by reason, accepted calls."""
+
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    sessions_refused: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+def _rich_status(code: grpc.StatusCode, exc: Sam2Error) -> Any:
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    from sam2_shared.grpc_errors import ERROR_DOMAIN
+
+    details = [error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN,
+                                           metadata=exc.metadata)]
+    if "retry_delay_s" in exc.metadata:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(float(exc.metadata["retry_delay_s"]) * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    packed = []
+    for detail in details:
+        container = any_pb2.Any()
+        container.Pack(detail)
+        packed.append(container)
+    return rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(exc), details=packed))
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """API-key authentication, tenant context and per-key session limits for ``grpc.aio``.
+
+    Arguments:
+        keys: the accepted keys; None turns authentication off (the caller context, deadline
+            and session limit still apply).
+        max_streams_per_key: most concurrent streaming calls per key (per peer without
+            auth); 0 for no limit.
+    """
+
+    def __init__(self, keys: ApiKeyRing | None, *, max_streams_per_key: int = 0) -> None:
+        self.keys = keys
+        self.max_streams_per_key = max_streams_per_key
+        self.stats = AuthStats()
+        self._streams: dict[str, int] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        caller: Caller | None = None
+        error: UnauthenticatedError | None = None
+        presented = presented_key(handler_call_details.invocation_metadata)
+        if self.keys is None:
+            caller = Caller(api_key=presented)
+        elif presented is None:
+            error = UnauthenticatedError(
+                "this server needs an API key: send metadata 'authorization: Bearer <key>' "
+                "or 'x-api-key: <key>'", reason="API_KEY_MISSING")
+        else:
+            key = self.keys.match(presented)
+            if key is None:
+                error = UnauthenticatedError("the API key is not valid (revoked or mistyped)")
+            else:
+                caller = Caller(api_key=key.key, namespace=key.namespace)
+        if error is not None:
+            self.stats.reject(error.reason)
+            return _replace_behaviour(handler, _refuse(error))
+        assert caller is not None
+        with self.stats._lock:
+            self.stats.accepted += 1
+        streaming = bool(handler.stream_stream or handler.unary_stream)
+        limit_key = caller.api_key if self.keys is not None else None
+        return _replace_behaviour(
+            handler, lambda behaviour: self._with_caller(
+                behaviour, caller, streaming and self.max_streams_per_key > 0, limit_key))
+
+    # The wrapped behaviours run inside the RPC's own task, so the context variable set there
+    # is what the servicer (and the threads it starts with asyncio.to_thread) sees.
+    def _with_caller(self, behaviour: Callable[..., Any], caller: Caller, limited: bool,
+                     limit_key: str | None) -> Callable[..., Any]:
+        def enter(context: grpc.aio.ServicerContext) -> str | None:
+            remaining = context.time_remaining()
+            _current_caller.set(Caller(
+                caller.api_key, caller.namespace,
+                None if remaining is None else time.monotonic() + remaining))
+            if not limited:
+                return None
+            session = limit_key or f"peer:{context.peer()}"
+            if self._streams.get(session, 0) >= self.max_streams_per_key:
+                self.stats.sessions_refused += 1
+                raise ResourceExhaustedError(
+                    f"this client already has {self.max_streams_per_key} open sessions "
+                    "(streams), the most allowed; close one first",
+                    reason="TOO_MANY_SESSIONS", limit=str(self.max_streams_per_key),
+                    retry_delay_s=str(SESSION_RETRY_DELAY_S))
+            self._streams[session] = self._streams.get(session, 0) + 1
+            return session
+
+        def leave(session: str | None) -> None:
+            if session is not None:
+                left = self._streams.get(session, 1) - 1
+                if left > 0:
+                    self._streams[session] = left
+                else:
+                    self._streams.pop(session, None)
+
+        if inspect.isasyncgenfunction(behaviour):
+            async def streaming(request: Any, context: grpc.aio.ServicerContext
+                                ) -> AsyncIterator[Any]:
+                try:
+                    session = enter(context)
+                except ResourceExhaustedError as exc:
+                    await context.abort_with_status(
+                        _rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, exc))
+                    return
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                finally:
+                    leave(session)
+
+            return streaming
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                session = enter(context)
+            except ResourceExhaustedError as exc:
+                await context.abort_with_status(
+                    _rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, exc))
+                return None
+            try:
+                result = behaviour(request, context)
+                return await result if inspect.isawaitable(result) else result
+            finally:
+                leave(session)
+
+        return unary
+
+
+def auth_interceptor(api_keys_file: str | None, *, max_streams_per_key: int = 0
+                     ) -> AuthInterceptor:
+    """The interceptor of a tier's settings: keys from ``api_keys_file`` (None: auth off)."""
+    keys = ApiKeyRing(path=api_keys_file) if api_keys_file else None
+    if keys is not None:
+        logger.info("API keys: %d loaded from %s", len(keys), api_keys_file)
+    else:
+        logger.warning("no --api-keys-file: every caller is accepted, without a namespace")
+    return AuthInterceptor(keys, max_streams_per_key=max_streams_per_key)
+
+
+def _refuse(error: UnauthenticatedError) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    status = _rich_status(grpc.StatusCode.UNAUTHENTICATED, error)
+
+    def make(_behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort_with_status(status)
+
+        return refuse
+
+    return make
+
+
+def _replace_behaviour(handler: grpc.RpcMethodHandler,
+                       wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+                       ) -> grpc.RpcMethodHandler:
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            return handler._replace(**{kind: wrap(behaviour)})
+    return handler
+
+
+# --- TLS ------------------------------------------------------------------------------
+
+
+def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+    if path is None or path == "":
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise OSError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def server_credentials(cert: str | os.PathLike[str], key: str | os.PathLike[str],
+                       client_ca: str | os.PathLike[str] | None = None
+                       ) -> grpc.ServerCredentials:
+    """TLS for a listener; with ``client_ca``, mutual TLS (clients must present a
+    certificate signed by that CA, checked before any RPC)."""
+    cert_pem, key_pem = _read(cert, "TLS certificate"), _read(key, "TLS key")
+    assert cert_pem is not None and key_pem is not None
+    ca_pem = _read(client_ca, "client CA")
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None)
+
+
+def tls_server_settings(cert: str | None, key: str | None, client_ca: str | None
+                        ) -> grpc.ServerCredentials | None:
+    """From a tier's settings: None (plaintext) when no certificate is configured."""
+    if not cert and not key:
+        if client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        raise ValueError("give both --tls-cert and --tls-key")
+    return server_credentials(cert, key, client_ca)
+
+
+def channel_credentials(root_certs: str | os.PathLike[str] | None = None,
+                        client_cert: str | os.PathLike[str] | None = None,
+                        client_key: str | os.PathLike[str] | None = None
+                        ) -> grpc.ChannelCredentials:
+    """TLS for a client channel: ``root_certs`` (None: the system roots) and, for mutual
+    TLS, the client's certificate and key."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(root_certs, "TLS root certificates"),
+        private_key=_read(client_key, "TLS client key"),
+        certificate_chain=_read(client_cert, "TLS client certificate"),
+    )
+
+
+__all__ = [
+    "AuthInterceptor",
+    "ApiKey",
+    "ApiKeyRing",
+    "AuthStats",
+    "Caller",
+    "UnauthenticatedError",
+    "auth_interceptor",
+    "auth_metadata",
+    "channel_credentials",
+    "check_id_namespace",
+    "current_caller",
+    "current_namespace",
+    "load_api_keys",
+    "namespace_of_id",
+    "namespaced_content_id",
+    "presented_key",
+    "scope_id",
+    "server_credentials",
+    "tls_server_settings",
+]
