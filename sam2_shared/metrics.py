@@ -420,8 +420,8 @@ class _BatcherMetrics:
             ("model",), registry=registry,
         )
         self.queue_depth = Gauge(
-            f"{prefix}_queue_depth", f"{unit} waiting for a batch now (the encoder HPA's "
-            "metric)", ("model",), registry=registry,
+            f"{prefix}_queue_depth", f"{unit} waiting for a batch now", ("model",),
+            registry=registry,
         )
 
     def attach_batcher(self, batcher: _BatcherLike) -> None:
