@@ -87,7 +87,7 @@ class PromptEncoder(nn.Module):
         masks: torch.Tensor | None,
         batch_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sparse [B, N + 1 or 0, C] and dense [B, C, 64, 64] embeddings."""
+        """Sparse [B, N + 1 or 0, C] and dense [B or 1, C, 64, 64] embeddings."""
         weight = self.no_mask_embed.weight
         if coords is not None and labels is not None:
             sparse = self.embed_points(coords, labels)
@@ -96,6 +96,8 @@ class PromptEncoder(nn.Module):
         if masks is not None:
             dense = self.embed_masks(masks)
         else:
+            # Batch 1 on purpose: it broadcasts over the prompts, which lets the decoder
+            # see that they all share one image side.
             size = self.image_embedding_size
-            dense = weight.reshape(1, -1, 1, 1).expand(batch_size, -1, size, size)
+            dense = weight.reshape(1, -1, 1, 1).expand(1, -1, size, size)
         return sparse, dense
