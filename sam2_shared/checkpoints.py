@@ -191,8 +191,10 @@ def _preview(keys: list[str], limit: int = 8) -> str:
 
 
 def _module_for(config: Sam2Config, part: str) -> nn.Module:
-    from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart
+    from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart, Sam2TrackerPart
 
+    if part == "tracker":
+        return Sam2TrackerPart(config)
     return Sam2EncoderPart(config) if part == "encoder" else Sam2DecoderPart(config)
 
 

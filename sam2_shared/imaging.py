@@ -372,3 +372,32 @@ def masks_from_low_res(low_res_logits: np.ndarray, original_hw: tuple[int, int])
             resized = cv2.resize(source[p, c], (width, height), interpolation=cv2.INTER_LINEAR)
             np.greater(resized, 0.0, out=out[p, c])
     return out
+
+
+def preprocess_video_frames(frames: Sequence[np.ndarray]) -> torch.Tensor:
+    """Meta's video-predictor preprocessing (``load_video_frames``), on CPU in float32.
+
+    Differs from ``preprocess_images``: per frame, uint8 HxWx3 RGB -> PIL ``resize((1024,
+    1024))`` with PIL's default BICUBIC filter on the uint8 pixels -> / 255 in float64 ->
+    float32 -> ``(x - PIXEL_MEAN) / PIXEL_STD``. The same picture therefore gets slightly
+    different features as a video frame than as an image.
+
+    Returns:
+        [T, 3, 1024, 1024] float32 CPU tensor.
+    """
+    if len(frames) == 0:
+        raise InvalidInputError("preprocess_video_frames needs at least one frame")
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
+    batch = torch.empty((len(frames), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32)
+    for index, rgb in enumerate(frames):
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 \
+                or rgb.shape[2] != 3 or rgb.size == 0:
+            got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+            raise InvalidInputError(f"frame {index}: expected HxWx3 uint8 RGB, got {got}")
+        resized = np.asarray(
+            Image.fromarray(np.ascontiguousarray(rgb)).resize((IMAGE_SIZE, IMAGE_SIZE))
+        )
+        batch[index] = torch.from_numpy(resized / 255.0).permute(2, 0, 1)  # float64 -> float32
+        batch[index] = (batch[index] - mean) / std
+    return batch

@@ -15,6 +15,7 @@ from sam2_shared.model.hiera import Hiera
 from sam2_shared.model.mask_decoder import DecoderOutput, MaskDecoder
 from sam2_shared.model.neck import FpnNeck, ImageEncoder
 from sam2_shared.model.prompt_encoder import PromptEncoder
+from sam2_shared.model.tracker import Sam2TrackerPart
 from sam2_shared.model.transformer import TwoWayTransformer
 
 
@@ -104,3 +105,8 @@ def build_encoder(config: Sam2Config) -> Sam2EncoderPart:
 
 def build_decoder(config: Sam2Config) -> Sam2DecoderPart:
     return Sam2DecoderPart(config).eval()
+
+
+def build_tracker(config: Sam2Config) -> Sam2TrackerPart:
+    """Video-only weights (memory attention/encoder, object pointers); see ``model.tracker``."""
+    return Sam2TrackerPart(config).eval()
