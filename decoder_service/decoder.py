@@ -46,7 +46,7 @@ from sam2_shared.errors import (
 from sam2_shared.predictor import Sam2Model
 from sam2_shared.prompts import Prompt, Sam2Prediction
 from sam2_shared.security import check_id_namespace, namespaced_content_id, scope_id
-from sam2_shared.store import EmbeddingStore
+from sam2_shared.store import EmbeddingStore, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,12 @@ class Decoder:
         for prediction in predictions:
             token = scope_id(namespace, secrets.token_hex(16))
             logits = np.ascontiguousarray(prediction.logits[0], dtype=np.float32)  # [C, 256, 256]
-            self.store.put_logits(token, logits, self.logits_ttl_s)
+            try:
+                self.store.put_logits(token, logits, self.logits_ttl_s)
+            except StoreUnavailableError as exc:
+                # The masks are computed: answer them. The handle still resolves on this
+                # replica (local LRU below); other replicas will say LOGITS_NOT_FOUND.
+                logger.warning("logits not shared, store unavailable: %s", exc)
             self.logits_cache.put(token, (time.monotonic() + self.logits_ttl_s, logits))
             handles.append([f"{token}.{c}" for c in range(logits.shape[0])])
         return handles
