@@ -122,7 +122,7 @@ def build_parser(
                 default = _convert(environ[name], base, optional)
             except ValueError as exc:
                 parser.error(f"environment variable {name}: {exc}")
-        shown = _masked(default) if field.metadata.get("secret") else repr(default)
+        shown = mask_secret(default) if field.metadata.get("secret") else repr(default)
         help_text = f"{field.metadata.get('help', '')} [env {name}; default {shown}]"
         kwargs: dict[str, Any] = {
             "dest": field.name,
@@ -199,7 +199,7 @@ def settings_from_values(cls: type[SettingsT], **values: Any) -> SettingsT:
     return cls(**values)
 
 
-def _masked(value: Any) -> str:
+def mask_secret(value: Any) -> str:
     if value is None:
         return "None"
     text = str(value)
@@ -214,6 +214,6 @@ def describe_settings(settings: Any) -> str:
     parts = []
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
-        shown = _masked(value) if field.metadata.get("secret") else repr(value)
+        shown = mask_secret(value) if field.metadata.get("secret") else repr(value)
         parts.append(f"{field.name}={shown}")
     return " ".join(parts)

@@ -1,0 +1,62 @@
+"""Writes the tiers' flag / environment tables into README.md (between the markers).
+
+    python scripts/settings_table.py          # rewrite README.md
+    python scripts/settings_table.py --check  # exit 1 if README.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from decoder_service.cli import DecoderSettings  # noqa: E402
+from encoder_service.cli import EncoderSettings  # noqa: E402
+from sam2_shared.config import env_name, mask_secret  # noqa: E402
+
+START, END = "<!-- settings:start -->", "<!-- settings:end -->"
+
+
+def tables() -> str:
+    out = []
+    for command, cls in (("sam2-encoder", EncoderSettings), ("sam2-decoder", DecoderSettings)):
+        out += [f"#### `{command}`", "", "| flag | environment | default | meaning |",
+                "|---|---|---|---|"]
+        for field in dataclasses.fields(cls):
+            flag = "--" + field.name.replace("_", "-")
+            default = "" if field.default is dataclasses.MISSING else field.default
+            shown = mask_secret(default) if field.metadata.get("secret") else default
+            meaning = str(field.metadata.get("help", "")).replace("|", "\\|")
+            out.append(f"| `{flag}` | `{env_name(field)}` | `{shown}` | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def render(readme: str) -> str:
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{tables()}{END}{tail}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    path = ROOT / "README.md"
+    current = path.read_text()
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            print("README.md settings tables are stale: run python scripts/settings_table.py")
+            return 1
+        return 0
+    path.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
