@@ -35,7 +35,7 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,10 +262,31 @@ class _ObjectState:
     temp_non_cond: dict[int, FrameOutput] = field(default_factory=dict)
     tracked: np.ndarray = field(init=False)  # [T] bool: frame has been tracked
     tracked_reverse: np.ndarray = field(init=False)  # [T] bool: ...and last in reverse
+    # Pointers of frames 6..14 behind the last tracked one, in a fixed-size ring (slot =
+    # frame mod size; any 15 consecutive frames map to distinct slots), so the state does
+    # not grow while the pointer window fills.
+    ring_frames: torch.Tensor = field(init=False)  # [R] int32 frame of each slot, -1 empty
+    ring_ptrs: torch.Tensor = field(init=False)  # [R, 1, 256]
+    ring_scores: torch.Tensor = field(init=False)  # [R, 1, 1]
+    device: torch.device = torch.device("cpu")
+    dim: int = 256
 
     def __post_init__(self) -> None:
         self.tracked = np.zeros(self.num_frames, dtype=bool)
         self.tracked_reverse = np.zeros(self.num_frames, dtype=bool)
+        slots = MAX_OBJ_PTRS - 1
+        self.ring_frames = torch.full((slots,), -1, dtype=torch.int32)
+        self.ring_ptrs = torch.zeros((slots, 1, self.dim), device=self.device)
+        self.ring_scores = torch.zeros((slots, 1, 1), device=self.device)
+
+    def to_ring(self, frame_idx: int, out: FrameOutput) -> None:
+        slot = frame_idx % len(self.ring_frames)
+        self.ring_frames[slot] = frame_idx
+        self.ring_ptrs[slot] = out.obj_ptr.to(self.ring_ptrs.dtype)
+        self.ring_scores[slot] = out.object_score_logits.to(self.ring_scores.dtype)
+
+    def memory_bank(self) -> _NonCondBank:
+        return _NonCondBank(self)
 
     def stores(self) -> dict[str, dict[int, FrameOutput]]:
         return {
@@ -283,12 +304,37 @@ class _ObjectState:
 
     def nbytes(self) -> int:
         total = self.tracked.nbytes + self.tracked_reverse.nbytes
+        total += sum(_tensor_nbytes(t) for t in (self.ring_frames, self.ring_ptrs,
+                                                  self.ring_scores))
         for coords, labels in self.points.values():
             total += _tensor_nbytes(coords) + _tensor_nbytes(labels)
         for store in self.stores().values():
             for out in store.values():
                 total += sum(_tensor_nbytes(t) for t in _output_tensors(out).values())
         return total
+
+
+class _NonCondBank(Mapping[int, FrameOutput]):
+    """An object's non-conditioning outputs: full entries, then pointer-only ring slots."""
+
+    def __init__(self, obj: _ObjectState) -> None:
+        self._obj = obj
+
+    def __getitem__(self, frame_idx: int) -> FrameOutput:
+        obj = self._obj
+        if frame_idx in obj.non_cond:
+            return obj.non_cond[frame_idx]
+        slot = frame_idx % len(obj.ring_frames)
+        if frame_idx >= 0 and int(obj.ring_frames[slot]) == frame_idx:
+            return FrameOutput(None, None, obj.ring_ptrs[slot], obj.ring_scores[slot])
+        raise KeyError(frame_idx)
+
+    def __iter__(self) -> Iterator[int]:
+        ring = [int(f) for f in self._obj.ring_frames if f >= 0]
+        return iter(list(self._obj.non_cond) + [f for f in ring if f not in self._obj.non_cond])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _tensor_nbytes(t: torch.Tensor | None) -> int:
@@ -363,8 +409,13 @@ class VideoSession:
                     f"object {obj_id} is not in this session (objects: {self.obj_ids})",
                     reason="UNKNOWN_OBJECT",
                 )
-            self._objects[obj_id] = _ObjectState(obj_id, self.num_frames)
+            self._objects[obj_id] = self._new_object(obj_id)
         return self._objects[obj_id]
+
+    def _new_object(self, obj_id: int) -> _ObjectState:
+        return _ObjectState(
+            obj_id, self.num_frames, device=self.model.device, dim=self.model.config.embed_dim
+        )
 
     # ---------------------------------------------------------------- prompts
 
@@ -482,7 +533,7 @@ class VideoSession:
             embedding.high_res_feats,
             is_init_cond_frame=is_init_cond,
             cond_outputs=obj.cond,
-            non_cond_outputs=obj.non_cond,
+            non_cond_outputs=obj.memory_bank(),
             num_frames=self.num_frames,
             reverse=reverse,
             point_coords=coords,
@@ -588,7 +639,7 @@ class VideoSession:
                             embedding.high_res_feats,
                             is_init_cond_frame=False,
                             cond_outputs=obj.cond,
-                            non_cond_outputs=obj.non_cond,
+                            non_cond_outputs=obj.memory_bank(),
                             num_frames=self.num_frames,
                             reverse=reverse,
                         )
@@ -621,18 +672,27 @@ class VideoSession:
                 )
             for frame_idx in obj.cond:
                 obj.non_cond.pop(frame_idx, None)
+                slot = frame_idx % len(obj.ring_frames)
+                if int(obj.ring_frames[slot]) == frame_idx:
+                    obj.ring_frames[slot] = -1
 
     def _evict(self, obj: _ObjectState, frame_idx: int, reverse: bool) -> None:
         """Keep only what a next step from ``frame_idx`` can read (see the module doc)."""
         keep_memory = NUM_MASKMEM - 2  # frames 0..5 behind: the next frame's 6 memories
         keep_pointer = MAX_OBJ_PTRS - 2  # frames 0..14 behind: its 15 pointers
+        def behind(t: int) -> int:
+            return t - frame_idx if reverse else frame_idx - t
+
+        for slot, t in enumerate(obj.ring_frames.tolist()):
+            if t >= 0 and not keep_memory < behind(t) <= keep_pointer:
+                obj.ring_frames[slot] = -1
         for t in list(obj.non_cond):
-            behind = t - frame_idx if reverse else frame_idx - t
-            out = obj.non_cond[t]
-            if behind < 0 or behind > keep_pointer:
-                del obj.non_cond[t]
-            elif behind > keep_memory and out.maskmem_features is not None:
-                obj.non_cond[t] = FrameOutput(None, None, out.obj_ptr, out.object_score_logits)
+            distance = behind(t)
+            out = obj.non_cond.pop(t)
+            if 0 <= distance <= keep_memory:
+                obj.non_cond[t] = out
+            elif keep_memory < distance <= keep_pointer:
+                obj.to_ring(t, out)
 
     # ---------------------------------------------------------------- outputs
 
@@ -699,6 +759,8 @@ class VideoSession:
             ]
             objects.append({
                 "obj_id": obj.obj_id,
+                "ring": [table.add(obj.ring_frames), table.add(obj.ring_ptrs),
+                         table.add(obj.ring_scores)],
                 "points": points,
                 "mask_frames": sorted(obj.mask_frames),
                 "tracked": np.flatnonzero(obj.tracked).tolist(),
@@ -742,7 +804,10 @@ class VideoSession:
             return None if name is None else tensors[name].to(device)
 
         for item in metadata["objects"]:
-            obj = _ObjectState(int(item["obj_id"]), session.num_frames)
+            obj = session._new_object(int(item["obj_id"]))
+            ring_frames, ring_ptrs, ring_scores = (get(name) for name in item["ring"])
+            obj.ring_frames, obj.ring_ptrs, obj.ring_scores = ring_frames.cpu(), ring_ptrs, \
+                ring_scores
             for point in item["points"]:
                 obj.points[int(point["frame"])] = (get(point["coords"]), get(point["labels"]))
             obj.mask_frames = {int(f) for f in item["mask_frames"]}

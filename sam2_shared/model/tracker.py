@@ -95,7 +95,9 @@ def memory_frames(
         t_rel = num_maskmem - t_pos
         prev = frame_idx + t_rel if reverse else frame_idx - t_rel
         out = non_cond_outputs.get(prev)
-        if out is not None:
+        # Pointer-only entries (a bounded session keeps only pointers that far back) are
+        # skipped like frames that were never tracked.
+        if out is not None and out.maskmem_features is not None:
             chosen.append((t_pos, out))
     return chosen
 
@@ -191,7 +193,7 @@ class Sam2TrackerPart(nn.Module):
             frame_idx, cond_outputs, non_cond_outputs, reverse, self.num_maskmem
         ):
             if out.maskmem_features is None:
-                raise ValueError("memory bank entry without memory features")
+                raise ValueError("conditioning frame without memory features")
             feats = out.maskmem_features.to(device=device, dtype=raw.dtype)
             memories.append(feats.flatten(2).transpose(1, 2))  # [1, HW, 64]
             tpos = self.maskmem_tpos_enc[self.num_maskmem - t_pos - 1].reshape(1, 1, -1)
