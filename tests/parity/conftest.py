@@ -1,8 +1,8 @@
 """One reference model and one of ours per model id, shared by every parity test of a module.
 
-``parity_pair`` is module-scoped and parametrised indirectly by model id, so pytest groups
-the tests of one model together and holds at most one pair in memory at a time. Each image
-is encoded once per model on each side (``ParityPair.encoded``).
+``parity_pairs(model_id)`` holds one pair at a time and the collection hook runs the tests
+of one model id back to back, so each model is built once per session and each image is
+encoded once per model on each side (``ParityPair.encoded``).
 """
 
 from __future__ import annotations
@@ -11,31 +11,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from parity_support import IMAGES_FOR_MODEL, ParityPair
-from reference import ReferenceImage
+from parity_support import IMAGES_FOR_MODEL, PairCache
 
 
-@pytest.fixture(scope="module")
-def parity_pair(
-    request: pytest.FixtureRequest, random_checkpoint: Callable[..., Path]
-) -> Iterator[ParityPair]:
-    model_id: str = request.param
-    checkpoint = random_checkpoint(model_id)
-    from sam2_shared import Sam2Model
+@pytest.fixture(scope="session")
+def parity_pairs(random_checkpoint: Callable[..., Path]) -> Iterator[PairCache]:
+    """Factory: the (ours, reference) pair of a model id, built once while tests use it.
 
-    torch.manual_seed(0)  # nothing should be random at inference; make any slip reproducible
-    ours = Sam2Model.from_pretrained(model_id, checkpoint=str(checkpoint), device="cpu")
-    reference = ReferenceImage(model_id, checkpoint)
-    yield ParityPair(model_id, checkpoint, ours, reference)
+    pytest's own caching of parametrised module-scoped fixtures keys on the parameter's
+    index in each parametrize list and rebuilt the models for every test; this does not.
+    """
+    yield PairCache(random_checkpoint)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run all tests of one model id back to back (stable within a model).
 
-    pytest keys indirect module-scoped params by their index in each parametrize list, so it
-    does not group them across test functions on its own; without this, every model would
-    be built (and every image encoded) once per test function.
+    ``parity_pairs`` keeps one model pair at a time, so this order builds each model (and
+    encodes each image) once.
     """
     slots = [i for i, item in enumerate(items) if _pair_model(item) is not None]
     order = {model_id: rank for rank, model_id in enumerate(IMAGES_FOR_MODEL)}
@@ -46,4 +39,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _pair_model(item: pytest.Item) -> str | None:
     callspec = getattr(item, "callspec", None)
-    return None if callspec is None else callspec.params.get("parity_pair")
+    return None if callspec is None else callspec.params.get("model_id")

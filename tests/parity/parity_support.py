@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from reference import ReferenceImage
 from synthetic_images import gray_to_rgb, synthetic_rgb, to_gray, with_alpha
 
@@ -94,3 +96,23 @@ def model_params(model_ids: list[str] | tuple[str, ...]) -> list[Any]:
         pytest.param(m, id=m, marks=[pytest.mark.slow] if m in SLOW_MODELS else [])
         for m in model_ids
     ]
+
+
+class PairCache:
+    """Holds the pair of the model id in use; asking for another model id replaces it."""
+
+    def __init__(self, random_checkpoint: Callable[..., Path]) -> None:
+        self._random_checkpoint = random_checkpoint
+        self._pair: ParityPair | None = None
+
+    def __call__(self, model_id: str) -> ParityPair:
+        if self._pair is None or self._pair.model_id != model_id:
+            self._pair = None  # release the previous models before building the next ones
+            checkpoint = self._random_checkpoint(model_id)
+            from sam2_shared import Sam2Model
+
+            torch.manual_seed(0)  # nothing should be random at inference; keep slips reproducible
+            ours = Sam2Model.from_pretrained(model_id, checkpoint=str(checkpoint), device="cpu")
+            reference = ReferenceImage(model_id, checkpoint)
+            self._pair = ParityPair(model_id, checkpoint, ours, reference)
+        return self._pair

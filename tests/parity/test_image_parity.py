@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from parity_stats import ParityStats
-from parity_support import IMAGES_FOR_MODEL, TEST_IMAGES, ParityPair, model_params
+from parity_support import IMAGES_FOR_MODEL, TEST_IMAGES, PairCache, ParityPair, model_params
 from synthetic_images import SHAPE_BOXES, SHAPE_CENTRES, pixel_box, pixel_point
 
 LOGITS_ATOL = 1e-3
@@ -197,8 +197,11 @@ def _tensor(x: Any) -> np.ndarray:
 # tests
 
 
-@pytest.mark.parametrize(("parity_pair", "image_name"), _image_params(), indirect=["parity_pair"])
-def test_embedding_parity(parity_pair: ParityPair, image_name: str, parity_stats: ParityStats):
+@pytest.mark.parametrize(("model_id", "image_name"), _image_params())
+def test_embedding_parity(
+    parity_pairs: PairCache, model_id: str, image_name: str, parity_stats: ParityStats
+):
+    parity_pair = parity_pairs(model_id)
     ours, ref = parity_pair.encoded(image_name)
     image = TEST_IMAGES[image_name]
 
@@ -218,12 +221,11 @@ def test_embedding_parity(parity_pair: ParityPair, image_name: str, parity_stats
     assert high_res_diff <= EMBED_ATOL, f"high_res_feats max |diff| {high_res_diff:.3e}"
 
 
-@pytest.mark.parametrize(
-    ("parity_pair", "image_name", "case"), _prompt_params(), indirect=["parity_pair"]
-)
+@pytest.mark.parametrize(("model_id", "image_name", "case"), _prompt_params())
 def test_prompt_parity(
-    parity_pair: ParityPair, image_name: str, case: str, parity_stats: ParityStats
+    parity_pairs: PairCache, model_id: str, image_name: str, case: str, parity_stats: ParityStats
 ):
+    parity_pair = parity_pairs(model_id)
     image = TEST_IMAGES[image_name]
     height, width = image.rgb.shape[:2]
     embedding, _ = parity_pair.encoded(image_name)
@@ -264,9 +266,10 @@ def test_prompt_parity(
     )
 
 
-@pytest.mark.parametrize("parity_pair", model_params(ALL_MODELS), indirect=True)
-def test_reference_outputs_are_informative(parity_pair: ParityPair):
+@pytest.mark.parametrize("model_id", model_params(ALL_MODELS))
+def test_reference_outputs_are_informative(parity_pairs: PairCache, model_id: str):
     """Guards the parity bars against degenerate random weights (constant or saturated masks)."""
+    parity_pair = parity_pairs(model_id)
     image = TEST_IMAGES["rgb_600x800"]
     height, width = image.rgb.shape[:2]
     run = parity_pair.reference.run
