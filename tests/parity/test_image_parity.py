@@ -295,3 +295,44 @@ def test_reference_outputs_are_informative(parity_pairs: PairCache, model_id: st
     )
     iou = mask_ious(out["masks"][:, best : best + 1], other["masks"][:, best : best + 1])
     assert float(iou.min()) < 0.99, "masks do not depend on the prompt"
+
+
+@pytest.mark.parametrize("model_id", model_params(("sam2.1/hiera_tiny",)))
+def test_single_mask_token_path_parity(parity_pairs: PairCache, model_id: str) -> None:
+    """multimask_output=False with a stable token-0 mask returns token 0 itself.
+
+    The random weights never give a token-0 mask stable enough (stability >= 0.98), so the
+    other tests only exercise the fallback to the best multimask candidate. With the
+    threshold at 0 on both sides, every single-mask output is token 0.
+    """
+    pair = parity_pairs(model_id)
+    image_name = IMAGES_FOR_MODEL[model_id][0]
+    image = TEST_IMAGES[image_name]
+    height, width = image.rgb.shape[:2]
+    embedding, _ = pair.encoded(image_name)
+    ref_decoder = pair.reference.model.sam_mask_decoder
+    our_decoder = pair.ours.decoder.sam_mask_decoder
+    saved = (ref_decoder.dynamic_multimask_stability_thresh, our_decoder.stability_thresh)
+    ref_decoder.dynamic_multimask_stability_thresh = 0.0
+    our_decoder.stability_thresh = 0.0
+    try:
+        prompts = [
+            {"point_coords": np.array([pixel_point((0.4, 0.5), height, width)]),
+             "point_labels": np.array([1])},
+            {"box": np.array(pixel_box((0.2, 0.2, 0.7, 0.8), height, width))},
+        ]
+        for prompt in prompts:
+            ref = pair.reference.run(image.rgb, **prompt, multimask_output=False)
+            fallback = pair.reference.run(image.rgb, **prompt, multimask_output=True)
+            # Token 0 is not one of the multimask candidates: the path really differs.
+            candidates = fallback["low_res_logits"][0]
+            assert not any(np.allclose(ref["low_res_logits"][0, 0], c) for c in candidates)
+            ours = pair.ours.segment_images(
+                embeddings=embedding, multimask_output=False, use_mask_input_cache=False,
+                **_ours_arguments(prompt, "single"),
+            )[0]
+            assert _max_abs(ours.logits, ref["low_res_logits"]) <= LOGITS_ATOL
+            assert _max_abs(ours.scores, ref["scores"]) <= SCORES_ATOL
+            assert mask_ious(ours.masks, ref["masks"]).min() >= MASK_IOU_MIN
+    finally:
+        ref_decoder.dynamic_multimask_stability_thresh, our_decoder.stability_thresh = saved
