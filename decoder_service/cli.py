@@ -154,10 +154,11 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     metrics.observe_model_load(decoder.model_id, "decoder", load_s, warm_s,
                                str(decoder.model.device), decoder.model.precision)
     decoder_metrics = metrics.decoder(decoder.model_id)
-    decoder_metrics.attach_batcher(decoder._batcher)
+    decoder_metrics.attach_batcher(decoder.batcher)
     decoder_metrics.attach_hot_cache(decoder.hot_cache)
     decoder_metrics.attach_logits_cache(decoder.logits_cache)
     decoder_metrics.attach_stats(decoder.stats)
+    servicer.metrics = decoder_metrics
     await server.mark_serving()
     logger.info("decoder ready: %s on %s (%s), warm-up %.3f s, store %s, encoder %s",
                 decoder.model_id, decoder.model.device, decoder.model.precision, warm_s,

@@ -397,6 +397,11 @@ class Decoder:
             embedding = self.model.prepare_embedding(embedding)
         return embedding
 
+    @property
+    def batcher(self) -> MicroBatcher:
+        """The prompt batcher (for metrics)."""
+        return self._batcher
+
     # ------------------------------------------------------------------ logits
 
     def _store_logits(self, predictions: list[Sam2Prediction], namespace: str = ""

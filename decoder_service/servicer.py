@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,6 +20,7 @@ from sam2_shared import wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
 from sam2_shared.errors import NotReadyError
 from sam2_shared.grpc_errors import to_rpc_status
+from sam2_shared.metrics import DecoderMetrics
 from sam2_shared.security import current_namespace
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
@@ -29,6 +31,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
 
     def __init__(self, decoder: Decoder | None = None) -> None:
         self.decoder = decoder
+        self.metrics: DecoderMetrics | None = None  # set by the CLI when metrics are on
 
     def register(self, server: grpc.aio.Server) -> None:
         decoder_pb2_grpc.add_DecoderServiceServicer_to_server(self, server)
@@ -76,10 +79,15 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             prompts, embedding_id=request.embedding_id, image=image, model_id=request.model_id,
             namespace=namespace,
         )
+        started = time.perf_counter()
         results = await asyncio.to_thread(
             wire.prompt_results_to_proto,
             result.predictions, encoding, result.logits_handles, request.include_logits,
         )
+        if self.metrics is not None:
+            self.metrics.observe_mask_encoding(
+                encoding, time.perf_counter() - started, sum(r.ByteSize() for r in results)
+            )
         ref = result.embedding
         return decoder_pb2.SegmentResponse(
             embedding=wire.embedding_to_proto(ref.embedding_id, ref.model_id, ref.original_hw),

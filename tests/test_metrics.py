@@ -367,10 +367,20 @@ def test_decoder_tier_exports_its_metrics(tiny_checkpoint: Path, tmp_path: Path)
     and its own families (read straight from /metrics; the Prometheus path is shown above)."""
     metrics_port = free_port()
     store = f"diskcache://{tmp_path / 'store'}"
+    stored_id = "ab" * 32
+    with open_store(store) as embeddings:  # one stored embedding, so a Segment succeeds
+        embeddings.put_embedding(ImageEmbedding(
+            torch.randn(1, 256, 64, 64), (torch.randn(1, 32, 256, 256),
+                                          torch.randn(1, 64, 128, 128)),
+            (100, 120), MODEL_ID, stored_id))
     with decoder_process(tiny_checkpoint, store, "--metrics-port", str(metrics_port)) as decoder:
         with grpc.insecure_channel(decoder.address) as channel:
             stub = decoder_pb2_grpc.DecoderServiceStub(channel)
             point = common_pb2.Point(x_px=1, y_px=1, label=common_pb2.POINT_LABEL_FOREGROUND)
+            found = stub.Segment(decoder_pb2.SegmentRequest(
+                model_id=MODEL_ID, embedding_id=stored_id,
+                prompts=[decoder_pb2.Prompt(points=[point])]), timeout=60)
+            assert len(found.results[0].candidates) == 3
             with pytest.raises(grpc.RpcError) as missing:
                 stub.Segment(decoder_pb2.SegmentRequest(
                     model_id=MODEL_ID, embedding_id="0" * 64,
@@ -386,3 +396,6 @@ def test_decoder_tier_exports_its_metrics(tiny_checkpoint: Path, tmp_path: Path)
                      r'[0-9.e-]+', text)
     assert 'sam2_decoder_requests_total{model="sam2.1/hiera_tiny"}' in text
     assert "sam2_decoder_queue_depth" in text
+    assert re.search(r'sam2_decoder_mask_encode_seconds_count\{[^}]*format="coco_rle"[^}]*\} 1\.0',
+                     text)
+    assert re.search(r'sam2_decoder_mask_bytes_sum\{[^}]*format="coco_rle"[^}]*\} [1-9]', text)
