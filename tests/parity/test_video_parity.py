@@ -157,13 +157,23 @@ def run_reference(model_id: str, checkpoint: Path, folder: Path) -> ReferenceRun
         warnings.simplefilter("ignore")  # the fill-hole "no CUDA extension" warning
         state = predictor.init_state(str(folder))
         frame_of = {state["images"][t].data_ptr(): t for t in range(NUM_FRAMES)}
-        keep("click", *predictor.add_new_points_or_box(
-            state, CLICK_FRAME, OBJ_CLICK, points=click_point(), labels=np.array([1], np.int32)
-        ))
-        keep("refine", *predictor.add_new_points_or_box(
-            state, CLICK_FRAME, OBJ_CLICK, points=negative_point(),
-            labels=np.array([0], np.int32), clear_old_points=False,
-        ))
+        keep(
+            "click",
+            *predictor.add_new_points_or_box(
+                state, CLICK_FRAME, OBJ_CLICK, points=click_point(), labels=np.array([1], np.int32)
+            ),
+        )
+        keep(
+            "refine",
+            *predictor.add_new_points_or_box(
+                state,
+                CLICK_FRAME,
+                OBJ_CLICK,
+                points=negative_point(),
+                labels=np.array([0], np.int32),
+                clear_old_points=False,
+            ),
+        )
         keep("box", *predictor.add_new_points_or_box(state, BOX_FRAME, OBJ_BOX, box=box_prompt()))
         for frame, obj_ids, masks in predictor.propagate_in_video(state):
             keep("forward", frame, obj_ids, masks)
@@ -205,13 +215,20 @@ def run_ours(model: Any, embeddings: list[Any]) -> Outputs:
         frame, obj_ids, logits, _ = result
         outputs.append((step, frame, obj_ids, logits))
 
-    keep("click", session.add_points(
-        CLICK_FRAME, OBJ_CLICK, points=click_point(), labels=np.array([1])
-    ))
-    keep("refine", session.add_points(
-        CLICK_FRAME, OBJ_CLICK, points=negative_point(), labels=np.array([0]),
-        clear_old_points=False,
-    ))
+    keep(
+        "click",
+        session.add_points(CLICK_FRAME, OBJ_CLICK, points=click_point(), labels=np.array([1])),
+    )
+    keep(
+        "refine",
+        session.add_points(
+            CLICK_FRAME,
+            OBJ_CLICK,
+            points=negative_point(),
+            labels=np.array([0]),
+            clear_old_points=False,
+        ),
+    )
     keep("box", session.add_points(BOX_FRAME, OBJ_BOX, box=box_prompt()))
     for result in session.propagate():
         keep("forward", result)
@@ -313,8 +330,10 @@ def test_video_frame_encoding(video_runs: VideoRuns, clip_dir: Path) -> None:
     high_res_diff = max(
         float((a - b).abs().max()) for a, b in zip(embedding.high_res_feats, fpn[:2])
     )
-    print(f"\n[video encode] {video_runs.model_id}: embed {embed_diff:.2e}, high-res "
-          f"{high_res_diff:.2e}")
+    print(
+        f"\n[video encode] {video_runs.model_id}: embed {embed_diff:.2e}, high-res "
+        f"{high_res_diff:.2e}"
+    )
     assert embed_diff < 1e-3 and high_res_diff < 1e-3
 
 
@@ -330,8 +349,11 @@ def test_memory_modules_parity(video_runs: VideoRuns) -> None:
     for score in (-2.0, 2.0):
         object_score = torch.tensor([[score]])
         ref, _ = predictor._encode_new_memory(
-            current_vision_feats=[tokens], feat_sizes=[(64, 64)], pred_masks_high_res=mask,
-            object_score_logits=object_score, is_mask_from_pts=False,
+            current_vision_feats=[tokens],
+            feat_sizes=[(64, 64)],
+            pred_masks_high_res=mask,
+            object_score_logits=object_score,
+            is_mask_from_pts=False,
         )
         ours = tracker.encode_memory(raw, mask, object_score, binarize=False)
         assert float((ours - ref).abs().max()) < 1e-4, f"memory encoder, object score {score}"
@@ -340,12 +362,18 @@ def test_memory_modules_parity(video_runs: VideoRuns) -> None:
     memory_pos = torch.randn(4096 + 8, 1, 64, generator=generator)
     curr_pos = tracker.feature_pos_enc(raw).flatten(2).permute(2, 0, 1)
     ref = predictor.memory_attention(
-        curr=[tokens], curr_pos=[curr_pos], memory=memory, memory_pos=memory_pos,
+        curr=[tokens],
+        curr_pos=[curr_pos],
+        memory=memory,
+        memory_pos=memory_pos,
         num_obj_ptr_tokens=8,
     )
     ours = tracker.memory_attention(
-        tokens.transpose(0, 1), curr_pos.transpose(0, 1), memory.transpose(0, 1),
-        memory_pos.transpose(0, 1), num_obj_ptr_tokens=8,
+        tokens.transpose(0, 1),
+        curr_pos.transpose(0, 1),
+        memory.transpose(0, 1),
+        memory_pos.transpose(0, 1),
+        num_obj_ptr_tokens=8,
     )
     diff = float((ours.transpose(0, 1) - ref).abs().max())
     assert diff < 1e-4, f"memory attention differs by {diff}"
