@@ -88,6 +88,10 @@ class DecoderSettings:
     encoder_tls_cert: str | None = setting(None, "PEM client certificate for mutual TLS to "
                                            "the encoder")
     encoder_tls_key: str | None = setting(None, "PEM key of --encoder-tls-cert")
+    session_ttl_s: float = setting(1800.0, "tracking sessions expire after this idle time "
+                                   "(seconds; in the store and in memory)", minimum=1)
+    max_live_sessions: int = setting(16, "most tracking sessions held in memory (others are "
+                                     "reloaded from the store)", minimum=1)
     reflection: bool = setting(True, "enable gRPC server reflection")
     log_level: str = setting("INFO", "logging level",
                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -104,6 +108,8 @@ class DecoderSettings:
 async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -> None:
     """Run the decoder tier until SIGTERM/SIGINT."""
     from decoder_service.servicer import SERVICE_NAME, DecoderServicer
+    from decoder_service.tracking_servicer import SERVICE_NAME as TRACKING_SERVICE_NAME
+    from decoder_service.tracking_servicer import TrackingServicer
     from sam2_shared.client import AsyncEncoderClient
     from sam2_shared.store import open_store
 
@@ -111,9 +117,10 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     store = open_store(settings.store)
     metrics.watch_store(store)
     servicer = DecoderServicer()
+    tracking_servicer = TrackingServicer()
     server, port = build_server(
-        [servicer.register],
-        [SERVICE_NAME],
+        [servicer.register, tracking_servicer.register],
+        [SERVICE_NAME, TRACKING_SERVICE_NAME],
         port=settings.port,
         host=settings.host,
         max_message_bytes=settings.max_message_mb * MIB,
@@ -147,10 +154,13 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
         load_s = time.perf_counter() - started
         server.add_close_callback(decoder.close)  # runs before the client and store close
         warm_s = await decoder.warm_up()
+        tracker = await asyncio.to_thread(_load_tracker, settings, store,
+                                          str(decoder.model.device))
     except BaseException:
         await server.stop(0)
         raise
     servicer.decoder = decoder
+    tracking_servicer.tracker = tracker
     metrics.observe_model_load(decoder.model_id, "decoder", load_s, warm_s,
                                str(decoder.model.device), decoder.model.precision)
     decoder_metrics = metrics.decoder(decoder.model_id)
@@ -195,6 +205,17 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
         batch_wait_s=settings.batch_wait_ms / 1000.0,
         max_queue=settings.max_queue,
     )
+
+
+def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
+    """The video tracker (decoder + memory parts, no Hiera: frames come from the store)."""
+    from decoder_service.tracking import Tracker
+    from sam2_shared.video import Sam2VideoModel
+
+    model = Sam2VideoModel.from_pretrained(settings.model, settings.checkpoint, device=device,
+                                           with_encoder=False)
+    return Tracker(model, store, session_ttl_s=settings.session_ttl_s,
+                   max_live_sessions=settings.max_live_sessions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sam2_shared import imaging
 from sam2_shared.batching import MicroBatcher
-from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import (
     CorruptEntryError,
     EmbeddingNotFoundError,
@@ -29,8 +30,9 @@ from sam2_shared.errors import (
     UnknownModelError,
 )
 from sam2_shared.predictor import Sam2Model
-from sam2_shared.security import check_id_namespace, namespaced_content_id
+from sam2_shared.security import check_id_namespace, namespaced_content_id, scope_id
 from sam2_shared.store import EmbeddingStore, codec
+from sam2_shared.video import VIDEO_PREPROCESS_VERSION
 
 EXPORT_FORMAT = f"sam2-embedding-v{codec.FORMAT_VERSION}"
 MAX_IMPORT_BYTES = 256 * 1024 * 1024  # an fp32 embedding is ~21 MiB; far above any real one
@@ -90,7 +92,7 @@ class Encoder:
     ) -> None:
         self.model = model
         self.store = store
-        self.batcher: MicroBatcher[tuple[np.ndarray, str], ImageEmbedding] = MicroBatcher(
+        self.batcher: MicroBatcher[tuple[np.ndarray, str, bool], ImageEmbedding] = MicroBatcher(
             self._encode_batch,
             max_batch_size=max_batch_size,
             max_wait_s=max_wait_s,
@@ -114,31 +116,69 @@ class Encoder:
 
     # ------------------------------------------------------------------ embedding
 
-    def _encode_batch(self, items: list[tuple[np.ndarray, str]]) -> list[ImageEmbedding]:
-        """Runs on the batcher's thread: one batched forward."""
-        embeddings = self.model.encode_rgb([rgb for rgb, _ in items], [eid for _, eid in items])
+    def _encode_batch(self, items: list[tuple[np.ndarray, str, bool]]) -> list[ImageEmbedding]:
+        """Runs on the batcher's thread: one batched forward per preprocessing kind."""
+        out: list[ImageEmbedding | None] = [None] * len(items)
+        for video_frame in (False, True):
+            picked = [i for i, item in enumerate(items) if item[2] == video_frame]
+            if not picked:
+                continue
+            rgbs = [items[i][0] for i in picked]
+            ids = [items[i][1] for i in picked]
+            encode = self._encode_video_frames if video_frame else self.model.encode_rgb
+            for i, embedding in zip(picked, encode(rgbs, ids), strict=True):
+                out[i] = embedding
         self.images_encoded += len(items)
-        return embeddings
+        return [e for e in out if e is not None]
 
-    def _decode(self, image: Any, color_format: str, namespace: str) -> tuple[np.ndarray, str]:
+    @torch.inference_mode()
+    def _encode_video_frames(self, rgbs: list[np.ndarray], ids: list[str]) -> list[ImageEmbedding]:
+        """``Sam2VideoModel.embed_frames``' path (video preprocessing, float32 features) on
+        this tier's encoder, with the tier's ids."""
+        encoder = self.model.encoder
+        if encoder is None:
+            raise RuntimeError("this encoder was built without the encoder part")
+        dtype = next(encoder.parameters()).dtype
+        batch = imaging.preprocess_video_frames(rgbs).to(self.model.device, dtype)
+        image_embed, feat_s0, feat_s1 = encoder(batch)
+        return [
+            ImageEmbedding(
+                image_embed=image_embed[i : i + 1].float(),
+                high_res_feats=(feat_s0[i : i + 1].float(), feat_s1[i : i + 1].float()),
+                original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
+                model_id=self.model_id,
+                embedding_id=ids[i],
+            )
+            for i, rgb in enumerate(rgbs)
+        ]
+
+    def _decode(self, image: Any, color_format: str, namespace: str,
+                video_frame: bool = False) -> tuple[np.ndarray, str]:
         rgb = self.model.decode_image(image, color_format)
+        if video_frame:
+            local = content_id(rgb, self.model_id, namespace=namespace,
+                               preprocess_version=VIDEO_PREPROCESS_VERSION)
+            return rgb, scope_id(namespace, local)
         return rgb, namespaced_content_id(rgb, self.model_id, namespace)
 
-    async def embed(self, image: Any, color_format: str = "rgb", namespace: str = ""
-                    ) -> tuple[EmbeddingInfo, bool]:
+    async def embed(self, image: Any, color_format: str = "rgb", namespace: str = "",
+                    video_frame: bool = False) -> tuple[EmbeddingInfo, bool]:
         """Embed one image into the store; returns its info and whether it was stored
         before this call (then nothing was computed).
 
         ``image``: encoded bytes or an [H, W] / [H, W, 3|4] uint8 array in ``color_format``.
         Raises ``InvalidInputError`` for bad images, ``ResourceExhaustedError`` when the
         queue is full. ``namespace``: the caller's tenant (``sam2_shared.security``), part
-        of the id.
+        of the id. ``video_frame``: embed as a video frame for tracking (the video
+        preprocessing, ``VIDEO_PREPROCESS_VERSION`` in the id).
         """
-        rgb, embedding_id = await asyncio.to_thread(self._decode, image, color_format, namespace)
+        rgb, embedding_id = await asyncio.to_thread(
+            self._decode, image, color_format, namespace, video_frame
+        )
         info = EmbeddingInfo(embedding_id, self.model_id, (int(rgb.shape[0]), int(rgb.shape[1])))
         if await asyncio.to_thread(self.store.has_embedding, embedding_id):
             return info, True
-        embedding = await self.batcher.submit((rgb, embedding_id), key=embedding_id)
+        embedding = await self.batcher.submit((rgb, embedding_id, video_frame), key=embedding_id)
         # Coalesced twins both get here; put_embedding skips the upload if the first wrote.
         await asyncio.to_thread(self.store.put_embedding, embedding)
         return info, False

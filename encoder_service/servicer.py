@@ -56,7 +56,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         if not request.images:
             raise InvalidInputError("no images: send at least one image")
         outcomes = await asyncio.gather(
-            *(self._embed_one(encoder, image, current_namespace()) for image in request.images),
+            *(self._embed_one(encoder, image, current_namespace(), request.video_frame)
+              for image in request.images),
             return_exceptions=True,
         )
         if self.metrics is not None:
@@ -64,9 +65,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         return encoder_pb2.EmbedImagesResponse(results=[_result(o) for o in outcomes])
 
     @staticmethod
-    async def _embed_one(encoder: Encoder, image, namespace: str) -> tuple[EmbeddingInfo, bool]:
+    async def _embed_one(encoder: Encoder, image, namespace: str,
+                         video_frame: bool = False) -> tuple[EmbeddingInfo, bool]:
         pixels, color_format = wire.image_from_proto(image)
-        return await encoder.embed(pixels, color_format, namespace)
+        return await encoder.embed(pixels, color_format, namespace, video_frame)
 
     async def GetEmbedding(
         self, request, context

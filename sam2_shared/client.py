@@ -436,3 +436,201 @@ class AsyncEncoderClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+# ---------------------------------------------------------------------------------------
+# video tracking
+
+
+@dataclass(frozen=True)
+class TrackingSession:
+    """A tracking session as ``StartSession`` answered it."""
+
+    session_id: str
+    frame_count: int
+    video_hw: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TrackedFrame:
+    """Every object's mask on one frame.
+
+    Attributes:
+        frame_index: 0-based frame index.
+        object_ids: object ids, in the session's order.
+        masks: [O, H, W] bool at the video's size.
+        object_score_logits: [O] float32 presence logits (> 0: visible).
+    """
+
+    frame_index: int
+    object_ids: list[int]
+    masks: np.ndarray
+    object_score_logits: np.ndarray
+
+
+def _tracked_frame(frame: Any) -> TrackedFrame:
+    masks = [wire.mask_from_proto(o.mask) for o in frame.objects]
+    return TrackedFrame(
+        frame_index=int(frame.frame_index),
+        object_ids=[int(o.object_id) for o in frame.objects],
+        masks=np.stack(masks) if masks else np.zeros((0, 0, 0), dtype=bool),
+        object_score_logits=np.array([o.object_score_logit for o in frame.objects],
+                                     dtype=np.float32),
+    )
+
+
+class PropagationStream:
+    """Iterator over ``Propagate``'s frames; ``cancel()`` (or leaving the iteration early
+    through ``close()`` / a ``with`` block) cancels the call, and the server stops."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> PropagationStream:
+        return self
+
+    def __next__(self) -> TrackedFrame:
+        try:
+            return _tracked_frame(next(self._call).frame)
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> PropagationStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+class Sam2TrackingClient(Sam2Client):
+    """``Sam2Client`` plus video tracking: frames are embedded by the encoder tier
+    (video preprocessing), sessions run in the decoder tier (``sam2.v1.TrackingService``).
+
+    Same arguments as ``Sam2Client``; ``decoder`` is required. Calls that change a session
+    are not retried (a retry could apply a prompt twice).
+    """
+
+    def __init__(self, encoder: str | None = None, decoder: str | None = None,
+                 **kwargs: Any) -> None:
+        if decoder is None:
+            raise ValueError("tracking needs the decoder address (host:port)")
+        super().__init__(encoder, decoder, **kwargs)
+        from sam2_shared.api.v1 import tracking_pb2_grpc
+
+        self._tracking = tracking_pb2_grpc.TrackingServiceStub(self._channels[-1])
+
+    def _once(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc) from None
+
+    def embed_frames(self, frames: Sequence[np.ndarray], frames_per_call: int = 4) -> list[str]:
+        """Embed HxWx3 uint8 RGB frames as video frames; returns their embedding ids in
+        order. Frames already stored cost no encoder work."""
+        if self._encoder is None:
+            raise ValueError("this client has no encoder address")
+        ids: list[str] = []
+        for start in range(0, len(frames), max(1, frames_per_call)):
+            chunk = frames[start : start + max(1, frames_per_call)]
+            request = encoder_pb2.EmbedImagesRequest(
+                model_id=self.model_id, video_frame=True,
+                images=[wire.image_to_proto(np.ascontiguousarray(f), "rgb") for f in chunk],
+            )
+            self.stats.add(embed_calls=1, images_uploaded=len(chunk))
+            response = self._call(self._encoder.EmbedImages, request)
+            for index, result in enumerate(response.results, start=start):
+                if result.status.code != 0:
+                    error = error_from_status(result.status)
+                    raise type(error)(f"frame {index}: {error}", reason=error.reason,
+                                      **error.metadata)
+                ids.append(result.embedding.embedding_id)
+        return ids
+
+    def start_session(self, frame_embedding_ids: Sequence[str]) -> TrackingSession:
+        """A new session over embedded frames (``embed_frames``), in video order."""
+        from sam2_shared.api.v1 import tracking_pb2
+
+        response = self._once(self._tracking.StartSession, tracking_pb2.StartSessionRequest(
+            model_id=self.model_id, frame_embedding_ids=list(frame_embedding_ids)))
+        return TrackingSession(response.session_id, response.frame_count,
+                               (response.height_px, response.width_px))
+
+    def add_prompt(
+        self,
+        session_id: str,
+        frame_index: int,
+        object_id: int,
+        points: Any = None,
+        labels: Any = None,
+        box: Any = None,
+        mask: np.ndarray | None = None,
+        keep_old_points: bool = False,
+    ) -> TrackedFrame:
+        """Clicks (``points`` [N, 2] (x, y) pixels, ``labels`` [N] 1/0) and/or a box
+        [x0, y0, x1, y1], or an HxW binary ``mask``, for an object on a frame; returns every
+        object's mask on that frame."""
+        from sam2_shared import masks as mask_codec
+        from sam2_shared.api.v1 import common_pb2, tracking_pb2
+
+        request = tracking_pb2.AddPromptRequest(
+            session_id=session_id, frame_index=int(frame_index), object_id=int(object_id),
+            keep_old_points=keep_old_points)
+        if points is not None:
+            coords = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+            point_labels = np.ones(len(coords)) if labels is None else np.asarray(labels)
+            if len(point_labels) != len(coords):
+                raise InvalidInputError(f"{len(coords)} points but {len(point_labels)} labels")
+            for (x, y), label in zip(coords.tolist(), point_labels.tolist(), strict=True):
+                request.points.add(x_px=x, y_px=y, label=common_pb2.POINT_LABEL_FOREGROUND
+                                   if label == 1 else common_pb2.POINT_LABEL_BACKGROUND)
+        if box is not None:
+            x0, y0, x1, y1 = np.asarray(box, dtype=np.float32).reshape(4).tolist()
+            request.box.CopyFrom(common_pb2.Box(x_min_px=x0, y_min_px=y0, x_max_px=x1,
+                                                y_max_px=y1))
+        if mask is not None:
+            binary = np.asarray(mask).astype(bool)
+            if binary.ndim != 2:
+                raise InvalidInputError(f"mask must be HxW, got {binary.shape}")
+            request.mask.height_px, request.mask.width_px = binary.shape
+            request.mask.coco_rle_counts = mask_codec.encode_coco_rle(binary)[0]
+        return _tracked_frame(self._once(self._tracking.AddPrompt, request).frame)
+
+    def propagate(self, session_id: str, start_frame_index: int | None = None,
+                  reverse: bool = False, max_frames: int | None = None) -> PropagationStream:
+        """Track every object frame by frame; iterate for ``TrackedFrame``s, ``cancel()``
+        to stop early. The deadline is ``timeout_s`` for the whole stream."""
+        from sam2_shared.api.v1 import tracking_pb2
+
+        request = tracking_pb2.PropagateRequest(session_id=session_id, reverse=reverse)
+        if start_frame_index is not None:
+            request.start_frame_index = int(start_frame_index)
+        if max_frames is not None:
+            request.max_frames = int(max_frames)
+        call = self._tracking.Propagate(request, timeout=self.timeout_s, metadata=self._metadata)
+        return PropagationStream(call)
+
+    def remove_object(self, session_id: str, object_id: int) -> list[int]:
+        """Drop an object; returns the remaining object ids."""
+        from sam2_shared.api.v1 import tracking_pb2
+
+        response = self._once(self._tracking.RemoveObject, tracking_pb2.RemoveObjectRequest(
+            session_id=session_id, object_id=int(object_id)))
+        return list(response.remaining_object_ids)
+
+    def reset_session(self, session_id: str) -> None:
+        from sam2_shared.api.v1 import tracking_pb2
+
+        self._once(self._tracking.ResetSession,
+                   tracking_pb2.ResetSessionRequest(session_id=session_id))
+
+    def close_session(self, session_id: str) -> None:
+        from sam2_shared.api.v1 import tracking_pb2
+
+        self._once(self._tracking.CloseSession,
+                   tracking_pb2.CloseSessionRequest(session_id=session_id))

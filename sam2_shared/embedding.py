@@ -50,17 +50,21 @@ class ImageEmbedding:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def content_id(rgb: np.ndarray, model_id: str, namespace: str = "") -> str:
+def content_id(
+    rgb: np.ndarray, model_id: str, namespace: str = "", preprocess_version: str | None = None
+) -> str:
     """Content-addressed embedding id of decoded RGB pixels for one model.
 
     Hashes the decoded, EXIF-oriented HxWx3 uint8 RGB pixels (so the same picture
     in PNG or lossless WebP gets the same id), their shape, the model id and
-    ``PREPROCESS_VERSION``. ``namespace`` separates tenants.
+    ``PREPROCESS_VERSION`` (or ``preprocess_version``: video frames pass theirs, so a
+    frame's id differs from the same picture's image id). ``namespace`` separates tenants.
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"content_id expects HxWx3 uint8 RGB pixels, got {rgb.dtype} {rgb.shape}")
     digest = hashlib.sha256()
-    for part in (namespace, model_id, PREPROCESS_VERSION, f"{rgb.shape[0]}x{rgb.shape[1]}"):
+    version = PREPROCESS_VERSION if preprocess_version is None else preprocess_version
+    for part in (namespace, model_id, version, f"{rgb.shape[0]}x{rgb.shape[1]}"):
         digest.update(part.encode())
         digest.update(b"\0")
     digest.update(np.ascontiguousarray(rgb).tobytes())

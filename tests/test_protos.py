@@ -70,7 +70,7 @@ def descriptor_set(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.F
     assert protoc.main(args) == 0
     files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     assert [f.name for f in files.file] == [
-        f"sam2/v1/{n}.proto" for n in ("common", "decoder", "encoder")
+        f"sam2/v1/{n}.proto" for n in ("common", "decoder", "encoder", "tracking")
     ]
     return files
 
@@ -81,6 +81,8 @@ def test_package_and_services(descriptor_set: descriptor_pb2.FileDescriptorSet) 
     assert services == {
         "DecoderService": ["Segment", "SegmentStream"],
         "EncoderService": ["EmbedImages", "GetEmbedding", "PutEmbedding"],
+        "TrackingService": ["StartSession", "AddPrompt", "Propagate", "RemoveObject",
+                            "ResetSession", "CloseSession"],
     }
 
 

@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from sam2_shared.api.v1 import common_pb2 as sam2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sam2/v1/encoder.proto\x12\x07sam2.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a\x14sam2/v1/common.proto\"R\n\x12\x45mbedImagesRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x0e.sam2.v1.ImageB\x04\xe2\x41\x01\x02\"A\n\x13\x45mbedImagesResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.sam2.v1.EmbedImageResult\"\x87\x01\n\x10\x45mbedImageResult\x12(\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12+\n\tembedding\x18\x02 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61lready_stored\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\"Q\n\x13GetEmbeddingRequest\x12\x1a\n\x0c\x65mbedding_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1e\n\x10\x63hunk_size_bytes\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\"_\n\x14GetEmbeddingResponse\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\x1c.sam2.v1.EmbeddingBlobHeaderB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x03\"^\n\x13PutEmbeddingRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\x1c.sam2.v1.EmbeddingBlobHeaderB\x04\xe2\x41\x01\x01\x12\x13\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"a\n\x14PutEmbeddingResponse\x12+\n\tembedding\x18\x01 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61lready_stored\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\"\x88\x01\n\x13\x45mbeddingBlobHeader\x12+\n\tembedding\x18\x01 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x66ormat\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x32\xf8\x01\n\x0e\x45ncoderService\x12H\n\x0b\x45mbedImages\x12\x1b.sam2.v1.EmbedImagesRequest\x1a\x1c.sam2.v1.EmbedImagesResponse\x12M\n\x0cGetEmbedding\x12\x1c.sam2.v1.GetEmbeddingRequest\x1a\x1d.sam2.v1.GetEmbeddingResponse0\x01\x12M\n\x0cPutEmbedding\x12\x1c.sam2.v1.PutEmbeddingRequest\x1a\x1d.sam2.v1.PutEmbeddingResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sam2/v1/encoder.proto\x12\x07sam2.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a\x14sam2/v1/common.proto\"m\n\x12\x45mbedImagesRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x06images\x18\x02 \x03(\x0b\x32\x0e.sam2.v1.ImageB\x04\xe2\x41\x01\x02\x12\x19\n\x0bvideo_frame\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\"A\n\x13\x45mbedImagesResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.sam2.v1.EmbedImageResult\"\x87\x01\n\x10\x45mbedImageResult\x12(\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12+\n\tembedding\x18\x02 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61lready_stored\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\"Q\n\x13GetEmbeddingRequest\x12\x1a\n\x0c\x65mbedding_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1e\n\x10\x63hunk_size_bytes\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\"_\n\x14GetEmbeddingResponse\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\x1c.sam2.v1.EmbeddingBlobHeaderB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x03\"^\n\x13PutEmbeddingRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32\x1c.sam2.v1.EmbeddingBlobHeaderB\x04\xe2\x41\x01\x01\x12\x13\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"a\n\x14PutEmbeddingResponse\x12+\n\tembedding\x18\x01 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x61lready_stored\x18\x02 \x01(\x08\x42\x04\xe2\x41\x01\x03\"\x88\x01\n\x13\x45mbeddingBlobHeader\x12+\n\tembedding\x18\x01 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x02\x12\x18\n\nsize_bytes\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06sha256\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06\x66ormat\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x32\xf8\x01\n\x0e\x45ncoderService\x12H\n\x0b\x45mbedImages\x12\x1b.sam2.v1.EmbedImagesRequest\x1a\x1c.sam2.v1.EmbedImagesResponse\x12M\n\x0cGetEmbedding\x12\x1c.sam2.v1.GetEmbeddingRequest\x1a\x1d.sam2.v1.GetEmbeddingResponse0\x01\x12M\n\x0cPutEmbedding\x12\x1c.sam2.v1.PutEmbeddingRequest\x1a\x1d.sam2.v1.PutEmbeddingResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDIMAGESREQUEST'].fields_by_name['model_id']._serialized_options = b'\342A\001\002'
   _globals['_EMBEDIMAGESREQUEST'].fields_by_name['images']._loaded_options = None
   _globals['_EMBEDIMAGESREQUEST'].fields_by_name['images']._serialized_options = b'\342A\001\002'
+  _globals['_EMBEDIMAGESREQUEST'].fields_by_name['video_frame']._loaded_options = None
+  _globals['_EMBEDIMAGESREQUEST'].fields_by_name['video_frame']._serialized_options = b'\342A\001\001'
   _globals['_EMBEDIMAGERESULT'].fields_by_name['status']._loaded_options = None
   _globals['_EMBEDIMAGERESULT'].fields_by_name['status']._serialized_options = b'\342A\001\003'
   _globals['_EMBEDIMAGERESULT'].fields_by_name['embedding']._loaded_options = None
@@ -69,21 +71,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDINGBLOBHEADER'].fields_by_name['format']._loaded_options = None
   _globals['_EMBEDDINGBLOBHEADER'].fields_by_name['format']._serialized_options = b'\342A\001\002'
   _globals['_EMBEDIMAGESREQUEST']._serialized_start=114
-  _globals['_EMBEDIMAGESREQUEST']._serialized_end=196
-  _globals['_EMBEDIMAGESRESPONSE']._serialized_start=198
-  _globals['_EMBEDIMAGESRESPONSE']._serialized_end=263
-  _globals['_EMBEDIMAGERESULT']._serialized_start=266
-  _globals['_EMBEDIMAGERESULT']._serialized_end=401
-  _globals['_GETEMBEDDINGREQUEST']._serialized_start=403
-  _globals['_GETEMBEDDINGREQUEST']._serialized_end=484
-  _globals['_GETEMBEDDINGRESPONSE']._serialized_start=486
-  _globals['_GETEMBEDDINGRESPONSE']._serialized_end=581
-  _globals['_PUTEMBEDDINGREQUEST']._serialized_start=583
-  _globals['_PUTEMBEDDINGREQUEST']._serialized_end=677
-  _globals['_PUTEMBEDDINGRESPONSE']._serialized_start=679
-  _globals['_PUTEMBEDDINGRESPONSE']._serialized_end=776
-  _globals['_EMBEDDINGBLOBHEADER']._serialized_start=779
-  _globals['_EMBEDDINGBLOBHEADER']._serialized_end=915
-  _globals['_ENCODERSERVICE']._serialized_start=918
-  _globals['_ENCODERSERVICE']._serialized_end=1166
+  _globals['_EMBEDIMAGESREQUEST']._serialized_end=223
+  _globals['_EMBEDIMAGESRESPONSE']._serialized_start=225
+  _globals['_EMBEDIMAGESRESPONSE']._serialized_end=290
+  _globals['_EMBEDIMAGERESULT']._serialized_start=293
+  _globals['_EMBEDIMAGERESULT']._serialized_end=428
+  _globals['_GETEMBEDDINGREQUEST']._serialized_start=430
+  _globals['_GETEMBEDDINGREQUEST']._serialized_end=511
+  _globals['_GETEMBEDDINGRESPONSE']._serialized_start=513
+  _globals['_GETEMBEDDINGRESPONSE']._serialized_end=608
+  _globals['_PUTEMBEDDINGREQUEST']._serialized_start=610
+  _globals['_PUTEMBEDDINGREQUEST']._serialized_end=704
+  _globals['_PUTEMBEDDINGRESPONSE']._serialized_start=706
+  _globals['_PUTEMBEDDINGRESPONSE']._serialized_end=803
+  _globals['_EMBEDDINGBLOBHEADER']._serialized_start=806
+  _globals['_EMBEDDINGBLOBHEADER']._serialized_end=942
+  _globals['_ENCODERSERVICE']._serialized_start=945
+  _globals['_ENCODERSERVICE']._serialized_end=1193
 # @@protoc_insertion_point(module_scope)

@@ -10,12 +10,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedImagesRequest(_message.Message):
-    __slots__ = ("model_id", "images")
+    __slots__ = ("model_id", "images", "video_frame")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FRAME_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
-    def __init__(self, model_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ...) -> None: ...
+    video_frame: bool
+    def __init__(self, model_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., video_frame: _Optional[bool] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
     __slots__ = ("results",)

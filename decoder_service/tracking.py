@@ -1,0 +1,345 @@
+"""``Tracker``: the decoder tier's video tracking sessions, without gRPC.
+
+A session is a ``VideoSession`` over frame embeddings that the encoder tier stored
+(``EmbedImages`` with ``video_frame``), loaded from the shared store on demand. After every
+change its state (``VideoSession.to_bytes``) is written to the store with an idle TTL, next
+to a small revision key, so any replica can continue it: a replica without the session, or
+with an older revision than the store's, loads it from there. Sessions idle for
+``session_ttl_s`` expire in the store (TTL) and in memory (checked on access, LRU bound).
+
+Concurrency: one caller drives a session at a time (a per-session lock, held for the whole
+of a propagation); different sessions run in parallel on worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.errors import (
+    CorruptEntryError,
+    EmbeddingNotFoundError,
+    InvalidInputError,
+    UnknownModelError,
+)
+from sam2_shared.security import check_id_namespace, namespace_of_id, scope_id
+from sam2_shared.store import EmbeddingStore
+from sam2_shared.video import FrameResult, FrameSource, Sam2VideoModel, VideoSession
+
+logger = logging.getLogger(__name__)
+
+SESSION_PREFIX = "video-session/"
+REVISION_PREFIX = "video-session-rev/"
+_BLOB_HEADER = struct.Struct("<4sI")  # magic, JSON length
+_BLOB_MAGIC = b"TRK1"
+MAX_FRAMES = 100_000
+
+
+class SessionNotFoundError(EmbeddingNotFoundError):
+    """Unknown, closed or expired tracking session (NOT_FOUND)."""
+
+    reason = "SESSION_NOT_FOUND"
+
+
+@dataclass
+class _LiveSession:
+    session_id: str
+    frame_ids: list[str]
+    session: VideoSession
+    revision: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Propagation:
+    """One running propagation: ``step()`` tracks the next frame (None at the end);
+    ``close()`` (always call it, also after a cancellation) saves the state and frees the
+    session for the next caller. ``close`` waits for a ``step`` running on another thread
+    (a cancelled call's last frame) to finish."""
+
+    def __init__(self, tracker: Tracker, live: _LiveSession, frames: Any) -> None:
+        self._tracker = tracker
+        self._live = live
+        self._frames = frames
+        self._closed = False
+        self._stepping = threading.Lock()
+        self.frames_done = 0
+
+    def step(self) -> FrameResult | None:
+        with self._stepping:
+            if self._closed:
+                return None
+            result = next(self._frames, None)
+            if result is not None:
+                self.frames_done += 1
+            return result
+
+    def close(self) -> None:
+        with self._stepping:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._frames.close()
+                if self.frames_done:
+                    self._tracker._save(self._live)
+            finally:
+                self._live.lock.release()
+
+
+class Tracker:
+    """Video tracking sessions over stored frame embeddings.
+
+    Arguments:
+        model: the tracker network (``Sam2VideoModel``, no encoder needed).
+        store: the shared store with the frame embeddings; sessions are saved there too.
+        session_ttl_s: idle time after which a session expires.
+        max_live_sessions: most sessions kept in memory (least recently used leave first;
+            they stay in the store).
+        frame_cache_size: frame embeddings kept in memory per session (16 MiB each).
+    """
+
+    def __init__(
+        self,
+        model: Sam2VideoModel,
+        store: EmbeddingStore,
+        *,
+        session_ttl_s: float = 1800.0,
+        max_live_sessions: int = 16,
+        frame_cache_size: int = 2,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.session_ttl_s = float(session_ttl_s)
+        self.max_live_sessions = max(1, int(max_live_sessions))
+        self.frame_cache_size = max(1, int(frame_cache_size))
+        self._live: OrderedDict[str, _LiveSession] = OrderedDict()
+        self._guard = threading.Lock()  # protects _live
+        self.sessions_loaded = 0  # sessions continued from the store (moved or evicted)
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    # ------------------------------------------------------------------ sessions
+
+    def start(self, model_id: str, frame_ids: Sequence[str], namespace: str = ""
+              ) -> tuple[str, int, tuple[int, int]]:
+        """A new session; returns its id, frame count and (H, W)."""
+        if model_id != self.model_id:
+            raise UnknownModelError(
+                f"this decoder tracks with {self.model_id!r}, not {model_id or '(empty)'!r}",
+                served_model_id=self.model_id,
+            )
+        ids = [str(i) for i in frame_ids]
+        if not ids:
+            raise InvalidInputError("no frames: send at least one frame embedding id")
+        if len(ids) > MAX_FRAMES:
+            raise InvalidInputError(f"{len(ids)} frames; at most {MAX_FRAMES} per session")
+        for frame_id in ids:
+            check_id_namespace(frame_id, namespace)
+        first = self._load_frame(ids[0])
+        for index, frame_id in enumerate(ids[1:], start=1):
+            if not self.store.has_embedding(frame_id):
+                raise EmbeddingNotFoundError(
+                    f"frame {index}: embedding {frame_id!r} is not stored; embed the frame "
+                    "with video_frame set first", embedding_id=frame_id)
+        session_id = scope_id(namespace, uuid.uuid4().hex)
+        session = VideoSession(self.model, self._frame_source(ids, first.original_hw))
+        live = _LiveSession(session_id, ids, session)
+        with live.lock:
+            self._save(live)
+        self._remember(live)
+        return session_id, session.num_frames, session.video_hw
+
+    def add_prompt(
+        self,
+        session_id: str,
+        frame_idx: int,
+        obj_id: int,
+        *,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        keep_old_points: bool = False,
+        mask: np.ndarray | None = None,
+        namespace: str = "",
+    ) -> FrameResult:
+        """Points and/or a box, or a mask, for one object on one frame."""
+        has_points = points is not None and len(points) > 0
+        if mask is not None:
+            if has_points or box is not None:
+                raise InvalidInputError("a prompt is either a mask or points and/or a box")
+        elif not has_points and box is None:
+            raise InvalidInputError("empty prompt: send points, a box or a mask",
+                                    reason="EMPTY_PROMPT")
+        live = self._acquire(session_id, namespace)
+        try:
+            if mask is not None:
+                result = live.session.add_mask(frame_idx, obj_id, mask)
+            else:
+                result = live.session.add_points(
+                    frame_idx, obj_id, points if has_points else None,
+                    labels if has_points else None, box, clear_old_points=not keep_old_points,
+                )
+            self._save(live)
+            return result
+        finally:
+            live.lock.release()
+
+    def propagate(self, session_id: str, start_frame_idx: int | None = None,
+                  max_frames: int | None = None, reverse: bool = False,
+                  namespace: str = "") -> Propagation:
+        """Start tracking; the caller steps it frame by frame and must ``close()`` it."""
+        live = self._acquire(session_id, namespace)
+        try:
+            frames = live.session.propagate(start_frame_idx, max_frames, reverse)
+        except BaseException:
+            live.lock.release()
+            raise
+        return Propagation(self, live, iter(frames))
+
+    def remove_object(self, session_id: str, obj_id: int, namespace: str = "") -> list[int]:
+        """Drop an object; returns the remaining object ids."""
+        live = self._acquire(session_id, namespace)
+        try:
+            remaining, _ = live.session.remove_object(obj_id)
+            self._save(live)
+            return remaining
+        finally:
+            live.lock.release()
+
+    def reset(self, session_id: str, namespace: str = "") -> None:
+        live = self._acquire(session_id, namespace)
+        try:
+            live.session.reset()
+            self._save(live)
+        finally:
+            live.lock.release()
+
+    def close(self, session_id: str, namespace: str = "") -> None:
+        """End a session here and in the store."""
+        live = self._acquire(session_id, namespace)
+        try:
+            with self._guard:
+                self._live.pop(session_id, None)
+            self.store.blobs.delete(SESSION_PREFIX + session_id)
+            self.store.blobs.delete(REVISION_PREFIX + session_id)
+        finally:
+            live.lock.release()
+
+    def live_session_count(self) -> int:
+        with self._guard:
+            return len(self._live)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_session_id(self, session_id: str, namespace: str) -> None:
+        if not session_id or len(session_id) > 256 or namespace_of_id(session_id) != namespace:
+            raise SessionNotFoundError(f"no tracking session {session_id!r}; start one",
+                                       session_id=session_id)
+
+    def _acquire(self, session_id: str, namespace: str) -> _LiveSession:
+        """The session, current with the store, with its lock held."""
+        self._check_session_id(session_id, namespace)
+        live = self._lookup(session_id)
+        revision = self._stored_revision(session_id)
+        if revision is None:  # expired or closed elsewhere
+            self._forget(session_id)
+            raise SessionNotFoundError(
+                f"tracking session {session_id!r} is unknown or expired (idle for more than "
+                f"{self.session_ttl_s:g} s); start a new one", session_id=session_id)
+        if live is None or live.revision != revision:
+            live = self._load(session_id)
+            self._remember(live)
+        live.lock.acquire()
+        live.last_used = time.monotonic()
+        return live
+
+    def _lookup(self, session_id: str) -> _LiveSession | None:
+        now = time.monotonic()
+        with self._guard:
+            for sid in [s for s, v in self._live.items() if now - v.last_used > self.session_ttl_s
+                        and not v.lock.locked()]:
+                del self._live[sid]
+            live = self._live.get(session_id)
+            if live is not None:
+                self._live.move_to_end(session_id)
+            return live
+
+    def _remember(self, live: _LiveSession) -> None:
+        with self._guard:
+            self._live[live.session_id] = live
+            self._live.move_to_end(live.session_id)
+            while len(self._live) > self.max_live_sessions:
+                oldest = next(iter(self._live))
+                if self._live[oldest].lock.locked():  # in use: keep it, stop evicting
+                    break
+                del self._live[oldest]
+
+    def _forget(self, session_id: str) -> None:
+        with self._guard:
+            self._live.pop(session_id, None)
+
+    def _stored_revision(self, session_id: str) -> int | None:
+        data = self.store.blobs.get(REVISION_PREFIX + session_id)
+        return None if data is None else int(data.decode())
+
+    def _save(self, live: _LiveSession) -> None:
+        """Write state then revision (a reader that sees the new revision finds the new
+        state), both with the idle TTL."""
+        live.revision += 1
+        header = json.dumps({"model_id": self.model_id, "frame_ids": live.frame_ids,
+                             "video_hw": list(live.session.video_hw),
+                             "revision": live.revision}).encode()
+        blob = _BLOB_HEADER.pack(_BLOB_MAGIC, len(header)) + header + live.session.to_bytes()
+        ttl = self.session_ttl_s
+        self.store.blobs.put(SESSION_PREFIX + live.session_id, blob, ttl)
+        self.store.blobs.put(REVISION_PREFIX + live.session_id, str(live.revision).encode(), ttl)
+
+    def _load(self, session_id: str) -> _LiveSession:
+        blob = self.store.blobs.get(SESSION_PREFIX + session_id)
+        if blob is None:
+            raise SessionNotFoundError(f"tracking session {session_id!r} is unknown or expired",
+                                       session_id=session_id)
+        try:
+            magic, header_nbytes = _BLOB_HEADER.unpack_from(blob)
+            if magic != _BLOB_MAGIC:
+                raise CorruptEntryError(f"bad magic {magic!r}")
+            start = _BLOB_HEADER.size
+            header = json.loads(blob[start : start + header_nbytes])
+            state = blob[start + header_nbytes :]
+        except (struct.error, ValueError) as exc:
+            raise CorruptEntryError(f"tracking session {session_id!r}: {exc}") from None
+        frames = self._frame_source(header["frame_ids"], tuple(header["video_hw"]))
+        session = VideoSession.from_bytes(self.model, frames, state)
+        self.sessions_loaded += 1
+        logger.info("tracking session %s loaded from the store (revision %d)", session_id,
+                    header["revision"])
+        return _LiveSession(session_id, list(header["frame_ids"]), session,
+                            revision=int(header["revision"]))
+
+    def _frame_source(self, frame_ids: Sequence[str], video_hw: tuple[int, int]) -> FrameSource:
+        ids = list(frame_ids)
+        return FrameSource(len(ids), video_hw, lambda i: self._load_frame(ids[i]),
+                           cache_size=self.frame_cache_size)
+
+    def _load_frame(self, frame_id: str) -> ImageEmbedding:
+        embedding = self.store.get_embedding(frame_id, self.model_id)
+        if embedding is None:
+            raise EmbeddingNotFoundError(
+                f"frame embedding {frame_id!r} is not stored (expired?); embed the frame "
+                "with video_frame set again", embedding_id=frame_id)
+        return embedding.to(self.model.device, torch.float32)
