@@ -159,7 +159,17 @@ def child_main(impl: str, model_id: str) -> None:
         model = Sam2Model.from_pretrained(model_id, checkpoint=checkpoint, parts=parts)
         if parts != "decoder":
             model.encode_rgb([rgb])
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so a child started by a big parent reports the
+    parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_name() -> str:

@@ -159,11 +159,18 @@ class Sam2Model:
         with _autocast(self.device, self.precision):
             image_embed, feat_s0, feat_s1 = self.encoder(batch)
         out = []
+        # Hand out embeddings the decoder can use as they are (its dtype, channels_last),
+        # so clicks don't convert 16 MiB per call; without a decoder, float32.
+        dtype = torch.float32 if self.decoder is None else _weights_dtype(self.precision)
+
+        def finish(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype).contiguous(memory_format=torch.channels_last)
+
         for i, rgb in enumerate(rgbs):
             out.append(
                 ImageEmbedding(
-                    image_embed=image_embed[i : i + 1].float(),
-                    high_res_feats=(feat_s0[i : i + 1].float(), feat_s1[i : i + 1].float()),
+                    image_embed=finish(image_embed[i : i + 1]),
+                    high_res_feats=(finish(feat_s0[i : i + 1]), finish(feat_s1[i : i + 1])),
                     original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
                     model_id=self.model_id,
                     embedding_id=ids[i],
