@@ -18,6 +18,7 @@ shifted so the object stays present (speed does not depend on the weight values)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -43,8 +44,13 @@ HEIGHT, WIDTH = 96, 128  # frames are resized to 1024 anyway; small keeps decode
 CLICK = np.array([[40.0, 48.0]], dtype=np.float32)
 
 
+TRIM = False  # --trim: hand freed heap back to the OS before reading RSS (glibc malloc_trim)
+
+
 def rss_bytes() -> int:
     gc.collect()
+    if TRIM:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):
@@ -146,6 +152,8 @@ def run_reference(model_id: str, checkpoint: Path, checkpoints: list[int]) -> di
 
 
 def child(args: argparse.Namespace) -> None:
+    global TRIM
+    TRIM = args.trim
     torch.set_num_threads(args.threads)
     checkpoints = [int(n) for n in args.frames.split(",")]
     run = run_ours if args.impl == "ours" else run_reference
@@ -170,6 +178,10 @@ def main() -> None:
                         "max of them")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="append the table to this Markdown file")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim before each RSS read "
+                        "(separates memory in use from heap the allocator keeps)")
+    parser.add_argument("--impl-only", choices=("ours", "reference"),
+                        help="run one implementation (no table)")
     parser.add_argument("--impl", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,18 +192,21 @@ def main() -> None:
         raise SystemExit("run from a directory without a sam2/ folder")
     checkpoint = present_checkpoint(args.model, Path(tempfile.mkdtemp(prefix="bench-ckpt-")))
     results = {}
-    for impl in ("reference", "ours"):
+    for impl in (args.impl_only,) if args.impl_only else ("reference", "ours"):
         started = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         done = subprocess.run(
             [sys.executable, __file__, "--impl", impl, "--model", args.model, "--frames",
-             args.frames, "--threads", str(args.threads), "--checkpoint", str(checkpoint)],
+             args.frames, "--threads", str(args.threads), "--checkpoint", str(checkpoint),
+             *(["--trim"] if args.trim else [])],
             capture_output=True, text=True, env=env, check=False)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{impl} failed:\n{done.stderr[-4000:]}")
         results[impl] = json.loads(line[len("RESULT "):])
         print(f"{impl}: {results[impl]} ({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.impl_only:
+        return
     counts = [int(n) for n in args.frames.split(",")]
     mib = 1024 * 1024
     lines = [

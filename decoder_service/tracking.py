@@ -93,8 +93,9 @@ class Propagation:
             self._closed = True
             try:
                 self._frames.close()
-                if self.frames_done:
-                    self._tracker._save(self._live)
+                # Saved even after 0 frames: starting a propagation files the new prompts'
+                # memories (the session's preflight), a change another replica must see.
+                self._tracker._save(self._live)
             finally:
                 self._live.lock.release()
 
