@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from sam2_shared import imaging
 from sam2_shared.checkpoints import load_part, read_state_dict, resolve_checkpoint
-from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
 from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart
 from sam2_shared.model.config import Sam2Config, get_config
@@ -201,15 +201,16 @@ class Sam2VideoModel:
         for rgb in frames:
             batch = imaging.preprocess_video_frames([rgb]).to(self.device)
             image_embed, feat_s0, feat_s1 = self.encoder(batch)
-            digest = hashlib.sha256(np.ascontiguousarray(rgb).tobytes())
-            digest.update(f"{self.model_id}|{VIDEO_PREPROCESS_VERSION}|{rgb.shape}".encode())
             out.append(
                 ImageEmbedding(
                     image_embed=image_embed,
                     high_res_feats=(feat_s0, feat_s1),
                     original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
                     model_id=self.model_id,
-                    embedding_id=digest.hexdigest(),
+                    # The same id the encoder tier gives this frame (video_frame=true).
+                    embedding_id=content_id(
+                        rgb, self.model_id, preprocess_version=VIDEO_PREPROCESS_VERSION
+                    ),
                 )
             )
         return out

@@ -30,6 +30,7 @@ API_IMPORTERS = {
     "sam2_shared/client.py",
     "encoder_service/servicer.py",
     "decoder_service/servicer.py",
+    "decoder_service/tracking_servicer.py",
 }
 
 # What the network must not import: by top-level name, by module prefix, by last component.
