@@ -58,7 +58,7 @@ from sam2_shared import imaging, wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
 from sam2_shared.grpc_errors import error_from_rpc_error, error_from_status
-from sam2_shared.predictor import prompts_from_arrays, stack_predictions
+from sam2_shared.predictor import prompts_per_image, stack_predictions
 from sam2_shared.prompts import Prompt, Sam2Prediction
 from sam2_shared.retry import DEFAULT_POLICY, RetryPolicy, async_call_with_retry, call_with_retry
 from sam2_shared.security import (
@@ -299,29 +299,12 @@ class Sam2Client:
             targets = [self._image(item, input_color_format) for item in items]
         else:
             raise InvalidInputError("give images or embeddings")
-        per_image = {
-            "point_coordinates": point_coordinates,
-            "point_labels": point_labels,
-            "boxes": boxes,
-            "mask_input": mask_input,
-        }
-        n = len(targets)
-        for name, value in per_image.items():
-            if not batched:
-                per_image[name] = [value]
-            elif value is None:
-                per_image[name] = [None] * n
-            elif not isinstance(value, (list, tuple)) or len(value) != n:
-                raise InvalidInputError(f"{name} must be a list with one entry per image ({n})")
+        per_image = prompts_per_image(
+            len(targets), batched, point_coordinates, point_labels, boxes, mask_input,
+            multimask_output,
+        )
         predictions = []
-        for i, target in enumerate(targets):
-            prompts = prompts_from_arrays(
-                per_image["point_coordinates"][i],
-                per_image["point_labels"][i],
-                per_image["boxes"][i],
-                per_image["mask_input"][i],
-                multimask_output,
-            )
+        for target, prompts in zip(targets, per_image):
             rows, _ = self.segment_prompts(target, prompts, include_logits=include_logits)
             predictions.append(stack_predictions(rows))
         return predictions

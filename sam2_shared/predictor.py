@@ -369,32 +369,55 @@ class Sam2Model:
             embeddings = self.embed_images(images, use_embeddings_cache, input_color_format)
         elif not isinstance(embeddings, (list, tuple)):
             embeddings = [embeddings]
-        n = len(embeddings)
-        per_image = {
-            "point_coordinates": point_coordinates,
-            "point_labels": point_labels,
-            "boxes": boxes,
-            "mask_input": mask_input,
-        }
-        for name, value in per_image.items():
-            if not batched:
-                per_image[name] = [value]
-            elif value is None:
-                per_image[name] = [None] * n
-            elif not isinstance(value, (list, tuple)) or len(value) != n:
-                raise InvalidInputError(f"{name} must be a list with one entry per image ({n})")
-        predictions = []
-        for i, embedding in enumerate(embeddings):
-            prompts = prompts_from_arrays(
-                per_image["point_coordinates"][i],
-                per_image["point_labels"][i],
-                per_image["boxes"][i],
-                per_image["mask_input"][i],
-                multimask_output,
+        per_image = prompts_per_image(
+            len(embeddings), batched, point_coordinates, point_labels, boxes, mask_input,
+            multimask_output,
+        )
+        return [
+            stack_predictions(self.decode_prompts(embedding, prompts, use_mask_input_cache))
+            for embedding, prompts in zip(embeddings, per_image)
+        ]
+
+
+def prompts_per_image(
+    n_images: int,
+    batched: bool,
+    point_coordinates: Any,
+    point_labels: Any,
+    boxes: Any,
+    mask_input: Any,
+    multimask_output: bool,
+) -> list[list[Prompt]]:
+    """The ``segment_images`` prompt arguments split into each image's ``Prompt`` list.
+
+    Not batched: the arguments are one image's. Batched: each is None or a list with one
+    entry per image.
+    """
+    arguments = {
+        "point_coordinates": point_coordinates,
+        "point_labels": point_labels,
+        "boxes": boxes,
+        "mask_input": mask_input,
+    }
+    for name, value in arguments.items():
+        if not batched:
+            arguments[name] = [value]
+        elif value is None:
+            arguments[name] = [None] * n_images
+        elif not isinstance(value, (list, tuple)) or len(value) != n_images:
+            raise InvalidInputError(
+                f"{name} must be a list with one entry per image ({n_images})"
             )
-            rows = self.decode_prompts(embedding, prompts, use_mask_input_cache)
-            predictions.append(stack_predictions(rows))
-        return predictions
+    return [
+        prompts_from_arrays(
+            arguments["point_coordinates"][i],
+            arguments["point_labels"][i],
+            arguments["boxes"][i],
+            arguments["mask_input"][i],
+            multimask_output,
+        )
+        for i in range(n_images)
+    ]
 
 
 def prompts_from_arrays(
