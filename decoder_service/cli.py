@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sam2_shared.config import describe_settings, load_settings, setting
-from sam2_shared.errors import CheckpointError, UnknownModelError
+from sam2_shared.config import setting
+from sam2_shared.errors import UnknownModelError
 from sam2_shared.metrics import Sam2Metrics
 from sam2_shared.security import auth_interceptor, tls_server_settings
-from sam2_shared.server import DEFAULT_GRACE_S, build_server
+from sam2_shared.server import DEFAULT_GRACE_S, build_server, run_tier
 
 logger = logging.getLogger("decoder_service")
 
@@ -219,28 +219,11 @@ def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = load_settings(
+    return run_tier(
         DecoderSettings, argv, prog="sam2-decoder",
         description="SAM 2 decoder tier: segments stored embeddings with prompts over gRPC.",
+        serve=serve,
     )
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logger.info("settings: %s", describe_settings(settings))
-    metrics = Sam2Metrics()
-    if settings.metrics_port > 0:
-        metrics.serve(settings.metrics_port, settings.host)
-        logger.info("metrics on port %d", settings.metrics_port)
-    try:
-        asyncio.run(serve(settings, metrics))
-    except CheckpointError as exc:
-        logger.error("cannot load the model: %s", exc)
-        return 2
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

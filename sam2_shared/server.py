@@ -23,6 +23,7 @@ import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -197,3 +198,41 @@ def build_server(
     if bound_port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     return Sam2Server(server, health_servicer, service_names, bound_port, grace_s), bound_port
+
+
+def run_tier(
+    settings_cls: type[Any],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    serve: Callable[[Any, Any], Awaitable[None]],
+) -> int:
+    """A tier's ``main``: settings from flags/env, logging, the metrics port, then ``serve``.
+
+    Exit status: 0 after a clean stop, 2 when the model cannot be loaded (the message says
+    where to put the checkpoint), 1 when the server cannot start (e.g. port in use).
+    """
+    from sam2_shared.config import describe_settings, load_settings
+    from sam2_shared.errors import CheckpointError
+    from sam2_shared.metrics import Sam2Metrics
+
+    settings = load_settings(settings_cls, argv, prog=prog, description=description)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logger.info("settings: %s", describe_settings(settings))
+    metrics = Sam2Metrics()
+    if settings.metrics_port > 0:
+        metrics.serve(settings.metrics_port, settings.host)
+        logger.info("metrics on port %d", settings.metrics_port)
+    try:
+        asyncio.run(serve(settings, metrics))
+    except CheckpointError as exc:
+        logger.error("cannot load the model: %s", exc)
+        return 2
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    return 0
