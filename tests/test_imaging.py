@@ -19,6 +19,7 @@ from sam2_shared.imaging import (
     PIXEL_STD,
     boxes_to_points,
     decode_image,
+    masks_from_low_res,
     points_to_model_frame,
     postprocess_masks,
     preprocess_images,
@@ -443,3 +444,19 @@ def test_postprocess_shapes_dtype_and_interpolation() -> None:
     torch.testing.assert_close(same, logits.float(), atol=0, rtol=0)
     with pytest.raises(InvalidInputError):
         postprocess_masks(torch.zeros(3, 256, 256), (10, 10))
+
+
+def test_fast_mask_upsampling_agrees_with_the_exact_path() -> None:
+    """``masks_from_low_res`` (OpenCV, the serving path) vs ``postprocess_masks`` > 0 (torch,
+    Meta's formula): only pixels whose logit is within ~1e-3 of 0 may flip."""
+    torch.manual_seed(0)
+    logits = F.interpolate(torch.randn(2, 3, 32, 32) * 8, size=(256, 256), mode="bilinear")
+    for hw in ((1080, 1920), (17, 23), (64, 2048)):
+        exact = postprocess_masks(logits, hw).numpy()
+        fast = masks_from_low_res(logits.numpy(), hw)
+        assert fast.shape == exact.shape and fast.dtype == np.bool_
+        flips = fast != (exact > 0)
+        assert flips.mean() < 1e-4
+        assert np.abs(exact[flips]).max(initial=0.0) < 1e-3
+    with pytest.raises(InvalidInputError):
+        masks_from_low_res(np.zeros((3, 256, 256), np.float32), (10, 10))
