@@ -44,7 +44,7 @@ from sam2_shared.errors import (
     UnknownModelError,
 )
 from sam2_shared.predictor import Sam2Model
-from sam2_shared.prompts import Prompt, Sam2Prediction
+from sam2_shared.prompts import Prompt, Sam2BatchedPrediction
 from sam2_shared.security import check_id_namespace, namespaced_content_id, scope_id
 from sam2_shared.store import EmbeddingStore, StoreUnavailableError
 
@@ -89,10 +89,10 @@ class EmbeddingRef:
 
 @dataclass
 class SegmentResult:
-    """One ``Sam2Prediction`` (P = 1) and one logits handle per candidate, per prompt."""
+    """One ``Sam2BatchedPrediction`` (P = 1) and one logits handle per candidate, per prompt."""
 
     embedding: EmbeddingRef
-    predictions: list[Sam2Prediction]
+    predictions: list[Sam2BatchedPrediction]
     logits_handles: list[list[str]]
 
 
@@ -134,8 +134,8 @@ class _BatchDecoder:
         self._batching = batching
         self._stats = stats
 
-    def __call__(self, jobs: list[_Job]) -> list[list[Sam2Prediction] | Exception]:
-        outcomes: list[list[Sam2Prediction] | Exception | None] = [None] * len(jobs)
+    def __call__(self, jobs: list[_Job]) -> list[list[Sam2BatchedPrediction] | Exception]:
+        outcomes: list[list[Sam2BatchedPrediction] | Exception | None] = [None] * len(jobs)
         groups: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.embedding.embedding_id, []).append(index)
@@ -157,7 +157,7 @@ class _BatchDecoder:
             total += size
         return chunks
 
-    def _run(self, jobs: list[_Job]) -> list[list[Sam2Prediction] | Exception]:
+    def _run(self, jobs: list[_Job]) -> list[list[Sam2BatchedPrediction] | Exception]:
         """Decode ``jobs`` (one embedding) in one call; on failure, job by job so that one
         request's error is not blamed on the others."""
         if len(jobs) > 1:
@@ -169,7 +169,7 @@ class _BatchDecoder:
                                len(jobs))
             else:
                 self._stats.add(model_calls=1, prompts_decoded=len(merged))
-                outcomes: list[list[Sam2Prediction] | Exception] = []
+                outcomes: list[list[Sam2BatchedPrediction] | Exception] = []
                 start = 0
                 for job in jobs:
                     outcomes.append(rows[start : start + len(job.prompts)])
@@ -242,7 +242,7 @@ class Decoder:
             1_000_000, max_bytes=logits_cache_bytes, size_of=lambda entry: entry[1].nbytes
         )
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
-        self._batcher: MicroBatcher[_Job, list[Sam2Prediction]] = MicroBatcher(
+        self._batcher: MicroBatcher[_Job, list[Sam2BatchedPrediction]] = MicroBatcher(
             _BatchDecoder(model, max_batch_prompts, batching, self.stats),
             max_batch_size=max_batch_requests if batching else 1,
             max_wait_s=batch_wait_s,
@@ -404,7 +404,7 @@ class Decoder:
 
     # ------------------------------------------------------------------ logits
 
-    def _store_logits(self, predictions: list[Sam2Prediction], namespace: str = ""
+    def _store_logits(self, predictions: list[Sam2BatchedPrediction], namespace: str = ""
                       ) -> list[list[str]]:
         """Write each prompt's candidate logits under a new token (in the caller's namespace);
         return the handles."""

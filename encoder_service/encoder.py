@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam2_shared import imaging
+from sam2_shared import transforms
 from sam2_shared.batching import MicroBatcher
 from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import (
@@ -139,7 +139,7 @@ class Encoder:
         if encoder is None:
             raise RuntimeError("this encoder was built without the encoder part")
         dtype = next(encoder.parameters()).dtype
-        batch = imaging.preprocess_video_frames(rgbs).to(self.model.device, dtype)
+        batch = transforms.preprocess_video_frames(rgbs).to(self.model.device, dtype)
         image_embed, feat_s0, feat_s1 = encoder(batch)
         return [
             ImageEmbedding(

@@ -145,6 +145,13 @@ class Sam2ImageEmbeddingsInMemoryCache:
             size_of=lambda embedding: embedding.nbytes,
         )
 
+    @classmethod
+    def init(
+        cls, size_limit: int = 100, send_to_cpu: bool = True, max_bytes: int | None = None
+    ) -> Sam2ImageEmbeddingsInMemoryCache:
+        """The constructor under the name users of the SAM 2 model API call."""
+        return cls(size_limit=size_limit, send_to_cpu=send_to_cpu, max_bytes=max_bytes)
+
     def save_embeddings(self, key: str, embedding: ImageEmbedding) -> None:
         self._cache.put(key, embedding.to("cpu") if self.send_to_cpu else embedding)
 
@@ -246,6 +253,13 @@ class Sam2LowResolutionMasksInMemoryCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+
+    @classmethod
+    def init(
+        cls, size_limit: int = 1000, send_to_cpu: bool = True
+    ) -> Sam2LowResolutionMasksInMemoryCache:
+        """The constructor under the name users of the SAM 2 model API call."""
+        return cls(size_limit=size_limit, send_to_cpu=send_to_cpu)
 
     def save_mask(
         self, embedding_id: str, prompt: Prompt, logits: np.ndarray | torch.Tensor

@@ -7,7 +7,10 @@ Switching from in-process to remote is one line::
     [prediction] = model.segment_images(image, point_coordinates=[[x, y]], point_labels=[1])
 
 ``segment_images`` takes the same arguments and returns the same ``Sam2Prediction`` values
-(masks, all candidates' scores, low-res logits, object scores). It computes the image's
+(masks, all candidates' scores, low-res logits, object scores), as CPU torch tensors where
+torch is installed and as numpy arrays of the same shapes and dtypes where it is not
+(``array_type=`` chooses). This module never needs torch: services that only want masks
+can use it with numpy, grpcio, protobuf, OpenCV and Pillow. It computes the image's
 content id locally and asks the decoder first; the image is uploaded to the encoder only when
 the decoder answers EMBEDDING_NOT_FOUND (or, without an encoder address, attached to a second
 Segment call for a decoder that has one).
@@ -44,6 +47,8 @@ with a headless Kubernetes Service (one A record per pod), or ``"ipv4:10.0.0.1:5
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import threading
 from collections.abc import Sequence
@@ -58,8 +63,13 @@ from sam2_shared import imaging, wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
 from sam2_shared.grpc_errors import error_from_rpc_error, error_from_status
-from sam2_shared.predictor import prompts_per_image, stack_predictions
-from sam2_shared.prompts import Prompt, Sam2Prediction
+from sam2_shared.model.config import canonical_model_id
+from sam2_shared.prompts import (
+    Prompt,
+    Sam2BatchedPrediction,
+    Sam2Prediction,
+    prompts_per_image,
+)
 from sam2_shared.retry import DEFAULT_POLICY, RetryPolicy, async_call_with_retry, call_with_retry
 from sam2_shared.security import (
     auth_metadata,
@@ -89,6 +99,19 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.lb_policy_name", "round_robin"),
     ]
+
+
+def _array_converter(array_type: str) -> Any:
+    """numpy -> the caller's array type: CPU torch tensors (imported only when asked for or,
+    with ``"auto"``, when torch is installed) or numpy arrays as they are."""
+    if array_type not in ("auto", "torch", "numpy"):
+        raise ValueError(f"array_type must be 'auto', 'torch' or 'numpy', got {array_type!r}")
+    if array_type == "numpy" or (
+        array_type == "auto" and importlib.util.find_spec("torch") is None
+    ):
+        return lambda array: array
+    torch = importlib.import_module("torch")
+    return torch.from_numpy
 
 
 def _credentials(tls: bool, root_certs: str | None, client_cert: str | None,
@@ -156,6 +179,8 @@ class Sam2Client:
         tls_root_certs (str | None): PEM file of the CA that signed the servers' certificates.
         tls_client_cert, tls_client_key (str | None): client certificate for mutual TLS.
         retry (RetryPolicy): retries of idempotent calls (``retry.NO_RETRY``: none).
+        array_type (str): what ``segment_images`` returns: ``"torch"`` (CPU tensors, as
+            ``Sam2Model``), ``"numpy"``, or ``"auto"``: torch when it is installed.
     """
 
     def __init__(
@@ -174,12 +199,14 @@ class Sam2Client:
         tls_client_cert: str | None = None,
         tls_client_key: str | None = None,
         retry: RetryPolicy = DEFAULT_POLICY,
+        array_type: str = "auto",
     ) -> None:
         if encoder is None and decoder is None:
             raise ValueError("give the encoder and/or decoder address (host:port)")
+        self._to_array = _array_converter(array_type)
         options = channel_options(max_message_bytes)
         credentials = _credentials(tls, tls_root_certs, tls_client_cert, tls_client_key)
-        self.model_id = model_id
+        self.model_id = canonical_model_id(model_id)
         self.timeout_s = timeout_s
         self.max_pixels = max_pixels
         self.namespace = namespace
@@ -281,32 +308,29 @@ class Sam2Client:
     ) -> list[Sam2Prediction]:
         """Segment one image or a list of images; one ``Sam2Prediction`` per image.
 
-        Same arguments and results as ``Sam2Model.segment_images``. ``embeddings`` are
+        Same arguments, shapes and rules as ``Sam2Model.segment_images``. ``embeddings`` are
         ``RemoteEmbedding``s (or anything with ``embedding_id``); with ``images`` instead, an
         image not yet embedded is uploaded once. ``include_logits=False`` skips the low-res
-        logits on the wire (``logits`` is then [P, C, 0, 0]).
+        logits on the wire (``logits`` is then (C, 0, 0)).
         """
         if self._decoder is None:
             raise ValueError("this client has no decoder address")
-        batched = isinstance(embeddings, (list, tuple)) or (
-            embeddings is None and isinstance(images, (list, tuple))
-        )
         if embeddings is not None:
             refs = list(embeddings) if isinstance(embeddings, (list, tuple)) else [embeddings]
             targets: list[str | _Image] = [ref.embedding_id for ref in refs]
         elif images is not None:
-            items = list(images) if batched else [images]
+            items = list(images) if isinstance(images, (list, tuple)) else [images]
             targets = [self._image(item, input_color_format) for item in items]
         else:
             raise InvalidInputError("give images or embeddings")
         per_image = prompts_per_image(
-            len(targets), batched, point_coordinates, point_labels, boxes, mask_input,
-            multimask_output,
+            len(targets), point_coordinates, point_labels, boxes, mask_input, multimask_output,
         )
         predictions = []
         for target, prompts in zip(targets, per_image):
             rows, _ = self.segment_prompts(target, prompts, include_logits=include_logits)
-            predictions.append(stack_predictions(rows))
+            batched = Sam2BatchedPrediction.concatenate(rows)
+            predictions.append(Sam2Prediction.from_batched(batched.converted(self._to_array)))
         return predictions
 
     def segment_prompts(
@@ -316,10 +340,11 @@ class Sam2Client:
         *,
         include_logits: bool = True,
         input_color_format: str = "bgr",
-    ) -> tuple[list[Sam2Prediction], list[list[str]]]:
+    ) -> tuple[list[Sam2BatchedPrediction], list[list[str]]]:
         """Lower level: one image (embedding id, reference or image input) and its prompts.
 
-        Returns one ``Sam2Prediction`` (P = 1) and the candidates' logits handles per prompt.
+        Returns one numpy ``Sam2BatchedPrediction`` (P = 1) and the candidates' logits
+        handles per prompt.
         """
         if isinstance(target, _Image):
             image: _Image | None = target

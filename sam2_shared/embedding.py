@@ -1,12 +1,18 @@
-"""The cached result of the image encoder and its content-addressed id."""
+"""The cached result of the image encoder and its content-addressed id.
+
+No torch import at run time: the client computes content ids where torch is not installed.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Bump when anything that changes the embedding of given pixels changes
 # (resize, normalisation, network wiring). It is part of every embedding id.

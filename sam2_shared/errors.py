@@ -53,6 +53,15 @@ class CorruptEntryError(Sam2Error):
     reason = "CORRUPT_ENTRY"
 
 
+class StoreUnavailableError(Sam2Error):
+    """The store backend could not be reached or refused the operation.
+
+    The message names the store by its masked URL, never its credentials.
+    """
+
+    reason = "STORE_UNAVAILABLE"
+
+
 class ResourceExhaustedError(Sam2Error):
     reason = "RESOURCE_EXHAUSTED"
 

@@ -35,9 +35,9 @@ from sam2_shared.errors import (
     NotReadyError,
     ResourceExhaustedError,
     Sam2Error,
+    StoreUnavailableError,
     UnknownModelError,
 )
-from sam2_shared.store.errors import StoreUnavailableError
 
 ERROR_DOMAIN = "sam2.serving"
 INTERNAL_MESSAGE = "internal server error"

@@ -3,27 +3,24 @@
 Everything between "what the caller sent" and "what the network sees", and back:
 
 - ``decode_image``: any supported input -> HxWx3 uint8 RGB (EXIF orientation applied).
-- ``preprocess_images``: RGB uint8 -> [B, 3, 1024, 1024] float32, exactly as Meta's
-  ``SAM2ImagePredictor`` (ToTensor, Resize((1024, 1024)) with antialias, Normalize).
 - ``points_to_model_frame`` / ``boxes_to_points``: prompts from original pixels to the
   1024 frame. The resize is a stretch (no padding), so x and y scale separately.
 - ``validate_prompt``: the checks every entry point runs on a ``Prompt``.
-- ``postprocess_masks``: [P, C, 256, 256] low-res logits -> [P, C, H, W] float32 logits.
+- ``masks_from_low_res``: [P, C, 256, 256] low-res logits -> [P, C, H, W] bool masks.
 
-Points are (x, y); sizes are (H, W). Pure numpy/torch/cv2/PIL: no grpc.
+The torch side (resizing into the 1024 frame and back) is ``sam2_shared.transforms``.
+Points are (x, y); sizes are (H, W). numpy/cv2/PIL only: no torch (the client decodes
+images with it), no grpc.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from sam2_shared.errors import InvalidInputError
@@ -207,36 +204,6 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
         ) from None
 
 
-def preprocess_images(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """Meta's image-predictor preprocessing, on CPU in float32.
-
-    Per image: uint8 HxWx3 RGB -> CHW float32 / 255 -> bilinear resize (align_corners=False,
-    antialias=True; what torchvision's ``Resize((1024, 1024))`` does on a float tensor) ->
-    ``(x - PIXEL_MEAN) / PIXEL_STD``. Images may differ in size; each is resized on its own.
-
-    Returns:
-        [B, 3, 1024, 1024] float32 CPU tensor.
-    """
-    if len(images) == 0:
-        raise InvalidInputError("preprocess_images needs at least one image")
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
-    batch = torch.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32)
-    for index, rgb in enumerate(images):
-        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 \
-                or rgb.shape[2] != 3 or rgb.size == 0:
-            got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise InvalidInputError(f"image {index}: expected HxWx3 uint8 RGB, got {got}")
-        # Same order of operations as ToTensor (permute, to float, div 255).
-        chw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255)
-        resized = F.interpolate(
-            chw[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
-            align_corners=False, antialias=True,
-        )[0]
-        batch[index] = (resized - mean) / std
-    return batch
-
-
 def points_to_model_frame(coords: np.ndarray, original_hw: tuple[int, int]) -> np.ndarray:
     """(x, y) pixels of an (H, W) image -> (x, y) in the 1024x1024 model frame, float32.
 
@@ -334,28 +301,11 @@ def validate_prompt(prompt: Prompt, original_hw: tuple[int, int]) -> None:
         raise InvalidInputError("empty prompt: give points, a box or a mask_input")
 
 
-def postprocess_masks(low_res_logits: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
-    """[P, C, 256, 256] low-res logits -> [P, C, H, W] float32 logits at the original size.
-
-    Bilinear, align_corners=False, no antialias, straight from 256 to (H, W), as Meta's
-    ``SAM2Transforms.postprocess_masks``. The caller thresholds with ``> 0.0`` (strict).
-    """
-    if low_res_logits.ndim != 4:
-        raise InvalidInputError(
-            f"low-res logits must be [P, C, 256, 256], got {tuple(low_res_logits.shape)}"
-        )
-    height, width = original_hw
-    return F.interpolate(
-        low_res_logits.float(), size=(int(height), int(width)), mode="bilinear",
-        align_corners=False,
-    )
-
-
 def masks_from_low_res(low_res_logits: np.ndarray, original_hw: tuple[int, int]) -> np.ndarray:
     """[P, C, 256, 256] float32 logits -> [P, C, H, W] bool masks (``logit > 0``).
 
     Same bilinear resampling (pixel centres aligned, no antialias) as
-    ``postprocess_masks``, done by OpenCV: about 4x faster than torch's kernel on a CPU
+    ``transforms.postprocess_masks``, done by OpenCV: about 4x faster than torch's kernel on a CPU
     for 1080p outputs. Values agree to ~1e-4 relative, so only pixels whose logit is
     within that of 0 can flip (mask IoU > 0.9999 against the torch path).
     """
@@ -372,32 +322,3 @@ def masks_from_low_res(low_res_logits: np.ndarray, original_hw: tuple[int, int])
             resized = cv2.resize(source[p, c], (width, height), interpolation=cv2.INTER_LINEAR)
             np.greater(resized, 0.0, out=out[p, c])
     return out
-
-
-def preprocess_video_frames(frames: Sequence[np.ndarray]) -> torch.Tensor:
-    """Meta's video-predictor preprocessing (``load_video_frames``), on CPU in float32.
-
-    Differs from ``preprocess_images``: per frame, uint8 HxWx3 RGB -> PIL ``resize((1024,
-    1024))`` with PIL's default BICUBIC filter on the uint8 pixels -> / 255 in float64 ->
-    float32 -> ``(x - PIXEL_MEAN) / PIXEL_STD``. The same picture therefore gets slightly
-    different features as a video frame than as an image.
-
-    Returns:
-        [T, 3, 1024, 1024] float32 CPU tensor.
-    """
-    if len(frames) == 0:
-        raise InvalidInputError("preprocess_video_frames needs at least one frame")
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
-    batch = torch.empty((len(frames), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32)
-    for index, rgb in enumerate(frames):
-        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 \
-                or rgb.shape[2] != 3 or rgb.size == 0:
-            got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise InvalidInputError(f"frame {index}: expected HxWx3 uint8 RGB, got {got}")
-        resized = np.asarray(
-            Image.fromarray(np.ascontiguousarray(rgb)).resize((IMAGE_SIZE, IMAGE_SIZE))
-        )
-        batch[index] = torch.from_numpy(resized / 255.0).permute(2, 0, 1)  # float64 -> float32
-        batch[index] = (batch[index] - mean) / std
-    return batch

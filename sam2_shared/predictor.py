@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam2_shared import imaging
+from sam2_shared import imaging, transforms
 from sam2_shared.caches import Sam2ImageEmbeddingsInMemoryCache, Sam2LowResolutionMasksInMemoryCache
 from sam2_shared.checkpoints import load_part, read_state_dict, resolve_checkpoint
 from sam2_shared.embedding import ImageEmbedding, content_id
@@ -24,7 +24,13 @@ from sam2_shared.errors import InvalidInputError
 from sam2_shared.model import Sam2DecoderPart, Sam2EncoderPart, get_config
 from sam2_shared.model.config import Sam2Config
 from sam2_shared.model.prompt_encoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT
-from sam2_shared.prompts import LOW_RES_SIZE, Prompt, Sam2Prediction
+from sam2_shared.prompts import (
+    LOW_RES_SIZE,
+    Prompt,
+    Sam2BatchedPrediction,
+    Sam2Prediction,
+    prompts_per_image,
+)
 
 LOGITS_CLAMP = 32.0  # Meta clamps returned low-res logits to [-32, 32]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -155,7 +161,7 @@ class Sam2Model:
         if self.encoder is None:
             raise RuntimeError("this Sam2Model was built without the encoder part")
         ids = list(ids) if ids is not None else [self.embedding_id(rgb) for rgb in rgbs]
-        batch = imaging.preprocess_images(rgbs).to(self.device, _weights_dtype(self.precision))
+        batch = transforms.preprocess_images(rgbs).to(self.device, _weights_dtype(self.precision))
         with _autocast(self.device, self.precision):
             image_embed, feat_s0, feat_s1 = self.encoder(batch)
         out = []
@@ -261,8 +267,9 @@ class Sam2Model:
         embedding: ImageEmbedding,
         prompts: Sequence[Prompt],
         use_mask_input_cache: bool = False,
-    ) -> list[Sam2Prediction]:
-        """Decode several prompts on one image; one ``Sam2Prediction`` (P = 1) per prompt.
+    ) -> list[Sam2BatchedPrediction]:
+        """Decode several prompts on one image; one numpy ``Sam2BatchedPrediction`` (P = 1)
+        per prompt (the tiers' entry point; ``segment_images`` is the user's).
 
         Prompts with the same number of points, mask presence and multimask flag run
         in one batched decoder forward; the image side is shared, not repeated.
@@ -292,7 +299,7 @@ class Sam2Model:
             groups.setdefault(item.group_key, []).append(item)
 
         embedding = self.prepare_embedding(embedding)
-        results: list[Sam2Prediction | None] = [None] * len(prompts)
+        results: list[Sam2BatchedPrediction | None] = [None] * len(prompts)
         for items in groups.values():
             for item, prediction in zip(items, self._decode_group(embedding, items)):
                 results[item.index] = prediction
@@ -304,7 +311,7 @@ class Sam2Model:
 
     def _decode_group(
         self, embedding: ImageEmbedding, items: list[_PreparedPrompt]
-    ) -> list[Sam2Prediction]:
+    ) -> list[Sam2BatchedPrediction]:
         device = self.device
         coords = labels = masks = None
         if items[0].coords is not None:
@@ -329,7 +336,7 @@ class Sam2Model:
         scores = out.iou_scores.float().cpu().numpy()
         objects = out.object_score_logits.float().reshape(-1).cpu().numpy()
         return [
-            Sam2Prediction(
+            Sam2BatchedPrediction(
                 masks=full_np[i : i + 1],
                 scores=scores[i : i + 1],
                 logits=logits[i : i + 1],
@@ -353,16 +360,19 @@ class Sam2Model:
     ) -> list[Sam2Prediction]:
         """Segment one image or a list of images; one ``Sam2Prediction`` per image.
 
-        Per image, prompts are in original pixels: ``point_coordinates`` [N, 2] (one
-        prompt) or [P, N, 2] (P prompts) with ``point_labels`` [N] / [P, N];
-        ``boxes`` [4] or [P, 4] (one prediction row per box); ``mask_input``
-        [256, 256], [1, 256, 256] or [P, 1, 256, 256] low-res logits. For a list of
-        images, pass a list with one such entry per image. Points shared by all P boxes
-        may be given once ([N, 2]).
+        Prompts are in original pixels, as arrays, tensors or nested lists. Per image:
+        ``point_coordinates`` [N, 2] with ``point_labels`` [N] is one prompt, [B, N, 2] with
+        [B, N] is B prompts; ``boxes`` [4] / [1, 4] one, [B, 4] B (one box per point set when
+        both are given); ``mask_input`` [256, 256] / [1, 256, 256] one, [B, 256, 256] /
+        [B, 1, 256, 256] B: one candidate's low-res logits each (``logits[scores.argmax()]``).
+        With several images, a bare array is used for every image, a list of length 1 is
+        broadcast and a list of length N gives each image its own entry.
+
+        Returns per image: one prompt -> ``masks`` (C, H, W) bool, ``scores`` (C,),
+        ``logits`` (C, 256, 256), ``object_score_logits`` (); B prompts add a leading B axis
+        (``.batched`` always has it). C is 3 with ``multimask_output``, else 1. Tensors are
+        on this model's device.
         """
-        batched = isinstance(embeddings, (list, tuple)) or (
-            embeddings is None and isinstance(images, (list, tuple))
-        )
         if embeddings is None:
             if images is None:
                 raise InvalidInputError("give images or embeddings")
@@ -370,126 +380,18 @@ class Sam2Model:
         elif not isinstance(embeddings, (list, tuple)):
             embeddings = [embeddings]
         per_image = prompts_per_image(
-            len(embeddings), batched, point_coordinates, point_labels, boxes, mask_input,
+            len(embeddings), point_coordinates, point_labels, boxes, mask_input,
             multimask_output,
         )
         return [
-            stack_predictions(self.decode_prompts(embedding, prompts, use_mask_input_cache))
+            self._for_user(Sam2BatchedPrediction.concatenate(
+                self.decode_prompts(embedding, prompts, use_mask_input_cache)))
             for embedding, prompts in zip(embeddings, per_image)
         ]
 
+    def _for_user(self, prediction: Sam2BatchedPrediction) -> Sam2Prediction:
+        """numpy [P, C, ...] -> the user's ``Sam2Prediction`` of tensors on this device."""
+        def to_tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(self.device)
 
-def prompts_per_image(
-    n_images: int,
-    batched: bool,
-    point_coordinates: Any,
-    point_labels: Any,
-    boxes: Any,
-    mask_input: Any,
-    multimask_output: bool,
-) -> list[list[Prompt]]:
-    """The ``segment_images`` prompt arguments split into each image's ``Prompt`` list.
-
-    Not batched: the arguments are one image's. Batched: each is None or a list with one
-    entry per image.
-    """
-    arguments = {
-        "point_coordinates": point_coordinates,
-        "point_labels": point_labels,
-        "boxes": boxes,
-        "mask_input": mask_input,
-    }
-    for name, value in arguments.items():
-        if not batched:
-            arguments[name] = [value]
-        elif value is None:
-            arguments[name] = [None] * n_images
-        elif not isinstance(value, (list, tuple)) or len(value) != n_images:
-            raise InvalidInputError(
-                f"{name} must be a list with one entry per image ({n_images})"
-            )
-    return [
-        prompts_from_arrays(
-            arguments["point_coordinates"][i],
-            arguments["point_labels"][i],
-            arguments["boxes"][i],
-            arguments["mask_input"][i],
-            multimask_output,
-        )
-        for i in range(n_images)
-    ]
-
-
-def prompts_from_arrays(
-    point_coordinates: Any, point_labels: Any, boxes: Any, mask_input: Any, multimask_output: bool
-) -> list[Prompt]:
-    """Split the array-style prompts of one image into P ``Prompt``s."""
-
-    def as_array(value: Any, name: str) -> np.ndarray | None:
-        if value is None:
-            return None
-        try:
-            return np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"{name} must be numeric") from None
-
-    coords = as_array(point_coordinates, "point_coordinates")
-    labels = as_array(point_labels, "point_labels")
-    box_array = as_array(boxes, "boxes")
-    masks = as_array(mask_input, "mask_input")
-    if coords is not None and coords.ndim == 2:
-        coords = coords[None]
-    if labels is not None and labels.ndim == 1:
-        labels = labels[None]
-    if box_array is not None and box_array.ndim == 1:
-        box_array = box_array[None]
-    if masks is not None:
-        masks = masks.reshape(-1, LOW_RES_SIZE, LOW_RES_SIZE) if masks.size % (
-            LOW_RES_SIZE * LOW_RES_SIZE) == 0 and masks.ndim in (2, 3, 4) else masks
-    if coords is not None and coords.ndim != 3:
-        raise InvalidInputError(
-            f"point_coordinates must be [N, 2] or [P, N, 2], got {coords.shape}"
-        )
-    if coords is not None and labels is None:
-        raise InvalidInputError("point_labels are required with point_coordinates")
-    if box_array is not None and (box_array.ndim != 2 or box_array.shape[1] != 4):
-        raise InvalidInputError(f"boxes must be [4] or [P, 4], got {box_array.shape}")
-    sizes = {
-        name: len(value)
-        for name, value in (("points", coords), ("labels", labels), ("boxes", box_array),
-                            ("mask_input", masks))
-        if value is not None
-    }
-    count = max(sizes.values(), default=0)
-    if count == 0:
-        raise InvalidInputError("empty prompt: give points, boxes or a mask_input")
-    for name, size in sizes.items():
-        if size not in (1, count):
-            raise InvalidInputError(f"{name} has {size} prompts but another input has {count}")
-
-    def pick(value: np.ndarray | None, i: int) -> np.ndarray | None:
-        return None if value is None else value[i if len(value) > 1 else 0]
-
-    prompts = []
-    for i in range(count):
-        point_labels_i = pick(labels, i)
-        prompts.append(
-            Prompt(
-                point_coords=pick(coords, i),
-                point_labels=None if point_labels_i is None else point_labels_i.astype(np.int32),
-                box=pick(box_array, i),
-                mask_input=pick(masks, i),
-                multimask_output=multimask_output,
-            )
-        )
-    return prompts
-
-
-def stack_predictions(rows: Sequence[Sam2Prediction]) -> Sam2Prediction:
-    """Concatenate per-prompt predictions of one image along P."""
-    return Sam2Prediction(
-        masks=np.concatenate([r.masks for r in rows]),
-        scores=np.concatenate([r.scores for r in rows]),
-        logits=np.concatenate([r.logits for r in rows]),
-        object_score_logits=np.concatenate([r.object_score_logits for r in rows]),
-    )
+        return Sam2Prediction.from_batched(prediction.converted(to_tensor))

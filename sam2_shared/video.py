@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam2_shared import imaging
+from sam2_shared import transforms
 from sam2_shared.checkpoints import load_part, read_state_dict, resolve_checkpoint
 from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
@@ -57,7 +57,7 @@ from sam2_shared.model.tracker import (
     Sam2TrackerPart,
 )
 
-# Part of video frame ids: PIL bicubic resize, see imaging.preprocess_video_frames.
+# Part of video frame ids: PIL bicubic resize, see transforms.preprocess_video_frames.
 VIDEO_PREPROCESS_VERSION = "sam2-video-v1"
 
 
@@ -199,7 +199,7 @@ class Sam2VideoModel:
             raise RuntimeError("this Sam2VideoModel was built without the encoder part")
         out = []
         for rgb in frames:
-            batch = imaging.preprocess_video_frames([rgb]).to(self.device)
+            batch = transforms.preprocess_video_frames([rgb]).to(self.device)
             image_embed, feat_s0, feat_s1 = self.encoder(batch)
             out.append(
                 ImageEmbedding(

@@ -2,7 +2,7 @@
 
 The only module besides the servicers, ``server.py`` and ``client.py`` that knows
 the generated ``sam2_shared.api`` code. Domain values (``Prompt``,
-``Sam2Prediction``, numpy arrays) never learn the wire format.
+``Sam2BatchedPrediction``, numpy arrays) never learn the wire format.
 
 Wire conventions handled here:
     * point labels are an enum (FOREGROUND -> 1, BACKGROUND -> 0); an unset label is
@@ -26,7 +26,7 @@ from sam2_shared import masks as mask_codec
 from sam2_shared.api.v1 import common_pb2, decoder_pb2
 from sam2_shared.errors import InvalidInputError, LogitsNotFoundError
 from sam2_shared.masks import MaskEncoding
-from sam2_shared.prompts import LOW_RES_SIZE, Prompt, Sam2Prediction
+from sam2_shared.prompts import LOW_RES_SIZE, Prompt, Sam2BatchedPrediction
 
 LOGITS_DTYPE = np.dtype("<f4")
 LOGITS_NBYTES = LOW_RES_SIZE * LOW_RES_SIZE * LOGITS_DTYPE.itemsize
@@ -280,7 +280,7 @@ def mask_format_to_proto(encoding: MaskEncoding) -> int:
 
 
 def prompt_results_to_proto(
-    predictions: Sam2Prediction | Sequence[Sam2Prediction],
+    predictions: Sam2BatchedPrediction | Sequence[Sam2BatchedPrediction],
     encoding: MaskEncoding = MaskEncoding.COCO_RLE,
     logits_handles: Sequence[Sequence[str]] | None = None,
     include_logits: bool = False,
@@ -288,13 +288,14 @@ def prompt_results_to_proto(
     """Predictions -> one ``PromptResult`` per prompt row.
 
     Arguments:
-        predictions: one ``Sam2Prediction`` for all P prompts, or a sequence of them
+        predictions: one ``Sam2BatchedPrediction`` for all P prompts, or a sequence of them
             (e.g. one per prompt, whose candidate counts may differ).
         encoding: how to encode the masks.
         logits_handles: per prompt row, one handle per candidate, or None.
         include_logits: also put each candidate's low-res logits inline.
     """
-    rows = [predictions] if isinstance(predictions, Sam2Prediction) else list(predictions)
+    rows = [predictions] if isinstance(predictions, Sam2BatchedPrediction) \
+        else list(predictions)
     results: list[decoder_pb2.PromptResult] = []
     for prediction in rows:
         masks = np.asarray(prediction.masks)
@@ -347,14 +348,14 @@ def mask_from_proto(mask: common_pb2.EncodedMask) -> np.ndarray:
 
 def predictions_from_proto(
     results: Sequence[decoder_pb2.PromptResult],
-) -> tuple[list[Sam2Prediction], list[list[str]]]:
-    """Wire results -> one ``Sam2Prediction`` (P = 1) per prompt, and per prompt the
+) -> tuple[list[Sam2BatchedPrediction], list[list[str]]]:
+    """Wire results -> one ``Sam2BatchedPrediction`` (P = 1) per prompt, and per prompt the
     candidates' logits handles.
 
     ``logits`` is [1, C, 256, 256] when the response included them, else an empty
     [1, C, 0, 0] array (ask with ``include_logits`` or use the handles).
     """
-    predictions: list[Sam2Prediction] = []
+    predictions: list[Sam2BatchedPrediction] = []
     handles: list[list[str]] = []
     for result in results:
         candidates = list(result.candidates)
@@ -366,7 +367,7 @@ def predictions_from_proto(
         else:
             logits = np.zeros((len(candidates), 0, 0), dtype=np.float32)
         predictions.append(
-            Sam2Prediction(
+            Sam2BatchedPrediction(
                 masks=masks[None],
                 scores=np.array([[c.score for c in candidates]], dtype=np.float32),
                 logits=logits[None],
@@ -379,22 +380,10 @@ def predictions_from_proto(
 
 def prediction_from_proto(
     results: Sequence[decoder_pb2.PromptResult],
-) -> tuple[Sam2Prediction, list[list[str]]]:
+) -> tuple[Sam2BatchedPrediction, list[list[str]]]:
     """Like ``predictions_from_proto`` but stacked into one [P, C, ...] prediction.
 
     All prompts must have the same candidate count (same ``multimask_output``).
     """
     rows, handles = predictions_from_proto(results)
-    if not rows:
-        raise InvalidInputError("no prompt results")
-    if len({r.masks.shape[1:] for r in rows}) != 1 or len({r.logits.shape[1:] for r in rows}) != 1:
-        raise InvalidInputError(
-            "prompts have different candidate counts or mask sizes; use predictions_from_proto"
-        )
-    stacked = Sam2Prediction(
-        masks=np.concatenate([r.masks for r in rows]),
-        scores=np.concatenate([r.scores for r in rows]),
-        logits=np.concatenate([r.logits for r in rows]),
-        object_score_logits=np.concatenate([r.object_score_logits for r in rows]),
-    )
-    return stacked, handles
+    return Sam2BatchedPrediction.concatenate(rows), handles

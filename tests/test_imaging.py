@@ -21,11 +21,10 @@ from sam2_shared.imaging import (
     decode_image,
     masks_from_low_res,
     points_to_model_frame,
-    postprocess_masks,
-    preprocess_images,
     validate_prompt,
 )
 from sam2_shared.prompts import Prompt
+from sam2_shared.transforms import postprocess_masks, preprocess_images
 
 RED_RGB = (200, 10, 30)
 

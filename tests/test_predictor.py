@@ -25,6 +25,7 @@ from sam2_shared import (
     Prompt,
     Sam2ImageEmbeddingsInMemoryCache,
     Sam2LowResolutionMasksInMemoryCache,
+    Sam2BatchedPrediction,
     Sam2Model,
     Sam2Prediction,
 )
@@ -87,9 +88,19 @@ def _same_tensors(x: ImageEmbedding, y: ImageEmbedding, atol: float = 0.0) -> bo
     return all(torch.allclose(p, q, rtol=0.0, atol=atol) for p, q in pairs)
 
 
+def _numpy(prediction: Sam2Prediction | Sam2BatchedPrediction) -> Sam2BatchedPrediction:
+    """The [P, C, ...] values of a prediction as numpy arrays."""
+    if isinstance(prediction, Sam2Prediction):
+        prediction = prediction.batched
+    return prediction.converted(np.asarray)
+
+
 def _assert_same_prediction(
-    got: Sam2Prediction, expected: Sam2Prediction, atol: float = LOGITS_ATOL
+    got: Sam2Prediction | Sam2BatchedPrediction,
+    expected: Sam2Prediction | Sam2BatchedPrediction,
+    atol: float = LOGITS_ATOL,
 ) -> None:
+    got, expected = _numpy(got), _numpy(expected)
     assert got.logits.shape == expected.logits.shape
     np.testing.assert_allclose(got.logits, expected.logits, rtol=0, atol=atol)
     np.testing.assert_allclose(got.scores, expected.scores, rtol=0, atol=atol)
@@ -206,14 +217,16 @@ def test_two_images_with_their_own_prompt_lists(fx: Fixture) -> None:
     )
     assert len(predictions) == 2
     first, second = predictions
-    assert first.masks.shape == (2, 3, *A_HW) and first.masks.dtype == np.bool_
-    assert second.masks.shape == (1, 3, *B_HW)
+    assert first.masks.shape == (2, 3, *A_HW) and first.masks.dtype == torch.bool
+    assert second.masks.shape == (3, *B_HW)  # one prompt: no prompt axis
+    assert second.batched.masks.shape == (1, 3, *B_HW)
     for prediction, rows in ((first, 2), (second, 1)):
-        assert prediction.scores.shape == (rows, 3)
-        assert prediction.logits.shape == (rows, 3, 256, 256)
-        assert prediction.logits.dtype == np.float32
-        assert prediction.object_score_logits.shape == (rows,)
-        assert prediction.best_indices.shape == (rows,)
+        batched = prediction.batched
+        assert batched.scores.shape == (rows, 3)
+        assert batched.logits.shape == (rows, 3, 256, 256)
+        assert batched.logits.dtype == torch.float32
+        assert batched.object_score_logits.shape == (rows,)
+        assert batched.best_indices.shape == (rows,)
     # Each image's rows are that image's own predictions.
     (alone,) = fx.model.segment_images(embeddings=fx.b, boxes=BOX_B)
     _assert_same_prediction(second, alone)
@@ -240,13 +253,8 @@ def test_boxes_with_shared_points(fx: Fixture) -> None:
         _assert_same_prediction(_row(shared, row), alone)
 
 
-def _row(prediction: Sam2Prediction, row: int) -> Sam2Prediction:
-    return Sam2Prediction(
-        masks=prediction.masks[row : row + 1],
-        scores=prediction.scores[row : row + 1],
-        logits=prediction.logits[row : row + 1],
-        object_score_logits=prediction.object_score_logits[row : row + 1],
-    )
+def _row(prediction: Sam2Prediction, row: int) -> Sam2BatchedPrediction:
+    return prediction.batched.converted(lambda values: values[row : row + 1])
 
 
 @pytest.mark.parametrize(
@@ -266,10 +274,9 @@ def test_inconsistent_prompt_counts_are_invalid(fx: Fixture, arguments: dict[str
 
 
 def test_per_image_lists_must_match_the_images(fx: Fixture) -> None:
-    with pytest.raises(InvalidInputError, match="one entry per image"):
-        fx.model.segment_images(embeddings=[fx.a, fx.b], boxes=[BOX_A1])
-    with pytest.raises(InvalidInputError, match="one entry per image"):
-        fx.model.segment_images(embeddings=[fx.a, fx.b], boxes=BOX_A1)
+    three = [np.array(BOX_A1)] * 3
+    with pytest.raises(ValueError, match=r"boxes is a list of 3 .* 2 image.*1 or 2"):
+        fx.model.segment_images(embeddings=[fx.a, fx.b], boxes=three)
 
 
 def test_single_mask_output(fx: Fixture) -> None:
@@ -279,7 +286,7 @@ def test_single_mask_output(fx: Fixture) -> None:
     assert prediction.masks.shape == (2, 1, *B_HW)
     assert prediction.scores.shape == (2, 1)
     assert prediction.logits.shape == (2, 1, 256, 256)
-    assert (prediction.best_indices == 0).all()
+    assert (prediction.batched.best_indices == 0).all()
 
 
 def test_masks_are_thresholded_upsampled_logits(fx: Fixture) -> None:
@@ -287,7 +294,9 @@ def test_masks_are_thresholded_upsampled_logits(fx: Fixture) -> None:
         embeddings=fx.a, point_coordinates=[[[35.0, 50.0]], [[90.0, 25.0]]],
         point_labels=[[1], [1]],
     )
-    assert prediction.masks.shape == (2, 3, *A_HW) and prediction.masks.dtype == np.bool_
+    assert prediction.masks.shape == (2, 3, *A_HW) and prediction.masks.dtype == torch.bool
+    assert prediction.logits.dtype == torch.float32
+    prediction = _numpy(prediction)
     logits = prediction.logits
     assert logits.shape == (2, 3, 256, 256) and logits.dtype == np.float32
     assert np.abs(logits).max() <= 32.0
@@ -312,7 +321,7 @@ def test_masks_are_thresholded_upsampled_logits(fx: Fixture) -> None:
 
 def test_batched_decode_equals_one_by_one(fx: Fixture) -> None:
     (earlier,) = fx.model.segment_images(embeddings=fx.a, boxes=BOX_A1)
-    mask = earlier.logits[0, int(earlier.best_indices[0])]
+    mask = earlier.logits[earlier.scores.argmax()].numpy()
     points2 = np.array([[40.0, 50.0], [100.0, 20.0]], np.float32)
     prompts = [
         Prompt(point_coords=np.array([[35.0, 50.0]]), point_labels=np.array([1])),
@@ -405,7 +414,7 @@ def test_extending_clicks_start_from_the_earlier_logits(fx: Fixture) -> None:
     first = _click(view, fx.a, point_coordinates=FIRST_CLICK, point_labels=[1],
                    use_mask_input_cache=True)
     assert len(low_res) == 1 and fx.a.embedding_id in low_res
-    prior = first.logits[0, int(first.best_indices[0])]
+    prior = first.logits[first.scores.argmax()]  # the best candidate's (256, 256) logits
 
     refined = _click(view, fx.a, point_coordinates=SECOND_CLICK, point_labels=[1, 0],
                      use_mask_input_cache=True)
@@ -444,7 +453,7 @@ def test_explicit_mask_input_wins_over_the_cache(fx: Fixture) -> None:
     view = _view(fx.model, low_res=low_res)
     _click(view, fx.a, point_coordinates=FIRST_CLICK, point_labels=[1], use_mask_input_cache=True)
     other = _click(fx.model, fx.a, boxes=BOX_A2)
-    given = other.logits[0, 0]
+    given = other.logits[0]
     got = _click(view, fx.a, point_coordinates=SECOND_CLICK, point_labels=[1, 0],
                  mask_input=given, use_mask_input_cache=True)
     expected = _click(fx.model, fx.a, point_coordinates=SECOND_CLICK, point_labels=[1, 0],
@@ -506,7 +515,7 @@ def test_points_on_the_image_edge_are_valid(fx: Fixture) -> None:
         fx.model, fx.a, point_coordinates=[[0.0, 0.0], [float(width), float(height)]],
         point_labels=[1, 0], boxes=[0.0, 0.0, float(width), float(height)],
     )
-    assert prediction.masks.shape == (1, 3, *A_HW)
+    assert prediction.masks.shape == (3, *A_HW)
 
 
 def test_embedding_of_another_model_is_refused(fx: Fixture) -> None:

@@ -10,10 +10,44 @@ Shape letters used in docstrings:
 Module attribute names follow Meta's state-dict keys so official checkpoints load
 strictly (see ``sam2_shared.checkpoints``). Nothing here knows about files, numpy,
 stores or gRPC; device and dtype are decided by the caller.
+
+The builders are imported lazily (PEP 562) so that ``sam2_shared.model.config`` (model ids,
+no torch) can be used by the client without loading torch.
 """
 
-from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart, build_decoder, build_encoder
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from sam2_shared.model.config import MODEL_CONFIGS, Sam2Config, get_config
+
+if TYPE_CHECKING:
+    from sam2_shared.model.build import (
+        Sam2DecoderPart,
+        Sam2EncoderPart,
+        build_decoder,
+        build_encoder,
+    )
+
+_BUILD_EXPORTS = ("Sam2DecoderPart", "Sam2EncoderPart", "build_decoder", "build_encoder")
+__all__ = [
+    "MODEL_CONFIGS",
+    "Sam2Config",
+    "Sam2DecoderPart",
+    "Sam2EncoderPart",
+    "build_decoder",
+    "build_encoder",
+    "get_config",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _BUILD_EXPORTS:
+        raise AttributeError(f"module 'sam2_shared.model' has no attribute {name!r}")
+    value = getattr(importlib.import_module("sam2_shared.model.build"), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "MODEL_CONFIGS",

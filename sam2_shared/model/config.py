@@ -153,12 +153,54 @@ def _build_registry() -> dict[str, Sam2Config]:
 MODEL_CONFIGS: dict[str, Sam2Config] = _build_registry()
 
 
+# Meta's config files and checkpoints spell sizes t / s / b+ / l and tiny / small /
+# base_plus / large; Hugging Face ids use facebook/sam2.1-hiera-tiny.
+_SIZE_SPELLINGS = {
+    "hiera_tiny": ("hiera_t", "hiera_tiny"),
+    "hiera_small": ("hiera_s", "hiera_small"),
+    "hiera_b_plus": ("hiera_b+", "hiera_base_plus", "hiera_b_plus"),
+    "hiera_large": ("hiera_l", "hiera_large"),
+}
+
+
+def _aliases() -> dict[str, str]:
+    aliases = {}
+    for family in _RELEASES:
+        for size, spellings in _SIZE_SPELLINGS.items():
+            for spelling in spellings:
+                aliases[f"{family}_{spelling}"] = f"{family}/{size}"
+                aliases[f"facebook/{family}-{spelling.replace('_', '-')}"] = f"{family}/{size}"
+    return aliases
+
+
+MODEL_ID_ALIASES: dict[str, str] = _aliases()
+
+
+def canonical_model_id(model_id: str) -> str:
+    """The official id (``"sam2.1/hiera_b_plus"``) of any accepted spelling of a model.
+
+    Accepted: the official ids; Meta's config and checkpoint file names with or without
+    their folder and extension (``sam2.1_hiera_b+``, ``configs/sam2/sam2_hiera_t.yaml``,
+    ``sam2.1_hiera_base_plus.pt``); Hugging Face ids (``facebook/sam2.1-hiera-tiny``).
+    """
+    if model_id in MODEL_CONFIGS:
+        return model_id
+    name = model_id.strip()
+    if not name.startswith("facebook/"):
+        name = name.rsplit("/", 1)[-1]
+        for extension in (".yaml", ".pt"):
+            name = name.removesuffix(extension)
+    if name in MODEL_ID_ALIASES:
+        return MODEL_ID_ALIASES[name]
+    known = ", ".join(sorted(MODEL_CONFIGS))
+    raise UnknownModelError(
+        f"unknown model id {model_id!r}; known models: {known} (Meta's file names such as "
+        "'sam2.1_hiera_b+' and Hugging Face ids such as 'facebook/sam2.1-hiera-tiny' work too)",
+        model_id=model_id,
+    )
+
+
 def get_config(model_id: str) -> Sam2Config:
-    """Config of an official model id such as ``"sam2.1/hiera_b_plus"``."""
-    try:
-        return MODEL_CONFIGS[model_id]
-    except KeyError:
-        known = ", ".join(sorted(MODEL_CONFIGS))
-        raise UnknownModelError(
-            f"unknown model id {model_id!r}; known models: {known}", model_id=model_id
-        ) from None
+    """Config of an official model id such as ``"sam2.1/hiera_b_plus"`` (or any spelling
+    ``canonical_model_id`` accepts)."""
+    return MODEL_CONFIGS[canonical_model_id(model_id)]

@@ -1,14 +1,7 @@
-"""Errors raised by the shared embedding store."""
+"""Errors raised by the shared embedding store (defined with every domain error)."""
 
 from __future__ import annotations
 
-from sam2_shared.errors import Sam2Error
+from sam2_shared.errors import StoreUnavailableError
 
-
-class StoreUnavailableError(Sam2Error):
-    """The store backend could not be reached or refused the operation.
-
-    The message names the store by its masked URL, never its credentials.
-    """
-
-    reason = "STORE_UNAVAILABLE"
+__all__ = ["StoreUnavailableError"]

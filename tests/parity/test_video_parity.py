@@ -315,12 +315,12 @@ def test_video_frame_encoding(video_runs: VideoRuns, clip_dir: Path) -> None:
     """Our video preprocessing equals the reference's on every frame, and our encoder on a
     video frame matches the reference's ``forward_image`` (the tracking test shares the
     reference's encodes to save time)."""
-    from sam2_shared import imaging
+    from sam2_shared import transforms
 
     frames = decoded_frames(clip_dir)
-    ours = imaging.preprocess_video_frames(frames)
+    ours = transforms.preprocess_video_frames(frames)
     assert torch.equal(ours, video_runs.reference.images), "video preprocessing differs"
-    image_path = imaging.preprocess_images(frames[:1])
+    image_path = transforms.preprocess_images(frames[:1])
     assert not torch.equal(image_path[0], ours[0]), "image and video preprocessing must differ"
 
     embedding = video_runs.model.embed_frames(frames[:1])[0]
