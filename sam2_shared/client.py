@@ -48,7 +48,6 @@ with a headless Kubernetes Service (one A record per pod), or ``"ipv4:10.0.0.1:5
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import threading
 from collections.abc import Sequence
@@ -106,11 +105,14 @@ def _array_converter(array_type: str) -> Any:
     with ``"auto"``, when torch is installed) or numpy arrays as they are."""
     if array_type not in ("auto", "torch", "numpy"):
         raise ValueError(f"array_type must be 'auto', 'torch' or 'numpy', got {array_type!r}")
-    if array_type == "numpy" or (
-        array_type == "auto" and importlib.util.find_spec("torch") is None
-    ):
+    if array_type == "numpy":
         return lambda array: array
-    torch = importlib.import_module("torch")
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        if array_type == "torch":
+            raise
+        return lambda array: array
     return torch.from_numpy
 
 

@@ -49,7 +49,10 @@ def model(tiny_checkpoint: Path) -> Sam2Model:
 
 
 def assert_same_prediction(got: Sam2Prediction, want: Sam2Prediction) -> None:
+    """Same types (CPU tensors), shapes and values, the user's and the batched ones."""
+    assert type(got.masks) is type(want.masks)
     assert got.masks.shape == want.masks.shape and got.masks.dtype == want.masks.dtype
+    assert got.batched.masks.shape == want.batched.masks.shape
     np.testing.assert_array_equal(got.masks, want.masks)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
@@ -80,7 +83,7 @@ def test_same_predictions_as_the_in_process_model(client: Sam2Client, model: Sam
         assert_same_prediction(g, w)
     # refinement with mask_input, as in process
     [first] = client.segment_images(bgr, point_coordinates=[[90, 110]], point_labels=[1])
-    mask_input = first.logits[0, first.best_indices[0]]
+    mask_input = first.logits[first.scores.argmax()]
     [got_refined] = client.segment_images(bgr, point_coordinates=[[90, 110], [60, 60]],
                                           point_labels=[1, 0], mask_input=mask_input)
     [want_refined] = model.segment_images(bgr, point_coordinates=[[90, 110], [60, 60]],
@@ -123,7 +126,7 @@ def test_client_without_encoder_lets_the_decoder_fetch_the_embedding(tiers) -> N
     with Sam2Client(decoder=decoder.address, model_id=MODEL_ID) as client:
         [prediction] = client.segment_images(rgb, boxes=[10, 10, 100, 80],
                                              input_color_format="rgb")
-        assert prediction.masks.shape == (1, 3, 90, 130)
+        assert prediction.masks.shape == (3, 90, 130)
         assert client.stats.segment_calls == 2 and client.stats.images_uploaded == 0
 
 

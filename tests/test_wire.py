@@ -12,7 +12,7 @@ from sam2_shared.api.v1 import common_pb2, decoder_pb2
 from sam2_shared.errors import InvalidInputError, LogitsNotFoundError
 from sam2_shared.imaging import decode_image
 from sam2_shared.masks import MaskEncoding
-from sam2_shared.prompts import Prompt, Sam2Prediction
+from sam2_shared.prompts import Prompt, Sam2BatchedPrediction
 
 
 def _through_wire(message):  # type: ignore[no-untyped-def]
@@ -172,7 +172,7 @@ def test_bad_prompts_are_rejected() -> None:
 
 def _prediction(prompt_count: int, candidate_count: int, height: int = 21, width: int = 34):
     rng = np.random.default_rng(prompt_count * 10 + candidate_count)
-    return Sam2Prediction(
+    return Sam2BatchedPrediction(
         masks=rng.random((prompt_count, candidate_count, height, width)) < 0.3,
         scores=rng.random((prompt_count, candidate_count)).astype(np.float32),
         logits=rng.normal(size=(prompt_count, candidate_count, 256, 256)).astype(np.float32),

@@ -8,11 +8,13 @@ too. The worst figures per model land in the session's parity report (see tests/
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from parity_stats import ParityStats
 from parity_support import IMAGES_FOR_MODEL, TEST_IMAGES, PairCache, ParityPair, model_params
 from synthetic_images import SHAPE_BOXES, SHAPE_CENTRES, pixel_box, pixel_point
@@ -170,7 +172,18 @@ def _ours_arguments(prompts: Prompts, case: str) -> dict[str, Any]:
     return args
 
 
-def _segment_ours(pair: ParityPair, embedding: Any, prompts: Prompts, multimask: bool) -> Any:
+def call_form(image_name: str, case: str) -> str:
+    """Half the cases pass bare arrays for the one image, half the per-image list form
+    (``embeddings=[e]``, ``point_coordinates=[array]``...): both must give the same answer."""
+    return "bare" if zlib.crc32(f"{image_name}/{case}".encode()) % 2 == 0 else "list"
+
+
+def _segment_ours(
+    pair: ParityPair, embedding: Any, prompts: Prompts, multimask: bool, form: str
+) -> Any:
+    if form == "list":
+        embedding = [embedding]
+        prompts = {name: [value] for name, value in prompts.items()}
     predictions = pair.ours.segment_images(
         embeddings=embedding, multimask_output=multimask, **prompts
     )
@@ -191,6 +204,11 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 def _tensor(x: Any) -> np.ndarray:
     return x.detach().float().cpu().numpy()
+
+
+def _tensor_values(x: Any) -> np.ndarray:
+    """A tensor as numpy, its dtype kept (bool masks stay bool)."""
+    return x.detach().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,10 +254,17 @@ def test_prompt_parity(
 
     prompts = builder(height, width, run_reference)
     ref = run_reference(**prompts, multimask_output=multimask)
-    pred = _segment_ours(parity_pair, embedding, _ours_arguments(prompts, case), multimask)
+    form = call_form(image_name, case)
+    user = _segment_ours(parity_pair, embedding, _ours_arguments(prompts, case), multimask, form)
 
     num_prompts, num_candidates = ref["scores"].shape
     assert num_candidates == (3 if multimask else 1)
+    # The user's shapes: no prompt axis for one prompt; ``batched`` always has it.
+    assert isinstance(user.masks, torch.Tensor) and user.masks.dtype == torch.bool
+    leading = () if num_prompts == 1 else (num_prompts,)
+    assert tuple(user.masks.shape) == (*leading, num_candidates, height, width)
+    assert tuple(user.scores.shape) == (*leading, num_candidates)
+    pred = user.batched.converted(_tensor_values)
     assert pred.masks.shape == (num_prompts, num_candidates, height, width)
     assert pred.masks.dtype == np.bool_
     assert pred.scores.shape == (num_prompts, num_candidates)
@@ -332,7 +357,7 @@ def test_single_mask_token_path_parity(parity_pairs: PairCache, model_id: str) -
             ours = pair.ours.segment_images(
                 embeddings=embedding, multimask_output=False, use_mask_input_cache=False,
                 **_ours_arguments(prompt, "single"),
-            )[0]
+            )[0].batched.converted(_tensor_values)
             assert _max_abs(ours.logits, ref["low_res_logits"]) <= LOGITS_ATOL
             assert _max_abs(ours.scores, ref["scores"]) <= SCORES_ATOL
             assert mask_ious(ours.masks, ref["masks"]).min() >= MASK_IOU_MIN
