@@ -79,7 +79,7 @@ def make_cases(model, images: Sequence[np.ndarray], ids: Sequence[str]) -> list[
             x, y = fx * width, fy * height
             [want] = model.segment_images(rgb, point_coordinates=[[x, y]], point_labels=[1],
                                           input_color_format="rgb", use_mask_input_cache=False)
-            cases.append(LoadCase(embedding_id, x, y, want.masks[0]))
+            cases.append(LoadCase(embedding_id, x, y, np.asarray(want.masks)))  # (C, H, W)
     return cases
 
 

@@ -18,7 +18,7 @@ COPY pyproject.toml ./
 COPY sam2_shared ./sam2_shared
 COPY encoder_service ./encoder_service
 COPY decoder_service ./decoder_service
-RUN pip install --constraint constraints.txt .
+RUN pip install --constraint constraints.txt '.[server]'
 
 # ---- runtime: slim Python and the venv
 FROM ${PYTHON_IMAGE} AS runtime

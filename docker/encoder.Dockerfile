@@ -22,7 +22,7 @@ COPY pyproject.toml ./
 COPY sam2_shared ./sam2_shared
 COPY encoder_service ./encoder_service
 COPY decoder_service ./decoder_service
-RUN pip install --constraint constraints.txt .
+RUN pip install --constraint constraints.txt '.[server]'
 
 # ---- runtime: the CUDA runtime libraries, Python and the venv; no compilers, no pip cache
 FROM ${CUDA_IMAGE} AS runtime

@@ -80,15 +80,16 @@ def main() -> int:
             start = time.perf_counter()
             again = client.segment_images(bgr, point_coordinates=[[x, y]], point_labels=[1])[0]
             again_s = time.perf_counter() - start
-        best = int(first.scores[0].argmax())
+        best = int(first.scores.argmax())
+        best_mask = first.masks[best]  # (H, W): one prompt gives masks (3, H, W)
         print(f"first click (embeds the image): {first_s:.2f} s; "
               f"same click again (embedding cached): {again_s * 1e3:.0f} ms")
-        print(f"scores {np.round(first.scores[0], 3).tolist()}, best candidate {best}, "
-              f"mask area {int(first.masks[0, best].sum())} px")
-        assert np.array_equal(first.masks, again.masks)
+        print(f"scores {np.round(np.asarray(first.scores), 3).tolist()}, best candidate {best}, "
+              f"mask area {int(best_mask.sum())} px")
+        assert np.array_equal(np.asarray(first.masks), np.asarray(again.masks))
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out), overlay(bgr, first.masks[0, best], (x, y)))
+        cv2.imwrite(str(out), overlay(bgr, np.asarray(best_mask), (x, y)))
         print(f"overlay written to {out}")
     return 0
 

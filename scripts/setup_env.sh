@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Idempotent development / CI environment: system servers, .venv, project, reference SAM 2.
+# Idempotent environment: .venv with the project; for tests (the default) also the servers the
+# tests start (Redis, Prometheus), the test pins and Meta's reference SAM 2.
+#
+#   bash scripts/setup_env.sh            # everything the test suite needs (what CI runs)
+#   bash scripts/setup_env.sh --runtime  # only what running the tiers needs (the demo)
 #
 # Order matters: the CPU torch goes in first, on its own, so that nothing later resolves a
 # (CUDA) torch of its own; Meta's reference (PyPI sam2==1.1.0, an sdist) is built without
@@ -13,10 +17,13 @@ VENV="${VENV:-.venv}"
 TORCH_VERSION="2.13.0"
 SAM2_VERSION="1.1.0"
 APT_PACKAGES=(redis-server prometheus)
+PROFILE="test"
+if [[ "${1:-}" == "--runtime" ]]; then PROFILE="runtime"; fi
 
 log() { printf '[setup_env] %s\n' "$*"; }
 
 # --- system packages (servers started by the integration tests) -------------------------
+if [[ "$PROFILE" == "runtime" ]]; then APT_PACKAGES=(); fi
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -28,7 +35,7 @@ if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
-else
+elif ((${#APT_PACKAGES[@]})); then
   log "apt packages present: ${APT_PACKAGES[*]}"
 fi
 
@@ -56,9 +63,17 @@ if [[ "$(installed_version torch)" != "$TORCH_VERSION"* ]]; then
   "${PIP[@]}" install "torch==$TORCH_VERSION"
 fi
 
-# The project (editable) with its test extra, held to the exact pins.
-log "pip install -e .[test] with requirements-dev.txt"
-"${PIP[@]}" install -q -e '.[test]' -r requirements-dev.txt "torch==$TORCH_VERSION"
+if [[ "$PROFILE" == "runtime" ]]; then
+  # The project (editable) with the tiers' dependencies, at the same pins as the tests.
+  log "pip install -e .[server] (constrained to requirements-dev.txt)"
+  "${PIP[@]}" install -q -e '.[server]' -c requirements-dev.txt "torch==$TORCH_VERSION"
+  log "ready (runtime): $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')"
+  exit 0
+fi
+
+# The project (editable) with its server and test extras, held to the exact pins.
+log "pip install -e .[server,test] with requirements-dev.txt"
+"${PIP[@]}" install -q -e '.[server,test]' -r requirements-dev.txt "torch==$TORCH_VERSION"
 
 # Meta's reference implementation for the parity tests.
 if [[ "$(installed_version sam2)" != "$SAM2_VERSION" ]]; then

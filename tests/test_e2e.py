@@ -93,8 +93,8 @@ def check_shared_store(fleet: Fleet, model: Sam2Model, seed: int) -> None:
         responses[name] = stub.Segment(point_request(embedding.embedding_id, 80, 90,
                                                      include_logits=True), timeout=60)
         [got], _ = wire.predictions_from_proto(responses[name].results)
-        np.testing.assert_array_equal(got.masks, want.masks[:1])
-        np.testing.assert_allclose(got.scores, want.scores[:1], atol=1e-5)
+        np.testing.assert_array_equal(got.masks, want.batched.masks[:1])
+        np.testing.assert_allclose(got.scores, want.batched.scores[:1], atol=1e-5)
 
     # a handle made on replica A refines on replica B exactly like the inline logits
     best = responses["A"].results[0].candidates[responses["A"].results[0].best_index]
@@ -170,7 +170,7 @@ def test_concurrent_load_no_failures_no_crossed_masks(default_fleet: Fleet,
         ids = [e.embedding_id for e in client.embed_images(images, input_color_format="rgb")]
     expected = [
         model.segment_images(rgb, point_coordinates=[p], point_labels=[1],
-                             input_color_format="rgb", use_mask_input_cache=False)[0].masks[0]
+                             input_color_format="rgb", use_mask_input_cache=False)[0].masks.numpy()
         for rgb, p in zip(images, points, strict=True)
     ]
     assert all(not np.array_equal(expected[0], other) for other in expected[1:])

@@ -23,9 +23,9 @@ from synthetic_images import synthetic_rgb
 from sam2_shared import (
     ImageEmbedding,
     Prompt,
+    Sam2BatchedPrediction,
     Sam2ImageEmbeddingsInMemoryCache,
     Sam2LowResolutionMasksInMemoryCache,
-    Sam2BatchedPrediction,
     Sam2Model,
     Sam2Prediction,
 )
