@@ -105,14 +105,14 @@ def test_segment_matches_in_process_model(stack: Stack, model: Sam2Model, image)
                                     input_color_format="rgb", use_mask_input_cache=False)
     [boxed] = model.segment_images(rgb, boxes=[30, 40, 200, 180], multimask_output=False,
                                    input_color_format="rgb", use_mask_input_cache=False)
-    for got, want in ((rows[0], points), (rows[1], boxed)):
+    for got, want in ((rows[0], points.batched), (rows[1], boxed.batched)):
         assert got.masks.shape == want.masks.shape
         np.testing.assert_array_equal(got.masks, want.masks)
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
         np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
         np.testing.assert_allclose(got.object_score_logits, want.object_score_logits, atol=1e-4)
     assert [len(h) for h in handles] == [3, 1] and all(h for row in handles for h in row)
-    assert response.results[0].best_index == int(points.scores[0].argmax())
+    assert response.results[0].best_index == int(points.scores.argmax())
 
 
 def test_mask_formats_decode_to_the_same_masks(stack: Stack, image) -> None:
