@@ -373,16 +373,18 @@ class Sam2Model:
         (``.batched`` always has it). C is 3 with ``multimask_output``, else 1. Tensors are
         on this model's device.
         """
+        given = images if embeddings is None else embeddings
+        if given is None:
+            raise InvalidInputError("give images or embeddings")
+        n_images = len(given) if isinstance(given, (list, tuple)) else 1
+        # Prompt arguments are checked before any image is decoded or encoded.
+        per_image = prompts_per_image(
+            n_images, point_coordinates, point_labels, boxes, mask_input, multimask_output,
+        )
         if embeddings is None:
-            if images is None:
-                raise InvalidInputError("give images or embeddings")
             embeddings = self.embed_images(images, use_embeddings_cache, input_color_format)
         elif not isinstance(embeddings, (list, tuple)):
             embeddings = [embeddings]
-        per_image = prompts_per_image(
-            len(embeddings), point_coordinates, point_labels, boxes, mask_input,
-            multimask_output,
-        )
         return [
             self._for_user(Sam2BatchedPrediction.concatenate(
                 self.decode_prompts(embedding, prompts, use_mask_input_cache)))

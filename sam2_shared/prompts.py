@@ -4,13 +4,17 @@
 ``segment_images`` accepts what users of the well-known SAM 2 model API write:
 
 - per-image arguments (``point_coordinates``, ``point_labels``, ``boxes``, ``mask_input``):
-  a bare array/tensor (or a nested list of numbers) is *the* prompt of one image, and with a
-  batch of images the same prompt for every image; a list/tuple of length 1 is broadcast to
-  every image; a list/tuple of length N gives one entry per image (``split_per_image``);
+  a bare array/tensor is *the* prompt of one image, and with a batch of N images the same
+  prompt for every image; a list/tuple of length 1 is broadcast to every image; a list/tuple
+  of length N gives one entry per image; with several images any other length is an error
+  (``split_per_image``). A nested list of numbers is read as per-image entries when its
+  entries have at least one image's rank (a point list ``[[x, y]]`` is one image's points);
 - per image, points ``[N, 2]`` + labels ``[N]`` are one prompt, ``[B, N, 2]`` + ``[B, N]``
   are B prompts; boxes ``[4]`` / ``[1, 4]`` one, ``[B, 4]`` B; points and boxes together
   pair up one box per point set; ``mask_input`` ``[256, 256]`` / ``[1, 256, 256]`` one,
-  ``[B, 256, 256]`` / ``[B, 1, 256, 256]`` B (``prompts_from_arrays``).
+  ``[B, 256, 256]`` / ``[B, 1, 256, 256]`` B — with points or boxes giving the B; alone,
+  only ``[B, 1, 256, 256]``, since ``[3, 256, 256]`` is most often the three candidates of
+  one earlier prompt (``prompts_from_arrays``).
 
 Results: ``Sam2Prediction`` holds the user's shapes (one prompt: ``masks`` (C, H, W),
 ``scores`` (C,), ``logits`` (C, 256, 256); B > 1 prompts add a leading B axis) and
@@ -29,7 +33,6 @@ from sam2_shared.errors import InvalidInputError
 
 LOW_RES_SIZE = 256  # side of the decoder's low-resolution logits
 
-PROMPT_ARGUMENTS = ("point_coordinates", "point_labels", "boxes", "mask_input")
 # Per argument: (fewest dims of one image's value, most dims of one image's value).
 _IMAGE_VALUE_NDIM = {
     "point_coordinates": (2, 3),
@@ -58,7 +61,7 @@ class Prompt:
     multimask_output: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sam2BatchedPrediction:
     """Decoder output for the P prompts of one image, always batched.
 
@@ -83,9 +86,10 @@ class Sam2BatchedPrediction:
         return int(self.masks.shape[0])
 
     @property
-    def best_indices(self) -> np.ndarray:
-        """[P] index of the highest-scoring candidate per prompt."""
-        return np.asarray(self.scores).argmax(axis=1)
+    def best_indices(self) -> Any:
+        """[P] index of the highest-scoring candidate per prompt (numpy or tensor, like
+        ``scores``)."""
+        return self.scores.argmax(1)
 
     @classmethod
     def concatenate(cls, rows: Sequence[Sam2BatchedPrediction]) -> Sam2BatchedPrediction:
@@ -114,7 +118,7 @@ class Sam2BatchedPrediction:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sam2Prediction:
     """``segment_images`` result for one image, in the shapes users of the SAM 2 API expect.
 
@@ -140,7 +144,7 @@ class Sam2Prediction:
         one = batched.num_prompts == 1
 
         def user(array: Any) -> Any:
-            return array[0] if one else array
+            return array[0, ...] if one else array  # [0, ...]: a 0-d array, not a scalar
 
         return cls(
             masks=user(batched.masks),
@@ -182,9 +186,11 @@ def _is_per_image_list(name: str, value: Any, n_images: int) -> bool:
         return True  # ragged: only meaningful as per-image entries
     if whole.ndim > highest:
         return True
-    # A nested list of numbers is one image's prompt unless it also reads as 1 or N entries
-    # of at least one image's rank (then both readings give the same prompt for length 1).
-    return len(value) in (1, n_images) and whole.ndim - 1 >= lowest
+    # Entries of at least one image's rank: per image when there are several images (a wrong
+    # count is then an error, never silently a shared prompt); for one image, a list of one
+    # entry reads the same either way, and anything longer is that image's prompt.
+    entries_fit = whole.ndim - 1 >= lowest
+    return entries_fit and (n_images > 1 or len(value) == 1)
 
 
 def split_per_image(name: str, value: Any, n_images: int) -> list[Any]:
@@ -234,7 +240,8 @@ def prompts_per_image(
 
 
 def _mask_inputs(value: Any) -> np.ndarray:
-    """One image's ``mask_input`` -> [B, 256, 256]; a stack of candidates is refused."""
+    """One image's ``mask_input`` -> [B, 1, 256, 256] (a B axis given explicitly) or
+    [M, 256, 256] (M masks whose prompt count the other arguments decide)."""
     masks = as_numpy(value, "mask_input")
     square = (LOW_RES_SIZE, LOW_RES_SIZE)
     if masks.ndim == 4 and masks.shape[1] != 1 and masks.shape[2:] == square:
@@ -249,7 +256,18 @@ def _mask_inputs(value: Any) -> np.ndarray:
             f"[B, 1, 256, 256] low-res logits, got {masks.shape}",
             argument="mask_input",
         )
-    return masks.reshape(-1, *square)
+    return masks if masks.ndim == 4 else masks.reshape(-1, *square)
+
+
+def _labels(value: Any) -> np.ndarray:
+    labels = as_numpy(value, "point_labels")
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise InvalidInputError(
+            "point_labels must be 1 (foreground) or 0 (background), got "
+            f"{np.unique(labels)[:8].tolist()}",
+            argument="point_labels",
+        )
+    return labels.astype(np.int32)
 
 
 def prompts_from_arrays(
@@ -258,16 +276,10 @@ def prompts_from_arrays(
     """Split the array-style prompts of one image into B ``Prompt``s."""
     coords = None if point_coordinates is None else as_numpy(point_coordinates,
                                                              "point_coordinates")
-    labels = None if point_labels is None else as_numpy(point_labels, "point_labels")
+    labels = None if point_labels is None else _labels(point_labels)
     box_array = None if boxes is None else as_numpy(boxes, "boxes")
     masks = None if mask_input is None else _mask_inputs(mask_input)
-    if coords is not None and coords.ndim == 2:
-        coords = coords[None]
-    if labels is not None and labels.ndim == 1:
-        labels = labels[None]
-    if box_array is not None and box_array.ndim == 1:
-        box_array = box_array[None]
-    if coords is not None and (coords.ndim != 3 or coords.shape[-1] != 2):
+    if coords is not None and (coords.ndim not in (2, 3) or coords.shape[-1] != 2):
         raise InvalidInputError(
             f"point_coordinates must be [N, 2] or [B, N, 2], got {coords.shape}",
             argument="point_coordinates",
@@ -275,29 +287,54 @@ def prompts_from_arrays(
     if coords is not None and labels is None:
         raise InvalidInputError("point_labels are required with point_coordinates",
                                 argument="point_labels")
-    if labels is not None and labels.ndim != 2:
+    if labels is not None and labels.ndim not in (1, 2):
         raise InvalidInputError(f"point_labels must be [N] or [B, N], got {labels.shape}",
                                 argument="point_labels")
-    if box_array is not None and (box_array.ndim != 2 or box_array.shape[1] != 4):
+    if labels is not None and coords is None and labels.size:
+        raise InvalidInputError("point_labels given without point_coordinates",
+                                argument="point_labels")
+    if coords is not None and labels is not None and coords.shape[:-1] != labels.shape:
+        raise InvalidInputError(
+            f"point_labels {labels.shape} must match point_coordinates {coords.shape}: one "
+            "label per point ([N] with [N, 2], [B, N] with [B, N, 2])",
+            argument="point_labels",
+        )
+    if coords is not None and labels is not None and coords.ndim == 2:
+        coords, labels = coords[None], labels[None]
+    if box_array is not None and box_array.ndim == 3 and box_array.shape[1] == 1:
+        box_array = box_array[:, 0]  # [B, 1, 4], as Meta's predictor accepts
+    if box_array is not None and (box_array.shape[-1:] != (4,) or box_array.ndim not in (1, 2)):
         raise InvalidInputError(f"boxes must be [4] or [B, 4], got {box_array.shape}",
                                 argument="boxes")
+    if box_array is not None and box_array.ndim == 1:
+        box_array = box_array[None]
     sizes = {
         name: len(value)
-        for name, value in (("point_coordinates", coords), ("point_labels", labels),
-                            ("boxes", box_array), ("mask_input", masks))
+        for name, value in (("point_coordinates", coords), ("boxes", box_array))
         if value is not None
     }
+    others = max(sizes.values(), default=0)
+    if masks is not None:
+        prompt_axis = masks.ndim == 4
+        masks = masks.reshape(-1, LOW_RES_SIZE, LOW_RES_SIZE)
+        if len(masks) > 1 and not others and not prompt_axis:
+            raise InvalidInputError(
+                f"mask_input has {len(masks)} masks and no points or boxes: if these are the "
+                "candidates of one earlier prompt, pass one, e.g. logits[scores.argmax()]; for "
+                f"{len(masks)} mask-only prompts pass shape ({len(masks)}, 1, 256, 256)",
+                argument="mask_input",
+            )
+        if len(masks) > 1 and others and len(masks) != others:
+            what = "one prompt" if others == 1 else f"{others} prompts"
+            raise InvalidInputError(
+                f"mask_input has {len(masks)} masks for {what}; pass one candidate's logits "
+                "per prompt, e.g. logits[scores.argmax()]",
+                argument="mask_input",
+            )
+        sizes["mask_input"] = len(masks)
     count = max(sizes.values(), default=0)
     if count == 0:
         raise InvalidInputError("empty prompt: give points, boxes or a mask_input")
-    others = max((size for name, size in sizes.items() if name != "mask_input"), default=0)
-    if masks is not None and len(masks) > 1 and others and len(masks) != others:
-        what = "one prompt" if others == 1 else f"{others} prompts"
-        raise InvalidInputError(
-            f"mask_input has {len(masks)} masks for {what}; pass one candidate's logits per "
-            "prompt, e.g. logits[scores.argmax()]",
-            argument="mask_input",
-        )
     for name, size in sizes.items():
         if size not in (1, count):
             raise InvalidInputError(
@@ -307,16 +344,13 @@ def prompts_from_arrays(
     def pick(value: np.ndarray | None, i: int) -> np.ndarray | None:
         return None if value is None else value[i if len(value) > 1 else 0]
 
-    prompts = []
-    for i in range(count):
-        labels_i = pick(labels, i)
-        prompts.append(
-            Prompt(
-                point_coords=pick(coords, i),
-                point_labels=None if labels_i is None else labels_i.astype(np.int32),
-                box=pick(box_array, i),
-                mask_input=pick(masks, i),
-                multimask_output=multimask_output,
-            )
+    return [
+        Prompt(
+            point_coords=pick(coords, i),
+            point_labels=pick(labels, i),
+            box=pick(box_array, i),
+            mask_input=pick(masks, i),
+            multimask_output=multimask_output,
         )
-    return prompts
+        for i in range(count)
+    ]

@@ -12,7 +12,7 @@ does to compute content ids) never imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,24 +33,15 @@ def preprocess_images(images: Sequence[np.ndarray]) -> torch.Tensor:
     Returns:
         [B, 3, 1024, 1024] float32 CPU tensor.
     """
-    if len(images) == 0:
-        raise InvalidInputError("preprocess_images needs at least one image")
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
-    batch = torch.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32)
-    for index, rgb in enumerate(images):
-        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 \
-                or rgb.shape[2] != 3 or rgb.size == 0:
-            got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise InvalidInputError(f"image {index}: expected HxWx3 uint8 RGB, got {got}")
+    def resize(rgb: np.ndarray) -> torch.Tensor:
         # Same order of operations as ToTensor (permute, to float, div 255).
         chw = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255)
-        resized = F.interpolate(
+        return F.interpolate(
             chw[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
             align_corners=False, antialias=True,
         )[0]
-        batch[index] = (resized - mean) / std
-    return batch
+
+    return _normalised_batch(images, "image", resize)
 
 
 def postprocess_masks(low_res_logits: torch.Tensor, original_hw: tuple[int, int]) -> torch.Tensor:
@@ -81,19 +72,29 @@ def preprocess_video_frames(frames: Sequence[np.ndarray]) -> torch.Tensor:
     Returns:
         [T, 3, 1024, 1024] float32 CPU tensor.
     """
-    if len(frames) == 0:
-        raise InvalidInputError("preprocess_video_frames needs at least one frame")
-    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
-    batch = torch.empty((len(frames), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32)
-    for index, rgb in enumerate(frames):
-        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 \
-                or rgb.shape[2] != 3 or rgb.size == 0:
-            got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise InvalidInputError(f"frame {index}: expected HxWx3 uint8 RGB, got {got}")
+    def resize(rgb: np.ndarray) -> torch.Tensor:
         resized = np.asarray(
             Image.fromarray(np.ascontiguousarray(rgb)).resize((IMAGE_SIZE, IMAGE_SIZE))
         )
-        batch[index] = torch.from_numpy(resized / 255.0).permute(2, 0, 1)  # float64 -> float32
-        batch[index] = (batch[index] - mean) / std
+        return torch.from_numpy(resized / 255.0).permute(2, 0, 1).float()  # float64 -> float32
+
+    return _normalised_batch(frames, "frame", resize)
+
+
+def _normalised_batch(
+    images: Sequence[np.ndarray], what: str, resize: Callable[[np.ndarray], torch.Tensor]
+) -> torch.Tensor:
+    """[B, 3, 1024, 1024]: each HxWx3 uint8 RGB image resized to the model frame by
+    ``resize`` ([3, 1024, 1024] float32 in [0, 1]), then ``(x - PIXEL_MEAN) / PIXEL_STD``."""
+    if len(images) == 0:
+        raise InvalidInputError(f"at least one {what} is needed")
+    mean = torch.tensor(PIXEL_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD, dtype=torch.float32).view(3, 1, 1)
+    batch = torch.empty((len(images), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.float32)
+    for index, rgb in enumerate(images):
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 \
+                or rgb.shape[2] != 3 or rgb.size == 0:
+            got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+            raise InvalidInputError(f"{what} {index}: expected HxWx3 uint8 RGB, got {got}")
+        batch[index] = (resize(rgb) - mean) / std
     return batch

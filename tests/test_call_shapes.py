@@ -25,6 +25,7 @@ from synthetic_images import synthetic_rgb
 from tier_processes import REPO_ROOT, TierProcess, decoder_process, encoder_process
 
 from sam2_shared import (
+    Sam2BatchedPrediction,
     Sam2ImageEmbeddingsInMemoryCache,
     Sam2LowResolutionMasksInMemoryCache,
     Sam2Model,
@@ -32,6 +33,7 @@ from sam2_shared import (
 )
 from sam2_shared.client import Sam2Client
 from sam2_shared.model.config import canonical_model_id
+from sam2_shared.prompts import prompts_per_image
 
 MODEL_ID = "sam2.1/hiera_tiny"
 SAMPLE = REPO_ROOT / "samples" / "scene.jpg"
@@ -295,6 +297,18 @@ BAD_CALLS: dict[str, tuple[Callable[[np.ndarray], dict[str, Any]], str]] = {
 }
 
 
+BAD_CALL_ARGUMENT = {  # the argument each error names (ErrorInfo metadata through the tiers)
+    "per-image-list-too-long": "boxes",
+    "three-candidates-as-mask-input": "mask_input",
+    "candidates-axis-in-mask-input": "mask_input",
+    "wrong-mask-size": "mask_input",
+    "points-without-labels": "point_labels",
+    "points-three-coordinates": "point_coordinates",
+    "boxes-three-numbers": "boxes",
+    "two-boxes-three-point-sets": "boxes",
+}
+
+
 @pytest.mark.parametrize("name", sorted(BAD_CALLS))
 def test_bad_call_shapes_are_value_errors_naming_the_argument(
     name: str, model: Any, image: np.ndarray
@@ -302,8 +316,9 @@ def test_bad_call_shapes_are_value_errors_naming_the_argument(
     make_arguments, message = BAD_CALLS[name]
     logits = np.zeros((3, 256, 256), np.float32)
     images = [image, image[:100, :100]] if name == "per-image-list-too-long" else image
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         model.segment_images(images, **make_arguments(logits))
+    assert caught.value.metadata["argument"] == BAD_CALL_ARGUMENT[name]
 
 
 # ----- the client where torch is not installed ------------------------------------------
@@ -360,3 +375,78 @@ def test_client_without_torch_returns_numpy(tiers, remote: Sam2Client,
     [with_torch] = remote.segment_images(image, point_coordinates=np.array([[100, 150]]),
                                          point_labels=np.array([1]))
     assert seen["masks_sum"] == int(with_torch.masks.sum())  # the same masks
+
+
+# ----- the argument rules on their own (numpy only, no model) ---------------------------
+
+
+def _split(n_images: int, **arguments: Any) -> list[list[Any]]:
+    values = {name: arguments.get(name) for name in
+              ("point_coordinates", "point_labels", "boxes", "mask_input")}
+    return prompts_per_image(n_images, *values.values(), multimask_output=True)
+
+
+def test_rules_points_and_labels_pair_up_exactly() -> None:
+    # [B, N, 2] with [B, N]: B prompts, each with its own labels
+    [prompts] = _split(1, point_coordinates=np.array([[[1, 2], [3, 4]], [[5, 6], [7, 8]]]),
+                       point_labels=np.array([[1, 0], [0, 1]]))
+    assert [p.point_labels.tolist() for p in prompts] == [[1, 0], [0, 1]]
+    # labels never silently broadcast over point sets or images
+    with pytest.raises(ValueError, match=r"point_labels \(2, 1\) must match") as caught:
+        _split(1, point_coordinates=np.zeros((1, 1, 2)), point_labels=np.ones((2, 1)))
+    assert caught.value.metadata["argument"] == "point_labels"
+    with pytest.raises(ValueError, match="must match point_coordinates"):
+        _split(2, point_coordinates=np.array([[[1, 2]], [[3, 4]]]), point_labels=[[1], [0]])
+
+
+def test_rules_labels_are_whole_zero_or_one() -> None:
+    for labels in ([0.6], [1.9], [2], [-1], [2**40]):
+        with pytest.raises(ValueError, match="point_labels must be 1 .* or 0") as caught:
+            _split(1, point_coordinates=[[1, 2]], point_labels=labels)
+        assert caught.value.metadata["argument"] == "point_labels"
+    [[prompt]] = _split(1, point_coordinates=[[1, 2]], point_labels=[1.0])
+    assert prompt.point_labels.dtype == np.int32 and prompt.point_labels.tolist() == [1]
+
+
+def test_rules_nested_lists_with_several_images_are_per_image() -> None:
+    two = [[0, 0, 9, 9], [5, 5, 20, 20]]
+    first, second = _split(2, boxes=two)  # one box per image
+    assert [p.box.tolist() for p in first] == [[0, 0, 9, 9]]
+    assert [p.box.tolist() for p in second] == [[5, 5, 20, 20]]
+    with pytest.raises(ValueError, match=r"boxes is a list of 2 per-image entries for 3"):
+        _split(3, boxes=two)  # never silently "both boxes on every image"
+    assert all(len(p) == 2 for p in _split(3, boxes=np.array(two)))  # a bare array is
+    # a point list [[x, y]] is one image's points, for one image or several
+    assert all(len(p) == 1 and p[0].point_coords.shape == (1, 2)
+               for p in _split(3, point_coordinates=[[1, 2]], point_labels=[1]))
+    [[one]] = _split(1, point_coordinates=[[1, 2], [3, 4]], point_labels=[1, 0])
+    assert one.point_coords.shape == (2, 2)
+
+
+def test_rules_candidates_as_mask_input_without_points_are_refused() -> None:
+    three = np.zeros((3, 256, 256), np.float32)
+    with pytest.raises(ValueError, match=r"3 masks and no points or boxes.*\(3, 1, 256, 256\)"):
+        _split(1, mask_input=three)
+    [prompts] = _split(1, mask_input=three[:, None])  # explicit prompt axis: 3 prompts
+    assert len(prompts) == 3 and prompts[0].mask_input.shape == (256, 256)
+    [prompts] = _split(1, mask_input=three[0])
+    assert len(prompts) == 1
+
+
+def test_rules_boxes_with_a_singleton_axis_and_tuples() -> None:
+    [prompts] = _split(1, boxes=np.zeros((2, 1, 4)) + [0, 0, 5, 5])
+    assert len(prompts) == 2 and prompts[0].box.shape == (4,)
+    [prompts] = _split(1, boxes=(0, 0, 5, 5))
+    assert len(prompts) == 1
+
+
+def test_single_prompt_object_score_is_zero_dimensional() -> None:
+    batched = Sam2BatchedPrediction(
+        masks=np.zeros((1, 3, 4, 5), bool), scores=np.array([[0.1, 0.9, 0.3]], np.float32),
+        logits=np.zeros((1, 3, 256, 256), np.float32),
+        object_score_logits=np.array([0.5], np.float32))
+    prediction = Sam2Prediction.from_batched(batched)
+    assert isinstance(prediction.object_score_logits, np.ndarray)
+    assert prediction.object_score_logits.shape == ()
+    assert prediction.masks[prediction.scores.argmax()].shape == (4, 5)
+    assert batched.best_indices.tolist() == [1]

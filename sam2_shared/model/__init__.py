@@ -31,15 +31,6 @@ if TYPE_CHECKING:
     )
 
 _BUILD_EXPORTS = ("Sam2DecoderPart", "Sam2EncoderPart", "build_decoder", "build_encoder")
-__all__ = [
-    "MODEL_CONFIGS",
-    "Sam2Config",
-    "Sam2DecoderPart",
-    "Sam2EncoderPart",
-    "build_decoder",
-    "build_encoder",
-    "get_config",
-]
 
 
 def __getattr__(name: str) -> Any:

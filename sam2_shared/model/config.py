@@ -169,6 +169,7 @@ def _aliases() -> dict[str, str]:
         for size, spellings in _SIZE_SPELLINGS.items():
             for spelling in spellings:
                 aliases[f"{family}_{spelling}"] = f"{family}/{size}"
+                aliases[f"{family}/{spelling}"] = f"{family}/{size}"
                 aliases[f"facebook/{family}-{spelling.replace('_', '-')}"] = f"{family}/{size}"
     return aliases
 
@@ -186,6 +187,8 @@ def canonical_model_id(model_id: str) -> str:
     if model_id in MODEL_CONFIGS:
         return model_id
     name = model_id.strip()
+    if name in MODEL_ID_ALIASES:
+        return MODEL_ID_ALIASES[name]
     if not name.startswith("facebook/"):
         name = name.rsplit("/", 1)[-1]
         for extension in (".yaml", ".pt"):
