@@ -31,8 +31,9 @@ from synthetic_images import synthetic_rgb  # noqa: E402
 from tier_processes import TierProcess  # noqa: E402
 
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
-from sam2_shared.client import Sam2Client, channel_options  # noqa: E402
-from sam2_shared.predictor import Sam2Model  # noqa: E402
+from sam2_shared.client import Sam2Client  # noqa: E402
+from sam2_shared.client.channels import channel_options  # noqa: E402
+from sam2_shared.inference.sam2_model import Sam2Model  # noqa: E402
 from sam2_shared.prompts import Prompt  # noqa: E402
 
 MODEL_ID = "sam2.1/hiera_tiny"

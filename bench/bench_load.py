@@ -35,7 +35,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from sam2_shared import wire  # noqa: E402
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
-from sam2_shared.client import channel_options  # noqa: E402
+from sam2_shared.client.channels import channel_options  # noqa: E402
 
 MODEL_ID = "sam2.1/hiera_tiny"
 POINTS = ((0.25, 0.3), (0.5, 0.5), (0.7, 0.4), (0.4, 0.75))  # fractions of (W, H)
@@ -149,7 +149,7 @@ def main() -> None:
     from tier_processes import decoder_process, encoder_process
 
     from sam2_shared.client import Sam2Client
-    from sam2_shared.predictor import Sam2Model
+    from sam2_shared.inference.sam2_model import Sam2Model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=None)

@@ -93,7 +93,7 @@ def track(frames: Any, checkpoints: list[int]) -> dict[str, Any]:
 
 
 def run_ours(model_id: str, checkpoint: Path, checkpoints: list[int]) -> dict[str, Any]:
-    from sam2_shared.video import FrameSource, Sam2VideoModel
+    from sam2_shared.inference.video import FrameSource, Sam2VideoModel
 
     model = Sam2VideoModel.from_pretrained(model_id, checkpoint, device="cpu")
     embeddings = model.embed_frames([frame(t) for t in range(DISTINCT_FRAMES)])

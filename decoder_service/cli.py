@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sam2_shared.config import setting
 from sam2_shared.errors import UnknownModelError
-from sam2_shared.metrics import Sam2Metrics
-from sam2_shared.security import auth_interceptor, tls_server_settings
-from sam2_shared.server import DEFAULT_GRACE_S, build_server, run_tier
+from sam2_shared.serving.auth import auth_interceptor
+from sam2_shared.serving.metrics import Sam2Metrics
+from sam2_shared.serving.server import DEFAULT_GRACE_S, build_server, run_tier
+from sam2_shared.serving.settings import setting
+from sam2_shared.serving.tls import tls_server_settings
 
 logger = logging.getLogger("decoder_service")
 
@@ -110,7 +111,7 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     from decoder_service.servicer import SERVICE_NAME, DecoderServicer
     from decoder_service.tracking_servicer import SERVICE_NAME as TRACKING_SERVICE_NAME
     from decoder_service.tracking_servicer import TrackingServicer
-    from sam2_shared.client import AsyncEncoderClient
+    from sam2_shared.serving.encoder_client import AsyncEncoderClient
     from sam2_shared.store import open_store
 
     metrics = metrics if metrics is not None else Sam2Metrics()
@@ -181,7 +182,7 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
     import torch
 
     from decoder_service.decoder import Decoder
-    from sam2_shared.predictor import Sam2Model
+    from sam2_shared.inference.sam2_model import Sam2Model
 
     device = settings.device
     if device == "auto":
@@ -210,7 +211,7 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
 def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
     """The video tracker (decoder + memory parts, no Hiera: frames come from the store)."""
     from decoder_service.tracking import Tracker
-    from sam2_shared.video import Sam2VideoModel
+    from sam2_shared.inference.video import Sam2VideoModel
 
     model = Sam2VideoModel.from_pretrained(settings.model, settings.checkpoint, device=device,
                                            with_encoder=False)

@@ -33,19 +33,23 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from sam2_shared import imaging
-from sam2_shared.batching import MicroBatcher
-from sam2_shared.caches import LruCache
-from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.embedding import (
+    ImageEmbedding,
+    check_id_namespace,
+    namespaced_content_id,
+    scope_id,
+)
 from sam2_shared.errors import (
     EmbeddingNotFoundError,
     InvalidInputError,
     LogitsNotFoundError,
     UnknownModelError,
 )
-from sam2_shared.predictor import Sam2Model
+from sam2_shared.inference import imaging
+from sam2_shared.inference.caches import LruCache
+from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Prompt, Sam2BatchedPrediction
-from sam2_shared.security import check_id_namespace, namespaced_content_id, scope_id
+from sam2_shared.serving.batching import MicroBatcher
 from sam2_shared.store import EmbeddingStore, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -286,7 +290,7 @@ class Decoder:
     ) -> SegmentResult:
         """Decode ``prompts`` on the embedding named by ``embedding_id`` and/or ``image``.
 
-        ``namespace``: the caller's tenant (``sam2_shared.security``); ids and logits handles
+        ``namespace``: the caller's tenant (``sam2_shared.serving.auth``); ids and logits handles
         of other namespaces are NOT_FOUND, new handles are made in it.
 
         Raises ``InvalidInputError`` (bad prompt, limits, id not matching the image),

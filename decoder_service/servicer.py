@@ -1,7 +1,7 @@
 """``sam2.v1.DecoderService`` over ``grpc.aio``: translates protos to ``Decoder`` calls and back.
 
 No model code here. Errors are raised as domain exceptions and mapped to rich status by the
-shared interceptor (``sam2_shared.grpc_errors``); ``SegmentStream`` instead answers a failing
+shared interceptor (``sam2_shared.wire.status``); ``SegmentStream`` instead answers a failing
 request with its ``google.rpc.Status`` and keeps the stream open, as the proto documents.
 CPU-heavy conversions (logits handles, mask encoding) run in threads, off the event loop.
 """
@@ -19,9 +19,9 @@ from decoder_service.decoder import Decoder, ImageInput
 from sam2_shared import wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
 from sam2_shared.errors import NotReadyError
-from sam2_shared.grpc_errors import to_rpc_status
-from sam2_shared.metrics import DecoderMetrics
-from sam2_shared.security import current_namespace
+from sam2_shared.serving.auth import current_namespace
+from sam2_shared.serving.metrics import DecoderMetrics
+from sam2_shared.wire.status import to_rpc_status
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
 

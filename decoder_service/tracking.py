@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.embedding import ImageEmbedding, check_id_namespace, namespace_of_id, scope_id
 from sam2_shared.errors import (
     CorruptEntryError,
     EmbeddingNotFoundError,
     InvalidInputError,
+    SessionNotFoundError,
     UnknownModelError,
 )
-from sam2_shared.security import check_id_namespace, namespace_of_id, scope_id
+from sam2_shared.inference.video import FrameResult, FrameSource, Sam2VideoModel, VideoSession
 from sam2_shared.store import EmbeddingStore
-from sam2_shared.video import FrameResult, FrameSource, Sam2VideoModel, VideoSession
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ REVISION_PREFIX = "video-session-rev/"
 _BLOB_HEADER = struct.Struct("<4sI")  # magic, JSON length
 _BLOB_MAGIC = b"TRK1"
 MAX_FRAMES = 100_000
-
-
-class SessionNotFoundError(EmbeddingNotFoundError):
-    """Unknown, closed or expired tracking session (NOT_FOUND)."""
-
-    reason = "SESSION_NOT_FOUND"
 
 
 @dataclass

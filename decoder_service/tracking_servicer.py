@@ -13,42 +13,17 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
 from decoder_service.tracking import Tracker
 from sam2_shared import wire
-from sam2_shared.api.v1 import common_pb2, tracking_pb2, tracking_pb2_grpc
-from sam2_shared.errors import InvalidInputError, NotReadyError
-from sam2_shared.masks import MaskEncoding, encode_masks, mask_areas, mask_bboxes
-from sam2_shared.security import current_namespace
-from sam2_shared.video import FrameResult
+from sam2_shared.api.v1 import tracking_pb2, tracking_pb2_grpc
+from sam2_shared.errors import NotReadyError
+from sam2_shared.serving.auth import current_namespace
+from sam2_shared.wire.tracking import frame_to_proto, tracking_prompt_from_proto
 
 SERVICE_NAME = tracking_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name
-_LABELS = {common_pb2.POINT_LABEL_FOREGROUND: 1, common_pb2.POINT_LABEL_BACKGROUND: 0}
-_MASK_FIELD = {MaskEncoding.COCO_RLE: "coco_rle_counts", MaskEncoding.PNG: "png_data",
-               MaskEncoding.RAW_BITS: "packed_bits"}
 
 logger = logging.getLogger(__name__)
-
-
-def frame_to_proto(result: FrameResult, encoding: MaskEncoding) -> tracking_pb2.FrameMasks:
-    """Every object's mask of one frame, encoded."""
-    masks = np.asarray(result.masks)
-    frame = tracking_pb2.FrameMasks(frame_index=int(result.frame_idx))
-    if masks.shape[0] == 0:
-        return frame
-    height, width = masks.shape[1:]
-    encoded = encode_masks(masks, encoding)
-    areas, boxes = mask_areas(masks), mask_bboxes(masks)
-    for k, obj_id in enumerate(result.obj_ids):
-        mask = common_pb2.EncodedMask(height_px=height, width_px=width, area_px=int(areas[k]))
-        setattr(mask, _MASK_FIELD[encoding], encoded[k])
-        x_min, y_min, x_max, y_max = boxes[k].tolist()
-        mask.bbox.CopyFrom(common_pb2.Box(x_min_px=x_min, y_min_px=y_min, x_max_px=x_max,
-                                          y_max_px=y_max))
-        frame.objects.add(object_id=int(obj_id), mask=mask,
-                          object_score_logit=float(result.object_score_logits[k]))
-    return frame
 
 
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
@@ -79,23 +54,12 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     async def AddPrompt(self, request, context) -> tracking_pb2.AddPromptResponse:
         tracker = self._ready()
         encoding = wire.mask_encoding_from_proto(request.mask_format)
-        points = labels = box = mask = None
-        if request.points:
-            points = np.array([[p.x_px, p.y_px] for p in request.points], dtype=np.float32)
-            try:
-                labels = np.array([_LABELS[p.label] for p in request.points], dtype=np.int32)
-            except KeyError:
-                raise InvalidInputError("every point needs a label: FOREGROUND or BACKGROUND",
-                                        reason="INVALID_POINT_LABEL") from None
-        if request.HasField("box"):
-            b = request.box
-            box = np.array([b.x_min_px, b.y_min_px, b.x_max_px, b.y_max_px], dtype=np.float32)
-        if request.HasField("mask"):
-            mask = wire.mask_from_proto(request.mask)
+        prompt = await asyncio.to_thread(tracking_prompt_from_proto, request)
         result = await asyncio.to_thread(
             tracker.add_prompt, request.session_id, request.frame_index, request.object_id,
-            points=points, labels=labels, box=box, keep_old_points=request.keep_old_points,
-            mask=mask, namespace=current_namespace(),
+            points=prompt.points, labels=prompt.labels, box=prompt.box,
+            keep_old_points=request.keep_old_points, mask=prompt.mask,
+            namespace=current_namespace(),
         )
         frame = await asyncio.to_thread(frame_to_proto, result, encoding)
         return tracking_pb2.AddPromptResponse(frame=frame)

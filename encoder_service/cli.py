@@ -19,11 +19,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sam2_shared.config import setting
 from sam2_shared.errors import UnknownModelError
-from sam2_shared.metrics import Sam2Metrics
-from sam2_shared.security import auth_interceptor, tls_server_settings
-from sam2_shared.server import DEFAULT_GRACE_S, build_server, run_tier
+from sam2_shared.serving.auth import auth_interceptor
+from sam2_shared.serving.metrics import Sam2Metrics
+from sam2_shared.serving.server import DEFAULT_GRACE_S, build_server, run_tier
+from sam2_shared.serving.settings import setting
+from sam2_shared.serving.tls import tls_server_settings
 
 logger = logging.getLogger("encoder_service")
 
@@ -125,7 +126,7 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
 
 def _load_encoder(settings: EncoderSettings, store):  # -> Encoder, imported lazily (torch)
     from encoder_service.encoder import Encoder, resolve_device_and_precision
-    from sam2_shared.predictor import Sam2Model
+    from sam2_shared.inference.sam2_model import Sam2Model
 
     device, precision = resolve_device_and_precision(settings.device, settings.precision)
     model = Sam2Model.from_pretrained(

@@ -20,19 +20,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam2_shared import transforms
-from sam2_shared.batching import MicroBatcher
-from sam2_shared.embedding import ImageEmbedding, content_id
+from sam2_shared.embedding import (
+    ImageEmbedding,
+    check_id_namespace,
+    content_id,
+    namespaced_content_id,
+    scope_id,
+)
 from sam2_shared.errors import (
     CorruptEntryError,
     EmbeddingNotFoundError,
     InvalidInputError,
     UnknownModelError,
 )
-from sam2_shared.predictor import Sam2Model
-from sam2_shared.security import check_id_namespace, namespaced_content_id, scope_id
+from sam2_shared.inference import transforms
+from sam2_shared.inference.sam2_model import Sam2Model
+from sam2_shared.inference.video import VIDEO_PREPROCESS_VERSION
+from sam2_shared.serving.batching import MicroBatcher
 from sam2_shared.store import EmbeddingStore, codec
-from sam2_shared.video import VIDEO_PREPROCESS_VERSION
 
 EXPORT_FORMAT = f"sam2-embedding-v{codec.FORMAT_VERSION}"
 MAX_IMPORT_BYTES = 256 * 1024 * 1024  # an fp32 embedding is ~21 MiB; far above any real one
@@ -168,7 +173,7 @@ class Encoder:
 
         ``image``: encoded bytes or an [H, W] / [H, W, 3|4] uint8 array in ``color_format``.
         Raises ``InvalidInputError`` for bad images, ``ResourceExhaustedError`` when the
-        queue is full. ``namespace``: the caller's tenant (``sam2_shared.security``), part
+        queue is full. ``namespace``: the caller's tenant (``sam2_shared.serving.auth``), part
         of the id. ``video_frame``: embed as a video frame for tracking (the video
         preprocessing, ``VIDEO_PREPROCESS_VERSION`` in the id).
         """

@@ -1,7 +1,7 @@
 """``EncoderServicer``: translates ``sam2.v1.EncoderService`` protos to ``Encoder`` calls.
 
 No torch here and no logic beyond the wire: errors raised by the ``Encoder`` become rich
-status in ``sam2_shared.grpc_errors`` (per image inside ``EmbedImages``, per RPC otherwise).
+status in ``sam2_shared.wire.status`` (per image inside ``EmbedImages``, per RPC otherwise).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from google.rpc import status_pb2
 from sam2_shared import wire
 from sam2_shared.api.v1 import encoder_pb2, encoder_pb2_grpc
 from sam2_shared.errors import InvalidInputError, NotReadyError
-from sam2_shared.grpc_errors import to_rpc_status
-from sam2_shared.security import current_namespace
+from sam2_shared.serving.auth import current_namespace
+from sam2_shared.wire.status import to_rpc_status
 
 if TYPE_CHECKING:
     from encoder_service.encoder import EmbeddingInfo, Encoder
-    from sam2_shared.metrics import EncoderMetrics
+    from sam2_shared.serving.metrics import EncoderMetrics
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 DEFAULT_CHUNK_BYTES = 1 << 20

@@ -10,21 +10,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sam2_shared.caches import (
+    from sam2_shared.embedding import ImageEmbedding
+    from sam2_shared.inference.caches import (
         Sam2ImageEmbeddingsInMemoryCache,
         Sam2LowResolutionMasksInMemoryCache,
     )
-    from sam2_shared.embedding import ImageEmbedding
-    from sam2_shared.predictor import Sam2Model
+    from sam2_shared.inference.sam2_model import Sam2Model
     from sam2_shared.prompts import Prompt, Sam2BatchedPrediction, Sam2Prediction
 
 _EXPORTS = {
     "ImageEmbedding": "sam2_shared.embedding",
     "Prompt": "sam2_shared.prompts",
     "Sam2BatchedPrediction": "sam2_shared.prompts",
-    "Sam2ImageEmbeddingsInMemoryCache": "sam2_shared.caches",
-    "Sam2LowResolutionMasksInMemoryCache": "sam2_shared.caches",
-    "Sam2Model": "sam2_shared.predictor",
+    "Sam2ImageEmbeddingsInMemoryCache": "sam2_shared.inference.caches",
+    "Sam2LowResolutionMasksInMemoryCache": "sam2_shared.inference.caches",
+    "Sam2Model": "sam2_shared.inference.sam2_model",
     "Sam2Prediction": "sam2_shared.prompts",
 }
 __all__ = [

@@ -1,15 +1,22 @@
 """The cached result of the image encoder and its content-addressed id.
 
 No torch import at run time: the client computes content ids where torch is not installed.
+
+Tenancy: ids made for a caller of a namespace are ``"<namespace>:<hex>"`` (the hex hashed with
+the namespace too); a caller may only use ids of its own namespace, anything else is answered
+like an unknown id (``check_id_namespace``), so one tenant can neither read nor probe
+another's embeddings or logits, even for identical images.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from sam2_shared.errors import EmbeddingNotFoundError, LogitsNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -17,6 +24,8 @@ if TYPE_CHECKING:
 # Bump when anything that changes the embedding of given pixels changes
 # (resize, normalisation, network wiring). It is part of every embedding id.
 PREPROCESS_VERSION = "sam2-image-v1"
+# Ids and logits handles of a namespaced (tenant) caller are "<namespace>:<hex>".
+NAMESPACE_SEPARATOR = ":"
 
 
 @dataclass
@@ -75,3 +84,39 @@ def content_id(
         digest.update(b"\0")
     digest.update(np.ascontiguousarray(rgb).tobytes())
     return digest.hexdigest()
+
+
+# --- tenant-scoped ids ------------------------------------------------------------
+
+
+def scope_id(namespace: str, local_id: str) -> str:
+    """The id a caller of ``namespace`` sees for ``local_id`` (unchanged without one)."""
+    return f"{namespace}{NAMESPACE_SEPARATOR}{local_id}" if namespace else local_id
+
+
+def namespace_of_id(scoped_id: str) -> str:
+    """The namespace an id or logits handle was made in ("" for plain ids)."""
+    head, separator, _ = scoped_id.partition(NAMESPACE_SEPARATOR)
+    return head if separator else ""
+
+
+def namespaced_content_id(rgb: Any, model_id: str, namespace: str = "") -> str:
+    """Embedding id of decoded RGB pixels for a caller of ``namespace``: the content hash
+    (which includes the namespace) prefixed by the namespace. Both tiers and the client
+    compute ids with this, so they agree."""
+    return scope_id(namespace, content_id(rgb, model_id, namespace=namespace))
+
+
+def check_id_namespace(scoped_id: str, namespace: str, *, what: str = "embedding") -> None:
+    """Raise NOT_FOUND unless ``scoped_id`` belongs to ``namespace``: another tenant's id
+    is answered exactly like an id that does not exist."""
+    if namespace_of_id(scoped_id) != namespace:
+        if what == "logits":
+            raise LogitsNotFoundError(
+                f"logits handle {scoped_id!r} is unknown or expired; send the logits inline or "
+                "start again from points or a box", logits_handle=scoped_id,
+            )
+        raise EmbeddingNotFoundError(
+            f"embedding {scoped_id!r} is not stored; call EncoderService.EmbedImages with the "
+            "image first", embedding_id=scoped_id,
+        )

@@ -1,8 +1,8 @@
 """Domain errors shared by the library and both tiers.
 
-No grpc import here: the servicers map these to status codes in one table
-(``sam2_shared.server``). Each error carries a stable UPPER_SNAKE ``reason``
-(AIP-193 ``ErrorInfo.reason``) and a message a user can act on.
+Every domain error of the project is defined here (no grpc import): the one table of
+``sam2_shared.wire.status`` maps them to gRPC status codes and back. Each error carries a
+stable UPPER_SNAKE ``reason`` (AIP-193 ``ErrorInfo.reason``) and a message a user can act on.
 """
 
 from __future__ import annotations
@@ -68,3 +68,16 @@ class ResourceExhaustedError(Sam2Error):
 
 class NotReadyError(Sam2Error):
     reason = "NOT_READY"
+
+
+class UnauthenticatedError(Sam2Error):
+    """No key, or a key that is not configured (UNAUTHENTICATED)."""
+
+    reason = "API_KEY_INVALID"
+
+
+
+class SessionNotFoundError(EmbeddingNotFoundError):
+    """Unknown, closed or expired tracking session (NOT_FOUND)."""
+
+    reason = "SESSION_NOT_FOUND"

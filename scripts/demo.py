@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from tier_processes import TierProcess  # noqa: E402
 
-from sam2_shared.checkpoints import resolve_checkpoint  # noqa: E402
 from sam2_shared.client import Sam2Client  # noqa: E402
 from sam2_shared.errors import CheckpointError  # noqa: E402
+from sam2_shared.inference.checkpoints import resolve_checkpoint  # noqa: E402
 from sam2_shared.model import get_config  # noqa: E402
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from decoder_service.cli import DecoderSettings  # noqa: E402
 from encoder_service.cli import EncoderSettings  # noqa: E402
-from sam2_shared.config import env_name, mask_secret  # noqa: E402
+from sam2_shared.serving.settings import env_name, mask_secret  # noqa: E402
 
 START, END = "<!-- settings:start -->", "<!-- settings:end -->"
 

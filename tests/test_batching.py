@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from sam2_shared.batching import BatchRecord, MicroBatcher
 from sam2_shared.errors import InvalidInputError, NotReadyError, ResourceExhaustedError
+from sam2_shared.serving.batching import BatchRecord, MicroBatcher
 
 
 class Recorder:

@@ -1,52 +1,83 @@
-"""Import boundaries between the packages, checked on the source with ``ast`` (nothing is run).
+"""Import boundaries: the folder says what a module is for and what it may import.
 
-- the tiers never import each other (``encoder_service`` <-> ``decoder_service``);
-- the network (``sam2_shared/model/``) knows nothing of gRPC, protobuf, stores, the generated
-  API, settings, servers or the tiers;
+Checked on the source with ``ast`` (nothing is run), one rule per folder of ``sam2_shared``
+(``FOLDER_RULES``): what it must not import, by top-level name or module prefix. Every import
+counts, including those under ``if TYPE_CHECKING:`` or inside functions, and
+``importlib.import_module("...")`` / ``__import__("...")`` with a literal name. Besides:
+
+- the tiers never import each other (``encoder_service`` <-> ``decoder_service``), and no
+  shared code imports a tier;
 - the generated API (``sam2_shared.api``) is imported only where protos are translated: the
-  wire module, the shared server and its error mapping, the client and the two servicers.
-
-Packages or files that do not exist yet are simply not checked; the rules apply as they appear.
-Every import counts, including those under ``if TYPE_CHECKING:`` or inside functions, and
-``importlib.import_module("...")`` / ``__import__("...")`` with a literal name.
+  wire package, the server, the clients and the servicers;
+- ``sam2_shared.client`` (and the wire layer it uses) imports without torch and without
+  OpenCV: checked for real, in a subprocess where both are unimportable.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sam2_shared", "encoder_service", "decoder_service")
+TIERS = ("encoder_service", "decoder_service")
 
 API = "sam2_shared.api"
+API_IMPORTER_PREFIXES = ("sam2_shared/wire/", "sam2_shared/client/")
 API_IMPORTERS = {
-    "sam2_shared/wire.py",
-    "sam2_shared/server.py",
-    "sam2_shared/grpc_errors.py",
-    "sam2_shared/client.py",
+    "sam2_shared/serving/server.py",
+    "sam2_shared/serving/encoder_client.py",
     "encoder_service/servicer.py",
     "decoder_service/servicer.py",
     "decoder_service/tracking_servicer.py",
 }
 
-# What the network must not import: by top-level name, by module prefix, by last component.
-MODEL_FORBIDDEN_TOP = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "encoder_service",
-                       "decoder_service", "redis", "boto3", "diskcache")
-MODEL_FORBIDDEN_PREFIXES = (
-    "google.protobuf",
-    "sam2_shared.store",
-    API,
-    "sam2_shared.server",
-    "sam2_shared.wire",
-    "sam2_shared.grpc_errors",
-    "sam2_shared.client",
-    "sam2_shared.settings",
-)
-MODEL_FORBIDDEN_COMPONENTS = ("settings", "server", "servicer", "cli")
+GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "google.protobuf", "google.rpc")
+STORES = ("redis", "boto3", "botocore", "diskcache")
+
+# folder -> (what it is for, what it must not import)
+FOLDER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sam2_shared/model": (
+        "the network, pure torch",
+        (*GRPC, *STORES, "cv2", "PIL", "numpy", "prometheus_client", API, "sam2_shared.wire",
+         "sam2_shared.serving", "sam2_shared.client", "sam2_shared.store",
+         "sam2_shared.inference", *TIERS),
+    ),
+    "sam2_shared/inference": (
+        "the in-process API: Sam2Model, video, images, caches, checkpoints",
+        (*GRPC, *STORES, "prometheus_client", API, "sam2_shared.wire", "sam2_shared.serving",
+         "sam2_shared.client", "sam2_shared.store", *TIERS),
+    ),
+    "sam2_shared/store": (
+        "the shared store: backends and the one byte format",
+        (*GRPC, "cv2", "PIL", "prometheus_client", API, "sam2_shared.wire",
+         "sam2_shared.serving", "sam2_shared.client", "sam2_shared.inference", *TIERS),
+    ),
+    "sam2_shared/wire": (
+        "proto <-> domain conversions, mask encodings, the status table",
+        ("torch", *STORES, "prometheus_client", "sam2_shared.inference", "sam2_shared.serving",
+         "sam2_shared.client", "sam2_shared.store", "sam2_shared.model", *TIERS),
+    ),
+    "sam2_shared/client": (
+        "the remote API: numpy, grpcio and protobuf (OpenCV only to decode images)",
+        ("torch", *STORES, "prometheus_client", "grpc_health", "grpc_reflection",
+         "sam2_shared.serving", "sam2_shared.store", "sam2_shared.model.build",
+         "sam2_shared.inference.sam2_model", "sam2_shared.inference.video", *TIERS),
+    ),
+    "sam2_shared/serving": (
+        "tier plumbing: settings, server, auth, TLS, metrics, batching",
+        ("torch", "cv2", "sam2_shared.inference", "sam2_shared.model.build", *TIERS),
+    ),
+}
+# Deliberate exceptions, each with its reason.
+ALLOWED = {
+    # tensors out of Sam2Client where torch is installed (numpy otherwise), imported on demand
+    ("sam2_shared/client/__init__.py", "torch"),
+}
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -115,43 +146,35 @@ def _imports_of(path: Path, root: Path = ROOT) -> set[str]:
     )
 
 
-def _forbidden_for_model(module: str) -> bool:
-    parts = module.split(".")
-    return (
-        parts[0] in MODEL_FORBIDDEN_TOP
-        or any(_imports({module}, prefix) for prefix in MODEL_FORBIDDEN_PREFIXES)
-        or any(part in MODEL_FORBIDDEN_COMPONENTS for part in parts)
-    )
+def folder_violations(root: Path, folder: str, forbidden: tuple[str, ...]) -> dict:
+    """{file: [offending imports]} of one folder under ``root``."""
+    def bad(module: str) -> bool:
+        return any(_imports({module}, prefix) for prefix in forbidden)
 
-
-def _violations(root: Path, packages: tuple[str, ...], bad: Callable[[str], bool]) -> dict:
-    """{file: [offending imports]} over the packages that exist under ``root``."""
     found = {}
-    for path in _source_files(root, *packages):
-        offending = sorted(m for m in _imports_of(path, root) if bad(m))
+    for path in _source_files(root, folder):
+        relative = path.relative_to(root).as_posix()
+        offending = sorted(m for m in _imports_of(path, root)
+                           if bad(m) and (relative, m) not in ALLOWED)
         if offending:
-            found[path.relative_to(root).as_posix()] = offending
+            found[relative] = offending
     return found
 
 
 def tier_violations(root: Path, tier: str, other: str) -> dict:
-    return _violations(root, (tier,), lambda m: _imports({m}, other))
+    return folder_violations(root, tier, (other,))
 
 
 def shared_violations(root: Path) -> dict:
-    tiers = ("encoder_service", "decoder_service")
-    return _violations(root, ("sam2_shared",), lambda m: any(_imports({m}, t) for t in tiers))
-
-
-def model_violations(root: Path) -> dict:
-    return _violations(root, ("sam2_shared/model",), _forbidden_for_model)
+    return folder_violations(root, "sam2_shared", TIERS)
 
 
 def api_violations(root: Path) -> list[str]:
     offenders = []
     for path in _source_files(root, *PACKAGES):
         relative = path.relative_to(root).as_posix()
-        if relative.startswith("sam2_shared/api/") or relative in API_IMPORTERS:
+        if relative.startswith(("sam2_shared/api/", *API_IMPORTER_PREFIXES)) \
+                or relative in API_IMPORTERS:
             continue
         if _imports(_imports_of(path, root), API):
             offenders.append(relative)
@@ -195,9 +218,18 @@ def late():
 
 
 def test_the_checked_tree_is_not_empty() -> None:
+    for folder in FOLDER_RULES:
+        assert _source_files(ROOT, folder), folder
     assert len(_source_files(ROOT, "sam2_shared/model")) >= 5
-    # The parser reads the real tree: the predictor does import the network.
-    assert _imports(_imports_of(ROOT / "sam2_shared" / "predictor.py"), "sam2_shared.model")
+    # The parser reads the real tree: the in-process model does import the network.
+    assert _imports(_imports_of(ROOT / "sam2_shared/inference/sam2_model.py"),
+                    "sam2_shared.model")
+
+
+def test_every_folder_of_sam2_shared_has_a_rule() -> None:
+    folders = {p.parent.relative_to(ROOT).as_posix()
+               for p in (ROOT / "sam2_shared").glob("*/__init__.py")}
+    assert folders - {"sam2_shared/api"} == set(FOLDER_RULES)
 
 
 def test_checkers_find_violations_in_a_tree_that_has_them(tmp_path: Path) -> None:
@@ -208,12 +240,14 @@ def test_checkers_find_violations_in_a_tree_that_has_them(tmp_path: Path) -> Non
         "decoder_service/cli.py": "import encoder_service.settings\n",
         "decoder_service/servicer.py": "from sam2_shared.api.v1 import decoder_pb2\n",
         "sam2_shared/__init__.py": "",
-        "sam2_shared/wire.py": "from .api.v1 import common_pb2\n",
-        "sam2_shared/masks.py": "from sam2_shared import api\n",
-        "sam2_shared/caches.py": "from decoder_service import decoder\n",
+        "sam2_shared/wire/__init__.py": "from ..api.v1 import common_pb2\n",
+        "sam2_shared/prompts.py": "from sam2_shared import api\n",
+        "sam2_shared/inference/caches.py": "from decoder_service import decoder\n",
         "sam2_shared/model/__init__.py": "from .hiera import Hiera\n",
         "sam2_shared/model/hiera.py": "import grpc\nfrom ..store import base\n",
         "sam2_shared/model/neck.py": "import torch\nfrom sam2_shared.errors import Sam2Error\n",
+        "sam2_shared/client/__init__.py": "import importlib\nimportlib.import_module('torch')\n",
+        "sam2_shared/client/tracking.py": "from sam2_shared.serving import auth\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -224,11 +258,17 @@ def test_checkers_find_violations_in_a_tree_that_has_them(tmp_path: Path) -> Non
     assert list(tier_violations(tmp_path, "decoder_service", "encoder_service")) == [
         "decoder_service/cli.py"
     ]
-    assert list(shared_violations(tmp_path)) == ["sam2_shared/caches.py"]
-    assert model_violations(tmp_path) == {
+    assert list(shared_violations(tmp_path)) == ["sam2_shared/inference/caches.py"]
+    assert folder_violations(tmp_path, "sam2_shared/model",
+                             FOLDER_RULES["sam2_shared/model"][1]) == {
         "sam2_shared/model/hiera.py": ["grpc", "sam2_shared.store", "sam2_shared.store.base"]
     }
-    assert api_violations(tmp_path) == ["sam2_shared/masks.py"]
+    # the allowed exception is the one file and module named, nothing else
+    assert folder_violations(tmp_path, "sam2_shared/client",
+                             FOLDER_RULES["sam2_shared/client"][1]) == {
+        "sam2_shared/client/tracking.py": ["sam2_shared.serving", "sam2_shared.serving.auth"]
+    }
+    assert api_violations(tmp_path) == ["sam2_shared/prompts.py"]
 
 
 # ----- the rules on this repository ---------------------------------------------------------
@@ -246,26 +286,41 @@ def test_shared_code_imports_no_tier() -> None:
     assert shared_violations(ROOT) == {}
 
 
-def test_network_knows_nothing_of_grpc_stores_api_or_servers() -> None:
-    assert model_violations(ROOT) == {}
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["grpc", "grpc_status.rpc_status", "google.protobuf.message", "sam2_shared.store.redis_store",
-     "sam2_shared.api.v1.common_pb2", "sam2_shared.server", "encoder_service.settings",
-     "sam2_shared.settings"],
-)
-def test_network_rule_catches(module: str) -> None:
-    assert _forbidden_for_model(module)
-
-
-@pytest.mark.parametrize(
-    "module", ["torch.nn.functional", "sam2_shared.errors", "sam2_shared.model.config", "math"]
-)
-def test_network_rule_allows(module: str) -> None:
-    assert not _forbidden_for_model(module)
+@pytest.mark.parametrize("folder", sorted(FOLDER_RULES))
+def test_folder_keeps_its_rule(folder: str) -> None:
+    assert folder_violations(ROOT, folder, FOLDER_RULES[folder][1]) == {}
 
 
 def test_generated_api_is_imported_only_where_protos_are_translated() -> None:
     assert api_violations(ROOT) == []
+
+
+HIDDEN_IMPORTS = r"""
+import importlib.abc, sys
+
+class Hidden(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "cv2"):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+        return None
+
+sys.meta_path.insert(0, Hidden())
+import sam2_shared
+import sam2_shared.client
+import sam2_shared.client.tracking
+import sam2_shared.embedding
+import sam2_shared.prompts
+import sam2_shared.wire
+import sam2_shared.wire.status
+import sam2_shared.wire.tracking
+from sam2_shared.client import Sam2Client
+client = Sam2Client(decoder="127.0.0.1:1", array_type="numpy")
+assert "torch" not in sys.modules and "cv2" not in sys.modules, sorted(sys.modules)
+print("clean")
+"""
+
+
+def test_client_imports_without_torch_or_opencv() -> None:
+    result = subprocess.run([sys.executable, "-c", HIDDEN_IMPORTS], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "clean", result.stderr

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sam2_shared.caches import (
+from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.inference.caches import (
     LruCache,
     PromptSignature,
     Sam2ImageEmbeddingsInMemoryCache,
     Sam2LowResolutionMasksInMemoryCache,
 )
-from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.prompts import Prompt
 
 # ----- LruCache ---------------------------------------------------------------------------

@@ -21,13 +21,13 @@ import torch
 from synthetic_images import synthetic_rgb
 
 from sam2_shared import Sam2Model
-from sam2_shared.checkpoints import (
+from sam2_shared.errors import CheckpointError, InvalidInputError, UnknownModelError
+from sam2_shared.inference.checkpoints import (
     expected_checkpoint_keys,
     load_part,
     read_state_dict,
     resolve_checkpoint,
 )
-from sam2_shared.errors import CheckpointError, InvalidInputError, UnknownModelError
 from sam2_shared.model import MODEL_CONFIGS, Sam2DecoderPart, Sam2EncoderPart, get_config
 
 TINY = "sam2.1/hiera_tiny"
@@ -318,7 +318,7 @@ def test_found_in_cache_dir_by_official_name(tiny_checkpoint: Path, tmp_path: Pa
 def test_default_cache_dir_is_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sam2_shared.checkpoints as checkpoints
+    import sam2_shared.inference.checkpoints as checkpoints
 
     monkeypatch.setattr(checkpoints, "DEFAULT_CACHE_DIR", tmp_path)
     config = get_config("sam2/hiera_small")

@@ -15,7 +15,7 @@ from tier_processes import TierProcess, decoder_process, encoder_process
 
 from sam2_shared.client import RemoteEmbedding, Sam2Client
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError, UnknownModelError
-from sam2_shared.predictor import Sam2Model
+from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Sam2Prediction
 
 MODEL_ID = "sam2.1/hiera_tiny"

@@ -22,8 +22,8 @@ from decoder_service.cli import DecoderSettings
 from decoder_service.servicer import SERVICE_NAME as DECODER_SERVICE
 from encoder_service.cli import EncoderSettings
 from encoder_service.servicer import SERVICE_NAME as ENCODER_SERVICE
-from sam2_shared.config import env_name
-from sam2_shared.server import build_server
+from sam2_shared.serving.server import build_server
+from sam2_shared.serving.settings import env_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

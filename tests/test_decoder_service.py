@@ -17,11 +17,12 @@ from tier_processes import TierProcess, decoder_process, encoder_process
 
 from sam2_shared import wire
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
-from sam2_shared.client import Sam2Client, channel_options
-from sam2_shared.grpc_errors import error_from_rpc_error, error_from_status
-from sam2_shared.predictor import Sam2Model
+from sam2_shared.client import Sam2Client
+from sam2_shared.client.channels import channel_options
+from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Prompt
 from sam2_shared.store import open_blob_store
+from sam2_shared.wire.status import error_from_rpc_error, error_from_status
 
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH = 240, 320

@@ -21,10 +21,11 @@ from tier_processes import TierProcess
 
 from sam2_shared import wire
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
-from sam2_shared.client import Sam2Client, channel_options
+from sam2_shared.client import Sam2Client
+from sam2_shared.client.channels import channel_options
 from sam2_shared.errors import EmbeddingNotFoundError
-from sam2_shared.grpc_errors import error_from_rpc_error
-from sam2_shared.predictor import Sam2Model
+from sam2_shared.inference.sam2_model import Sam2Model
+from sam2_shared.wire.status import error_from_rpc_error
 
 MODEL_ID = "sam2.1/hiera_tiny"
 FOREGROUND = common_pb2.POINT_LABEL_FOREGROUND

@@ -31,12 +31,12 @@ from grpc_status import rpc_status
 from encoder_service.cli import EncoderSettings
 from encoder_service.encoder import EXPORT_FORMAT, Encoder
 from encoder_service.servicer import SERVICE_NAME
-from sam2_shared import imaging
 from sam2_shared.api.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc
-from sam2_shared.config import describe_settings, load_settings
 from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import InvalidInputError, ResourceExhaustedError, UnknownModelError
-from sam2_shared.predictor import Sam2Model
+from sam2_shared.inference import imaging
+from sam2_shared.inference.sam2_model import Sam2Model
+from sam2_shared.serving.settings import describe_settings, load_settings
 from sam2_shared.store import codec, open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

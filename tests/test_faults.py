@@ -26,11 +26,12 @@ from sam2_shared.api.v1 import (
     encoder_pb2,
     encoder_pb2_grpc,
 )
-from sam2_shared.client import Sam2Client, channel_options
-from sam2_shared.grpc_errors import error_from_rpc_error, error_from_status
-from sam2_shared.retry import NO_RETRY
-from sam2_shared.security import namespaced_content_id
+from sam2_shared.client import Sam2Client
+from sam2_shared.client.channels import channel_options
+from sam2_shared.client.retry import NO_RETRY
+from sam2_shared.embedding import namespaced_content_id
 from sam2_shared.store import open_store
+from sam2_shared.wire.status import error_from_rpc_error, error_from_status
 
 MODEL_ID = "sam2.1/hiera_tiny"
 FOREGROUND = common_pb2.POINT_LABEL_FOREGROUND

@@ -27,8 +27,9 @@ from sam2_shared.api.v1 import (
     encoder_pb2,
     encoder_pb2_grpc,
 )
-from sam2_shared.client import Sam2Client, channel_options
-from sam2_shared.grpc_errors import error_from_rpc_error, error_from_status
+from sam2_shared.client import Sam2Client
+from sam2_shared.client.channels import channel_options
+from sam2_shared.wire.status import error_from_rpc_error, error_from_status
 
 MODEL_ID = "sam2.1/hiera_tiny"
 EXAMPLES = 150

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sam2_shared.errors import InvalidInputError
-from sam2_shared.imaging import (
+from sam2_shared.inference.imaging import (
     IMAGE_SIZE,
     PIXEL_MEAN,
     PIXEL_STD,
@@ -23,8 +23,8 @@ from sam2_shared.imaging import (
     points_to_model_frame,
     validate_prompt,
 )
+from sam2_shared.inference.transforms import postprocess_masks, preprocess_images
 from sam2_shared.prompts import Prompt
-from sam2_shared.transforms import postprocess_masks, preprocess_images
 
 RED_RGB = (200, 10, 30)
 

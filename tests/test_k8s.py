@@ -19,7 +19,7 @@ from decoder_service.cli import DecoderSettings
 from decoder_service.servicer import SERVICE_NAME as DECODER_SERVICE
 from encoder_service.cli import EncoderSettings
 from encoder_service.servicer import SERVICE_NAME as ENCODER_SERVICE
-from sam2_shared.config import env_name
+from sam2_shared.serving.settings import env_name
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 KUBERNETES_VERSION = "1.30.0"

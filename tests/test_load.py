@@ -15,7 +15,7 @@ from synthetic_images import synthetic_rgb
 from tier_processes import decoder_process, encoder_process
 
 from sam2_shared.client import Sam2Client
-from sam2_shared.predictor import Sam2Model
+from sam2_shared.inference.sam2_model import Sam2Model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_load  # noqa: E402

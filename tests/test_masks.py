@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from sam2_shared import masks
 from sam2_shared.errors import InvalidInputError
-from sam2_shared.masks import MaskEncoding
+from sam2_shared.wire import masks
+from sam2_shared.wire.masks import MaskEncoding
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (13, 17), (64, 64), (101, 203)]
 

@@ -26,14 +26,14 @@ from sam2_shared.api.v1 import (
     encoder_pb2,
     encoder_pb2_grpc,
 )
-from sam2_shared.batching import MicroBatcher
-from sam2_shared.caches import LruCache
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import EmbeddingNotFoundError, ResourceExhaustedError
-from sam2_shared.masks import MaskEncoding
-from sam2_shared.metrics import GpuMemoryCollector, Sam2Metrics
-from sam2_shared.server import build_server
+from sam2_shared.inference.caches import LruCache
+from sam2_shared.serving.batching import MicroBatcher
+from sam2_shared.serving.metrics import GpuMemoryCollector, Sam2Metrics
+from sam2_shared.serving.server import build_server
 from sam2_shared.store import open_store
+from sam2_shared.wire.masks import MaskEncoding
 
 MODEL_ID = "sam2.1/hiera_tiny"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"

@@ -25,12 +25,15 @@ from synthetic_images import synthetic_rgb
 from tier_processes import TierProcess, decoder_process, encoder_process
 from tls_certs import Pki, make_pki
 
-from sam2_shared import retry, security, wire
+from sam2_shared import embedding, wire
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
-from sam2_shared.client import AsyncEncoderClient, Sam2Client, channel_options
+from sam2_shared.client import Sam2Client, channels, retry
+from sam2_shared.client.channels import channel_options
 from sam2_shared.errors import EmbeddingNotFoundError, LogitsNotFoundError
-from sam2_shared.grpc_errors import error_from_rpc_error
 from sam2_shared.prompts import Prompt
+from sam2_shared.serving import auth
+from sam2_shared.serving.encoder_client import AsyncEncoderClient
+from sam2_shared.wire.status import error_from_rpc_error
 
 KEY_A = "tenant-a-" + "a" * 24
 KEY_B = "tenant-b-" + "b" * 24
@@ -44,25 +47,25 @@ FOREGROUND = common_pb2.POINT_LABEL_FOREGROUND
 def test_keys_from_file_and_secret_directory(tmp_path: Path) -> None:
     keyfile = tmp_path / "keys"
     keyfile.write_text(f"# comment\n{KEY_A} tenant-a\n\n{KEY_PLAIN}  # trailing\n")
-    keys = security.load_api_keys(keyfile)
+    keys = auth.load_api_keys(keyfile)
     assert [(k.key, k.namespace) for k in keys] == [(KEY_A, "tenant-a"), (KEY_PLAIN, "")]
     secret = tmp_path / "secret"
     secret.mkdir()
     (secret / "old").write_text(KEY_A + " tenant-a\n")
     (secret / "new").write_text(KEY_B + " tenant-b\n")
     (secret / "..data").mkdir()  # Kubernetes bookkeeping, skipped
-    assert {k.namespace for k in security.load_api_keys(secret)} == {"tenant-a", "tenant-b"}
+    assert {k.namespace for k in auth.load_api_keys(secret)} == {"tenant-a", "tenant-b"}
     for bad in ("short tenant\n", f"{KEY_A} bad:namespace\n", f"{KEY_A} a b\n", "# none\n"):
         keyfile.write_text(bad)
         with pytest.raises(ValueError):
-            security.load_api_keys(keyfile)
+            auth.load_api_keys(keyfile)
 
 
 def test_key_ring_rotates_on_change_and_keeps_keys_on_a_broken_file(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.mkdir()
     (secret / "key1").write_text(KEY_A + " tenant-a\n")
-    ring = security.ApiKeyRing(path=secret, reload_interval_s=0)
+    ring = auth.ApiKeyRing(path=secret, reload_interval_s=0)
     assert ring.match(KEY_A).namespace == "tenant-a"
     assert ring.match(KEY_B) is None and ring.match(KEY_A[:-1]) is None
     (secret / "key2").write_text(KEY_B + " tenant-b\n")  # rotation: new key added...
@@ -76,20 +79,20 @@ def test_key_ring_rotates_on_change_and_keeps_keys_on_a_broken_file(tmp_path: Pa
 
 
 def test_presented_key_and_tenant_ids() -> None:
-    assert security.presented_key([("authorization", "Bearer  k1 ")]) == "k1"
-    assert security.presented_key([("x-api-key", "k2")]) == "k2"
-    assert security.presented_key([("authorization", "Basic xyz")]) is None
+    assert auth.presented_key([("authorization", "Bearer  k1 ")]) == "k1"
+    assert auth.presented_key([("x-api-key", "k2")]) == "k2"
+    assert auth.presented_key([("authorization", "Basic xyz")]) is None
     rgb = synthetic_rgb(32, 48, seed=1)
-    plain = security.namespaced_content_id(rgb, "sam2.1/hiera_tiny")
-    scoped = security.namespaced_content_id(rgb, "sam2.1/hiera_tiny", "tenant-a")
+    plain = embedding.namespaced_content_id(rgb, "sam2.1/hiera_tiny")
+    scoped = embedding.namespaced_content_id(rgb, "sam2.1/hiera_tiny", "tenant-a")
     assert ":" not in plain and scoped.startswith("tenant-a:") and plain not in scoped
-    security.check_id_namespace(scoped, "tenant-a")
+    embedding.check_id_namespace(scoped, "tenant-a")
     with pytest.raises(EmbeddingNotFoundError):
-        security.check_id_namespace(scoped, "tenant-b")
+        embedding.check_id_namespace(scoped, "tenant-b")
     with pytest.raises(EmbeddingNotFoundError):
-        security.check_id_namespace(scoped, "")
+        embedding.check_id_namespace(scoped, "")
     with pytest.raises(LogitsNotFoundError):
-        security.check_id_namespace("tenant-a:abc.0", "tenant-b", what="logits")
+        embedding.check_id_namespace("tenant-a:abc.0", "tenant-b", what="logits")
 
 
 class _FakeRpcError(grpc.RpcError):
@@ -157,13 +160,13 @@ def test_encoder_calls_forward_the_callers_key_and_remaining_deadline() -> None:
         client = AsyncEncoderClient("127.0.0.1:1", timeout_s=30.0, api_key="decoder-own-key")
         try:
             outside = client._call_settings()
-            token = security._current_caller.set(
-                security.Caller(api_key=KEY_A, namespace="tenant-a",
+            token = auth._current_caller.set(
+                auth.Caller(api_key=KEY_A, namespace="tenant-a",
                                 deadline=time.monotonic() + 2.0))
             try:
                 inside = client._call_settings()
             finally:
-                security._current_caller.reset(token)
+                auth._current_caller.reset(token)
         finally:
             await client.close()
         return (*outside, *inside)
@@ -215,7 +218,7 @@ class SecureStack:
                           retry=retry.NO_RETRY, **kwargs)
 
     def decoder_stub(self) -> tuple[grpc.Channel, decoder_pb2_grpc.DecoderServiceStub]:
-        creds = security.channel_credentials(self.pki.ca_cert)
+        creds = channels.channel_credentials(self.pki.ca_cert)
         channel = grpc.secure_channel(f"localhost:{self.decoder.port}", creds,
                                       options=channel_options())
         return channel, decoder_pb2_grpc.DecoderServiceStub(channel)
@@ -228,7 +231,7 @@ class SecureStack:
 def _start_tls(process: TierProcess, pki: Pki) -> None:
     """``TierProcess.start`` with the health poll over TLS (client cert for mTLS servers)."""
     original = grpc.insecure_channel
-    creds = security.channel_credentials(pki.ca_cert, pki.client_cert, pki.client_key)
+    creds = channels.channel_credentials(pki.ca_cert, pki.client_cert, pki.client_key)
 
     def secure(address: str, *args, **kwargs):  # noqa: ANN202
         return grpc.secure_channel(address.replace("127.0.0.1", "localhost"), creds)
@@ -285,15 +288,15 @@ def test_tls_is_required_and_mutual_tls_checks_the_client(stack: SecureStack) ->
         error = _error_of(lambda: health_pb2_grpc.HealthStub(plaintext).Check(request,
                                                                                 timeout=5))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
-    wrong_ca = security.channel_credentials(stack.pki.other_ca_cert)
+    wrong_ca = channels.channel_credentials(stack.pki.other_ca_cert)
     with grpc.secure_channel(f"localhost:{stack.decoder.port}", wrong_ca) as channel:
         error = _error_of(lambda: health_pb2_grpc.HealthStub(channel).Check(request, timeout=5))
         assert error.code() == grpc.StatusCode.UNAVAILABLE  # server cert not trusted
-    no_client_cert = security.channel_credentials(stack.pki.ca_cert)
+    no_client_cert = channels.channel_credentials(stack.pki.ca_cert)
     with grpc.secure_channel(f"localhost:{stack.encoder.port}", no_client_cert) as channel:
         error = _error_of(lambda: health_pb2_grpc.HealthStub(channel).Check(request, timeout=5))
         assert error.code() == grpc.StatusCode.UNAVAILABLE  # mTLS: no client certificate
-    full = security.channel_credentials(stack.pki.ca_cert, stack.pki.client_cert,
+    full = channels.channel_credentials(stack.pki.ca_cert, stack.pki.client_cert,
                                         stack.pki.client_key)
     with grpc.secure_channel(f"localhost:{stack.encoder.port}", full) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
@@ -339,7 +342,7 @@ def test_tenants_get_different_ids_and_cannot_read_each_other(stack: SecureStack
 def test_decoder_miss_asks_encoder_over_mtls_in_the_callers_namespace(
         stack: SecureStack) -> None:
     rgb = synthetic_rgb(80, 112, seed=9)
-    want_id = security.namespaced_content_id(rgb, "sam2.1/hiera_tiny", "tenant-b")
+    want_id = embedding.namespaced_content_id(rgb, "sam2.1/hiera_tiny", "tenant-b")
     request = _point(want_id)
     request.image.CopyFrom(wire.image_to_proto(rgb, "rgb"))
     channel, stub = stack.decoder_stub()
@@ -366,7 +369,7 @@ def test_sessions_per_key_are_limited(stack: SecureStack) -> None:
         error = _error_of(lambda: next(third))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_from_rpc_error(error).reason == "TOO_MANY_SESSIONS"
-        assert retry.retry_hint_s(error) == pytest.approx(security.SESSION_RETRY_DELAY_S)
+        assert retry.retry_hint_s(error) == pytest.approx(auth.SESSION_RETRY_DELAY_S)
         # another key has its own budget
         other = stub.SegmentStream(iter([decoder_pb2.SegmentStreamRequest(
             request_id="1", segment=_point("f" * 64))]), timeout=30,

@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from sam2_shared import grpc_errors
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from sam2_shared.errors import (
     CorruptEntryError,
@@ -28,8 +27,10 @@ from sam2_shared.errors import (
     ResourceExhaustedError,
     UnknownModelError,
 )
-from sam2_shared.server import Sam2Server, build_server
+from sam2_shared.serving.server import Sam2Server, build_server
 from sam2_shared.store.errors import StoreUnavailableError
+from sam2_shared.wire import status as status_table
+from sam2_shared.wire.status import error_from_rpc_error
 
 SERVICE = "sam2.v1.DecoderService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -187,7 +188,7 @@ def test_domain_errors_become_rich_status(
                 code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
             )
             # The client turns it back into the same domain error.
-            domain_error = grpc_errors.error_from_rpc_error(error)
+            domain_error = error_from_rpc_error(error)
             assert type(domain_error) is type(FAILURES[embedding_id])
             assert domain_error.reason == reason and str(domain_error) == error.details()
 
@@ -195,7 +196,7 @@ def test_domain_errors_become_rich_status(
 
 
 def test_retry_info_carries_the_delay() -> None:
-    status = grpc_errors.to_rpc_status(FAILURES["busy"])
+    status = status_table.to_rpc_status(FAILURES["busy"])
     retry = error_details_pb2.RetryInfo()
     assert status.details[1].Unpack(retry)
     assert retry.retry_delay.ToNanoseconds() == 250_000_000
@@ -217,7 +218,7 @@ def test_internal_errors_leak_nothing_and_server_keeps_serving(
             reply = await stub.Segment(decoder_pb2.SegmentRequest(embedding_id="fine"))
             assert reply.embedding.embedding_id == "fine"
 
-    with caplog.at_level(logging.ERROR, logger="sam2_shared.grpc_errors"):
+    with caplog.at_level(logging.ERROR, logger="sam2_shared.wire.status"):
         run(scenario())
     logged = [r for r in caplog.records if r.exc_info]
     assert len(logged) == 1 and "secret" in str(logged[0].exc_info[1])
@@ -242,17 +243,17 @@ def test_stream_errors_are_mapped_after_earlier_responses() -> None:
                     received.append(response.request_id)
             assert received == ["1"]
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            assert grpc_errors.error_from_rpc_error(info.value).reason == "EMBEDDING_NOT_FOUND"
+            assert error_from_rpc_error(info.value).reason == "EMBEDDING_NOT_FOUND"
 
     run(scenario())
 
 
 def test_per_item_status_round_trip() -> None:
-    error = grpc_errors.error_from_status(grpc_errors.to_rpc_status(FAILURES["invalid"]))
+    error = status_table.error_from_status(status_table.to_rpc_status(FAILURES["invalid"]))
     assert isinstance(error, InvalidInputError)
     assert error.metadata == {"prompt_index": "0"}
-    unknown = grpc_errors.error_from_status(
-        grpc_errors.to_rpc_status(InvalidInputError("too big", reason="IMAGE_TOO_LARGE"))
+    unknown = status_table.error_from_status(
+        status_table.to_rpc_status(InvalidInputError("too big", reason="IMAGE_TOO_LARGE"))
     )
     assert type(unknown) is InvalidInputError and unknown.reason == "IMAGE_TOO_LARGE"
 

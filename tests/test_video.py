@@ -19,7 +19,7 @@ import torch
 
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
-from sam2_shared.video import FrameSource, Sam2VideoModel, VideoSession
+from sam2_shared.inference.video import FrameSource, Sam2VideoModel, VideoSession
 
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH = 60, 80

@@ -10,9 +10,9 @@ from pycocotools import mask as coco_mask
 from sam2_shared import wire
 from sam2_shared.api.v1 import common_pb2, decoder_pb2
 from sam2_shared.errors import InvalidInputError, LogitsNotFoundError
-from sam2_shared.imaging import decode_image
-from sam2_shared.masks import MaskEncoding
+from sam2_shared.inference.imaging import decode_image
 from sam2_shared.prompts import Prompt, Sam2BatchedPrediction
+from sam2_shared.wire.masks import MaskEncoding
 
 
 def _through_wire(message):  # type: ignore[no-untyped-def]

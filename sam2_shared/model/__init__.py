@@ -8,7 +8,7 @@ Shape letters used in docstrings:
     M  number of mask outputs (4 from the decoder, 3 or 1 returned)
 
 Module attribute names follow Meta's state-dict keys so official checkpoints load
-strictly (see ``sam2_shared.checkpoints``). Nothing here knows about files, numpy,
+strictly (see ``sam2_shared.inference.checkpoints``). Nothing here knows about files, numpy,
 stores or gRPC; device and dtype are decided by the caller.
 
 The builders are imported lazily (PEP 562) so that ``sam2_shared.model.config`` (model ids,

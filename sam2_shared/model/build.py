@@ -24,7 +24,7 @@ class Sam2EncoderPart(nn.Module):
 
     Meta applies the mask decoder's ``conv_s0`` / ``conv_s1`` in ``forward_image`` so
     clicks don't redo them; they are therefore encoder weights here (checkpoint keys
-    ``sam_mask_decoder.conv_s{0,1}.*``, see ``sam2_shared.checkpoints``).
+    ``sam_mask_decoder.conv_s{0,1}.*``, see ``sam2_shared.inference.checkpoints``).
     """
 
     def __init__(self, config: Sam2Config) -> None:

@@ -261,7 +261,7 @@ def video_runs(
     clip_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> VideoRuns:
-    from sam2_shared.video import Sam2VideoModel
+    from sam2_shared.inference.video import Sam2VideoModel
 
     model_id: str = request.param
     target = tmp_path_factory.mktemp("ckpt") / "present.pt"
@@ -315,7 +315,7 @@ def test_video_frame_encoding(video_runs: VideoRuns, clip_dir: Path) -> None:
     """Our video preprocessing equals the reference's on every frame, and our encoder on a
     video frame matches the reference's ``forward_image`` (the tracking test shares the
     reference's encodes to save time)."""
-    from sam2_shared import transforms
+    from sam2_shared.inference import transforms
 
     frames = decoded_frames(clip_dir)
     ours = transforms.preprocess_video_frames(frames)

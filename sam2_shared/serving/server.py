@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sam2_shared.grpc_errors import ErrorMappingInterceptor
+from sam2_shared.serving.interceptors import ErrorMappingInterceptor
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 12 MP JPEG is several MB; raw pixels more
 DEFAULT_GRACE_S = 25.0  # below Kubernetes' default terminationGracePeriodSeconds (30 s)
@@ -165,7 +165,7 @@ def build_server(
         options: extra channel arguments, appended after ours.
         grace_s: default drain time of ``stop``.
         server_credentials: TLS / mutual TLS for the listener
-            (``sam2_shared.security.server_credentials``); None listens in plaintext.
+            (``sam2_shared.serving.tls.server_credentials``); None listens in plaintext.
 
     Returns:
         ``(server, bound_port)``.
@@ -213,9 +213,9 @@ def run_tier(
     Exit status: 0 after a clean stop, 2 when the model cannot be loaded (the message says
     where to put the checkpoint), 1 when the server cannot start (e.g. port in use).
     """
-    from sam2_shared.config import describe_settings, load_settings
     from sam2_shared.errors import CheckpointError
-    from sam2_shared.metrics import Sam2Metrics
+    from sam2_shared.serving.metrics import Sam2Metrics
+    from sam2_shared.serving.settings import describe_settings, load_settings
 
     settings = load_settings(settings_cls, argv, prog=prog, description=description)
     logging.basicConfig(

@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam2_shared import imaging, transforms
-from sam2_shared.caches import Sam2ImageEmbeddingsInMemoryCache, Sam2LowResolutionMasksInMemoryCache
-from sam2_shared.checkpoints import load_part, read_state_dict, resolve_checkpoint
 from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import InvalidInputError
+from sam2_shared.inference import imaging, transforms
+from sam2_shared.inference.caches import (
+    Sam2ImageEmbeddingsInMemoryCache,
+    Sam2LowResolutionMasksInMemoryCache,
+)
+from sam2_shared.inference.checkpoints import load_part, read_state_dict, resolve_checkpoint
 from sam2_shared.model import Sam2DecoderPart, Sam2EncoderPart, get_config
 from sam2_shared.model.config import Sam2Config
 from sam2_shared.model.prompt_encoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT

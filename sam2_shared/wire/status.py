@@ -6,7 +6,7 @@ on, and a ``google.rpc.ErrorInfo{reason, domain="sam2.serving", metadata}`` in
 helps). Anything unexpected becomes INTERNAL with a fixed message; the exception
 is logged, never sent.
 
-Server side: ``ErrorMappingInterceptor`` (installed by ``sam2_shared.server``)
+Server side: ``ErrorMappingInterceptor`` (installed by ``sam2_shared.serving.server``)
 applies the table to every RPC of a ``grpc.aio`` server; ``to_rpc_status`` builds
 the ``google.rpc.Status`` for per-item errors (EmbedImages results, SegmentStream
 responses). Client side: ``error_from_rpc_error`` / ``error_from_status`` turn a
@@ -15,11 +15,8 @@ status back into the matching domain exception.
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -35,15 +32,20 @@ from sam2_shared.errors import (
     NotReadyError,
     ResourceExhaustedError,
     Sam2Error,
+    SessionNotFoundError,
     StoreUnavailableError,
+    UnauthenticatedError,
     UnknownModelError,
 )
 
 ERROR_DOMAIN = "sam2.serving"
+
 INTERNAL_MESSAGE = "internal server error"
+
 DEFAULT_RETRY_DELAY_S = 1.0
 
 logger = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,8 @@ class _Mapping:
 # First match wins, so subclasses come before their bases.
 _TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (InvalidInputError, _Mapping(grpc.StatusCode.INVALID_ARGUMENT, True)),  # + UnknownModel
-    (EmbeddingNotFoundError, _Mapping(grpc.StatusCode.NOT_FOUND, True)),  # + LogitsNotFound
+    (EmbeddingNotFoundError, _Mapping(grpc.StatusCode.NOT_FOUND, True)),  # + Logits, Session
+    (UnauthenticatedError, _Mapping(grpc.StatusCode.UNAUTHENTICATED, True)),
     (ResourceExhaustedError, _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, True, True)),
     (NotReadyError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
     (StoreUnavailableError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
@@ -64,7 +67,10 @@ _TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (CheckpointError, _Mapping(grpc.StatusCode.INTERNAL, False)),
     (NotImplementedError, _Mapping(grpc.StatusCode.UNIMPLEMENTED, False)),
 )
+
+
 _UNEXPECTED = _Mapping(grpc.StatusCode.INTERNAL, False)
+
 
 # Reverse direction, for clients: reason -> class, then code -> class.
 _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
@@ -74,6 +80,8 @@ _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
         UnknownModelError,
         EmbeddingNotFoundError,
         LogitsNotFoundError,
+        SessionNotFoundError,
+        UnauthenticatedError,
         ResourceExhaustedError,
         NotReadyError,
         StoreUnavailableError,
@@ -81,11 +89,14 @@ _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
         CheckpointError,
     )
 }
+
+
 _CLASS_OF_CODE: dict[int, type[Sam2Error]] = {
     code_pb2.INVALID_ARGUMENT: InvalidInputError,
     code_pb2.NOT_FOUND: EmbeddingNotFoundError,
     code_pb2.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     code_pb2.UNAVAILABLE: NotReadyError,
+    code_pb2.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 
@@ -135,9 +146,6 @@ async def abort_with_error(context: grpc.aio.ServicerContext, exc: BaseException
     await context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
 
 
-# --- client side --------------------------------------------------------------------
-
-
 def error_from_status(status: status_pb2.Status) -> Sam2Error:
     """``google.rpc.Status`` (not OK) -> the matching domain exception.
 
@@ -165,65 +173,3 @@ def error_from_rpc_error(error: grpc.RpcError) -> Sam2Error:
         code = error.code()  # type: ignore[attr-defined]
         status = status_pb2.Status(code=code.value[0], message=error.details() or "")  # type: ignore[attr-defined]
     return error_from_status(status)
-
-
-# --- the interceptor ------------------------------------------------------------------
-
-
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Applies the table to every RPC: a raised exception becomes a rich status.
-
-    Wraps all four RPC kinds. ``context.abort`` calls inside servicers pass through
-    untouched.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_streaming(handler.unary_stream))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_streaming(handler.stream_stream))
-        return handler
-
-
-def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            result = behavior(request_or_iterator, context)
-            return await result if inspect.isawaitable(result) else result
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # the one place that maps them
-            await abort_with_error(context, exc)
-
-    return wrapped
-
-
-def _wrap_streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    if not inspect.isasyncgenfunction(behavior):
-        # A coroutine that writes with context.write (like the health Watch): keep it a
-        # coroutine, since grpc.aio refuses writes from inside an async generator.
-        return _wrap_unary(behavior)
-
-    async def wrapped(
-        request_or_iterator: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        try:
-            async for response in behavior(request_or_iterator, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await abort_with_error(context, exc)
-
-    return wrapped

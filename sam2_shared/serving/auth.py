@@ -1,4 +1,4 @@
-"""Who may call a tier, under which tenant, over which transport.
+"""Who may call a tier, and under which tenant.
 
 API keys
     Sent by clients as gRPC metadata, ``authorization: Bearer <key>`` or ``x-api-key: <key>``,
@@ -23,23 +23,18 @@ Tenancy
     A key may carry a namespace. Embedding ids and logits handles made for a namespaced
     caller are ``"<namespace>:<hex>"`` (the hex hashed with the namespace too, see
     ``sam2_shared.embedding.content_id``); a caller may only use ids of its own namespace,
-    anything else is answered like an unknown id (NOT_FOUND), so one tenant can neither read
-    nor probe another's embeddings or logits, even for identical images. Callers without
-    a namespace (or with auth off) use plain hex ids.
+    anything else is answered like an unknown id (NOT_FOUND; ``sam2_shared.embedding``).
+    Callers without a namespace (or with auth off) use plain hex ids.
 
     The interceptor puts the caller (key, namespace, deadline) in a context variable for the
     duration of the call; servicers read it with ``current_caller()`` and pass the namespace
-    to the tier logic. ``sam2_shared.client.AsyncEncoderClient`` reads it too, to forward the
-    caller's key and the remaining deadline to the encoder.
+    to the tier logic. ``serving.encoder_client.AsyncEncoderClient`` reads it too, to forward
+    the caller's key and the remaining deadline to the encoder.
 
 Sessions per client
     ``max_streams_per_key`` bounds the concurrent streaming calls (``SegmentStream``
     sessions) of one key (of one peer address when auth is off); one more gets
     ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a retry hint.
-
-TLS
-    ``server_credentials`` (TLS, or mutual TLS with a client CA) for ``build_server``, and
-    ``channel_credentials`` for clients. PEM files are read once at start-up.
 """
 
 from __future__ import annotations
@@ -58,30 +53,27 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_status import rpc_status
 
-from sam2_shared.errors import EmbeddingNotFoundError, ResourceExhaustedError, Sam2Error
+from sam2_shared.client.channels import API_KEY_HEADER, AUTHORIZATION_HEADER
+from sam2_shared.errors import ResourceExhaustedError, UnauthenticatedError
+from sam2_shared.wire.status import to_rpc_status
 
 logger = logging.getLogger(__name__)
 
-API_KEY_HEADER = "x-api-key"
-AUTHORIZATION_HEADER = "authorization"
 # Always open: Kubernetes probes and grpcurl must work without a key.
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
 NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-NAMESPACE_SEPARATOR = ":"
+
 DEFAULT_RELOAD_INTERVAL_S = 5.0
+
 SESSION_RETRY_DELAY_S = 5.0
 
-
-class UnauthenticatedError(Sam2Error):
-    """No key, or a key that is not configured. Mapped to UNAUTHENTICATED here (auth runs
-    before the servicer and its error mapping)."""
-
-    reason = "API_KEY_INVALID"
 
 
 # --- keys ----------------------------------------------------------------------------
@@ -205,6 +197,7 @@ class ApiKeyRing:
         return len(self._keys)
 
 
+
 # --- the caller of the current RPC -----------------------------------------------------
 
 
@@ -224,6 +217,8 @@ class Caller:
 
 
 _ANONYMOUS = Caller()
+
+
 _current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar(
     "sam2_caller", default=_ANONYMOUS
 )
@@ -253,50 +248,6 @@ def presented_key(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying ``api_key`` (empty without one)."""
-    return ((AUTHORIZATION_HEADER, f"Bearer {api_key}"),) if api_key else ()
-
-
-# --- tenant-scoped ids ----------------------------------------------------------------
-
-
-def scope_id(namespace: str, local_id: str) -> str:
-    """The id a caller of ``namespace`` sees for ``local_id`` (unchanged without one)."""
-    return f"{namespace}{NAMESPACE_SEPARATOR}{local_id}" if namespace else local_id
-
-
-def namespace_of_id(scoped_id: str) -> str:
-    """The namespace an id or logits handle was made in ("" for plain ids)."""
-    head, separator, _ = scoped_id.partition(NAMESPACE_SEPARATOR)
-    return head if separator else ""
-
-
-def namespaced_content_id(rgb: Any, model_id: str, namespace: str = "") -> str:
-    """Embedding id of decoded RGB pixels for a caller of ``namespace``: the content hash
-    (which includes the namespace) prefixed by the namespace. Both tiers and the client
-    compute ids with this, so they agree."""
-    from sam2_shared.embedding import content_id
-
-    return scope_id(namespace, content_id(rgb, model_id, namespace=namespace))
-
-
-def check_id_namespace(scoped_id: str, namespace: str, *, what: str = "embedding") -> None:
-    """Raise NOT_FOUND unless ``scoped_id`` belongs to ``namespace``: another tenant's id
-    is answered exactly like an id that does not exist."""
-    if namespace_of_id(scoped_id) != namespace:
-        if what == "logits":
-            from sam2_shared.errors import LogitsNotFoundError
-
-            raise LogitsNotFoundError(
-                f"logits handle {scoped_id!r} is unknown or expired; send the logits inline or "
-                "start again from points or a box", logits_handle=scoped_id,
-            )
-        raise EmbeddingNotFoundError(
-            f"embedding {scoped_id!r} is not stored; call EncoderService.EmbedImages with the "
-            "image first", embedding_id=scoped_id,
-        )
-
 
 # --- the interceptor ------------------------------------------------------------------
 
@@ -319,26 +270,11 @@ class AuthStats:
         return sum(self.rejected.values())
 
 
-def _rich_status(code: grpc.StatusCode, exc: Sam2Error) -> Any:
-    from google.protobuf import any_pb2, duration_pb2
-    from google.rpc import error_details_pb2, status_pb2
-    from grpc_status import rpc_status
 
-    from sam2_shared.grpc_errors import ERROR_DOMAIN
-
-    details = [error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN,
-                                           metadata=exc.metadata)]
-    if "retry_delay_s" in exc.metadata:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(float(exc.metadata["retry_delay_s"]) * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    packed = []
-    for detail in details:
-        container = any_pb2.Any()
-        container.Pack(detail)
-        packed.append(container)
-    return rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=str(exc), details=packed))
+def _status(exc: Exception) -> Any:
+    """The rich status of ``exc`` from the one error table (auth runs before the servicer
+    and the error-mapping interceptor, so it aborts with that status itself)."""
+    return rpc_status.to_status(to_rpc_status(exc))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -430,7 +366,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     session = enter(context)
                 except ResourceExhaustedError as exc:
                     await context.abort_with_status(
-                        _rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, exc))
+                        _status(exc))
                     return
                 try:
                     async for response in behaviour(request, context):
@@ -445,7 +381,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 session = enter(context)
             except ResourceExhaustedError as exc:
                 await context.abort_with_status(
-                    _rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, exc))
+                    _status(exc))
                 return None
             try:
                 result = behaviour(request, context)
@@ -468,7 +404,7 @@ def auth_interceptor(api_keys_file: str | None, *, max_streams_per_key: int = 0
 
 
 def _refuse(error: UnauthenticatedError) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    status = _rich_status(grpc.StatusCode.UNAUTHENTICATED, error)
+    status = _status(error)
 
     def make(_behaviour: Callable[..., Any]) -> Callable[..., Any]:
         async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -487,75 +423,3 @@ def _replace_behaviour(handler: grpc.RpcMethodHandler,
         if behaviour is not None:
             return handler._replace(**{kind: wrap(behaviour)})
     return handler
-
-
-# --- TLS ------------------------------------------------------------------------------
-
-
-def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
-    if path is None or path == "":
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise OSError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def server_credentials(cert: str | os.PathLike[str], key: str | os.PathLike[str],
-                       client_ca: str | os.PathLike[str] | None = None
-                       ) -> grpc.ServerCredentials:
-    """TLS for a listener; with ``client_ca``, mutual TLS (clients must present a
-    certificate signed by that CA, checked before any RPC)."""
-    cert_pem, key_pem = _read(cert, "TLS certificate"), _read(key, "TLS key")
-    assert cert_pem is not None and key_pem is not None
-    ca_pem = _read(client_ca, "client CA")
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None)
-
-
-def tls_server_settings(cert: str | None, key: str | None, client_ca: str | None
-                        ) -> grpc.ServerCredentials | None:
-    """From a tier's settings: None (plaintext) when no certificate is configured."""
-    if not cert and not key:
-        if client_ca:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if not (cert and key):
-        raise ValueError("give both --tls-cert and --tls-key")
-    return server_credentials(cert, key, client_ca)
-
-
-def channel_credentials(root_certs: str | os.PathLike[str] | None = None,
-                        client_cert: str | os.PathLike[str] | None = None,
-                        client_key: str | os.PathLike[str] | None = None
-                        ) -> grpc.ChannelCredentials:
-    """TLS for a client channel: ``root_certs`` (None: the system roots) and, for mutual
-    TLS, the client's certificate and key."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(root_certs, "TLS root certificates"),
-        private_key=_read(client_key, "TLS client key"),
-        certificate_chain=_read(client_cert, "TLS client certificate"),
-    )
-
-
-__all__ = [
-    "AuthInterceptor",
-    "ApiKey",
-    "ApiKeyRing",
-    "AuthStats",
-    "Caller",
-    "UnauthenticatedError",
-    "auth_interceptor",
-    "auth_metadata",
-    "channel_credentials",
-    "check_id_namespace",
-    "current_caller",
-    "current_namespace",
-    "load_api_keys",
-    "namespace_of_id",
-    "namespaced_content_id",
-    "presented_key",
-    "scope_id",
-    "server_credentials",
-    "tls_server_settings",
-]

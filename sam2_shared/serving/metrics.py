@@ -65,14 +65,14 @@ STORE_OUTCOMES = ("hit", "miss", "corrupt", "written", "exists", "error")
 
 
 class _BatcherLike(Protocol):
-    """What ``MicroBatcher`` offers (``sam2_shared.batching``)."""
+    """What ``MicroBatcher`` offers (``sam2_shared.serving.batching``)."""
 
     stats: Any  # BatcherStats: counters and ``observers`` of BatchRecord
     queue_depth: int
 
 
 class _CacheLike(Protocol):
-    """What ``LruCache`` offers (``sam2_shared.caches``)."""
+    """What ``LruCache`` offers (``sam2_shared.inference.caches``)."""
 
     hits: int
     misses: int

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam2_shared import transforms
-from sam2_shared.checkpoints import load_part, read_state_dict, resolve_checkpoint
 from sam2_shared.embedding import ImageEmbedding, content_id
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
+from sam2_shared.inference import transforms
+from sam2_shared.inference.checkpoints import load_part, read_state_dict, resolve_checkpoint
 from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart
 from sam2_shared.model.config import Sam2Config, get_config
 from sam2_shared.model.tracker import (

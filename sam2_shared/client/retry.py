@@ -8,7 +8,7 @@ The wait before attempt ``n + 1`` is ``uniform(0, min(max_backoff, initial * mul
 ("full jitter", so that a fleet of clients does not retry in lock-step), but never less than
 the server's hint: ``google.rpc.RetryInfo.retry_delay`` in the rich status, else the
 ``retry_delay_s`` entry of the ``ErrorInfo`` metadata (both are set by
-``sam2_shared.grpc_errors``). No attempt starts when the hint would overrun the overall deadline.
+``sam2_shared.wire.status``). No attempt starts when the hint would overrun the overall deadline.
 
 The idempotent calls of this API: ``EmbedImages`` (content-addressed: re-embedding stores the
 same entry), ``Segment`` (no server state but a fresh logits handle), ``GetEmbedding``,

@@ -6,8 +6,8 @@
 - ``postprocess_masks``: [P, C, 256, 256] low-res logits -> [P, C, H, W] float32 logits
   (the exact reference path; serving uses ``imaging.masks_from_low_res``).
 
-Torch lives here, not in ``sam2_shared.imaging``, so that decoding images (which the client
-does to compute content ids) never imports torch.
+Torch lives here, not in ``imaging``, so that decoding images (which the client does to
+compute content ids) never imports torch.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sam2_shared.errors import InvalidInputError
-from sam2_shared.imaging import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
+from sam2_shared.inference.imaging import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 
 
 def preprocess_images(images: Sequence[np.ndarray]) -> torch.Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from enum import Enum
 
-import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
@@ -91,6 +90,8 @@ def _coco_rle_runs(counts: bytes) -> list[int] | None:
 
 def encode_png(mask: np.ndarray) -> bytes:
     """[H, W] mask -> 1-bit grayscale PNG bytes."""
+    import cv2  # only for PNG: the client imports this module without OpenCV
+
     (single,) = _as_batch(mask)
     pixels = single.astype(np.uint8) * np.uint8(255)
     # Low zlib effort: masks compress well anyway and this is on the request path.
@@ -103,6 +104,8 @@ def encode_png(mask: np.ndarray) -> bytes:
 
 def decode_png(data: bytes, height: int | None = None, width: int | None = None) -> np.ndarray:
     """PNG bytes -> [H, W] bool (nonzero = mask); checks the size when given."""
+    import cv2
+
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     if pixels is None:
         raise InvalidInputError("mask PNG could not be decoded")

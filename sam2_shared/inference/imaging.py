@@ -8,7 +8,7 @@ Everything between "what the caller sent" and "what the network sees", and back:
 - ``validate_prompt``: the checks every entry point runs on a ``Prompt``.
 - ``masks_from_low_res``: [P, C, 256, 256] low-res logits -> [P, C, H, W] bool masks.
 
-The torch side (resizing into the 1024 frame and back) is ``sam2_shared.transforms``.
+The torch side (resizing into the 1024 frame and back) is ``sam2_shared.inference.transforms``.
 Points are (x, y); sizes are (H, W). numpy/cv2/PIL only: no torch (the client decodes
 images with it), no grpc.
 """

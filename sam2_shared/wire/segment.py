@@ -1,7 +1,7 @@
-"""Proto <-> domain conversion, shared by the servicers and the client.
+"""Images, prompts, masks and predictions: proto <-> domain, for the servicers and the client.
 
-The only module besides the servicers, ``server.py`` and ``client.py`` that knows
-the generated ``sam2_shared.api`` code. Domain values (``Prompt``,
+With the rest of ``sam2_shared.wire`` the only place besides the servicers, the server
+and the client that knows the generated ``sam2_shared.api`` code. Domain values (``Prompt``,
 ``Sam2BatchedPrediction``, numpy arrays) never learn the wire format.
 
 Wire conventions handled here:
@@ -12,21 +12,22 @@ Wire conventions handled here:
     * ``MaskFormat`` unset means COCO RLE.
 
 Semantic checks of prompts against the image (finite, inside, non-degenerate box)
-stay in ``sam2_shared.imaging.validate_prompt``; this module checks only what the
+stay in ``sam2_shared.inference.imaging.validate_prompt``; this module checks only what the
 wire format itself can get wrong, and raises ``InvalidInputError`` for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from sam2_shared import masks as mask_codec
 from sam2_shared.api.v1 import common_pb2, decoder_pb2
 from sam2_shared.errors import InvalidInputError, LogitsNotFoundError
-from sam2_shared.masks import MaskEncoding
 from sam2_shared.prompts import LOW_RES_SIZE, Prompt, Sam2BatchedPrediction
+from sam2_shared.wire import masks as mask_codec
+from sam2_shared.wire.masks import MaskEncoding
 
 LOGITS_DTYPE = np.dtype("<f4")
 LOGITS_NBYTES = LOW_RES_SIZE * LOW_RES_SIZE * LOGITS_DTYPE.itemsize
@@ -183,6 +184,61 @@ def logits_to_bytes(logits: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=LOGITS_DTYPE).tobytes()
 
 
+def points_from_proto(
+    points: Sequence[common_pb2.Point], where: str, **metadata: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Wire points -> ([N, 2] float32 (x, y), [N] int32 labels 1/0), or (None, None).
+
+    Every point needs a label; ``where`` ("prompt 2") starts the error message.
+    """
+    if not points:
+        return None, None
+    coords = np.array([(p.x_px, p.y_px) for p in points], dtype=np.float32)
+    try:
+        labels = np.array([_LABEL_VALUES[p.label] for p in points], dtype=np.int32)
+    except KeyError:
+        bad = next(j for j, p in enumerate(points) if p.label not in _LABEL_VALUES)
+        raise InvalidInputError(
+            f"{where} point {bad}: label must be POINT_LABEL_FOREGROUND or "
+            "POINT_LABEL_BACKGROUND",
+            **metadata,
+        ) from None
+    return coords, labels
+
+
+def points_to_proto(target: Any, coords: Any, labels: Any) -> None:
+    """Append [N, 2] (x, y) pixels with [N] labels 1/0 to a repeated ``Point`` field."""
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    labels = np.asarray(labels if labels is not None else [], dtype=np.int64).reshape(-1)
+    if labels.shape[0] != coords.shape[0]:
+        raise InvalidInputError(f"{coords.shape[0]} points but {labels.shape[0]} point_labels")
+    for (x, y), label in zip(coords, labels, strict=True):
+        if int(label) not in _LABEL_ENUMS:
+            raise InvalidInputError(f"point labels must be 1 or 0, got {label}")
+        target.add(x_px=x, y_px=y, label=_LABEL_ENUMS[int(label)])
+
+
+def box_from_proto(box: common_pb2.Box) -> np.ndarray:
+    """Wire box -> [4] float32 ``[x_min, y_min, x_max, y_max]`` pixels."""
+    return np.array([box.x_min_px, box.y_min_px, box.x_max_px, box.y_max_px], dtype=np.float32)
+
+
+def box_to_proto(box: Any) -> common_pb2.Box:
+    x_min, y_min, x_max, y_max = np.asarray(box, dtype=np.float64).reshape(4).tolist()
+    return common_pb2.Box(x_min_px=x_min, y_min_px=y_min, x_max_px=x_max, y_max_px=y_max)
+
+
+def encoded_mask_to_proto(
+    mask: np.ndarray, encoded: bytes | str, area: int, bbox: np.ndarray, encoding: MaskEncoding
+) -> common_pb2.EncodedMask:
+    """One [H, W] mask's encoding, area and bounding box -> ``EncodedMask``."""
+    height, width = mask.shape[-2:]
+    message = common_pb2.EncodedMask(height_px=height, width_px=width, area_px=int(area))
+    setattr(message, _MASK_FIELD[encoding], encoded)
+    message.bbox.CopyFrom(box_to_proto(bbox))
+    return message
+
+
 def prompts_from_proto(
     prompts: Sequence[decoder_pb2.Prompt], resolve_logits: LogitsResolver | None = None
 ) -> list[Prompt]:
@@ -199,21 +255,9 @@ def prompts_from_proto(
 def _prompt_from_proto(
     index: int, prompt: decoder_pb2.Prompt, resolve_logits: LogitsResolver | None
 ) -> Prompt:
-    coords = labels = box = mask_input = None
-    if prompt.points:
-        coords = np.array([(p.x_px, p.y_px) for p in prompt.points], dtype=np.float32)
-        try:
-            labels = np.array([_LABEL_VALUES[p.label] for p in prompt.points], dtype=np.int32)
-        except KeyError:
-            bad = next(j for j, p in enumerate(prompt.points) if p.label not in _LABEL_VALUES)
-            raise InvalidInputError(
-                f"prompt {index} point {bad}: label must be POINT_LABEL_FOREGROUND or "
-                "POINT_LABEL_BACKGROUND",
-                prompt_index=str(index),
-            ) from None
-    if prompt.HasField("box"):
-        b = prompt.box
-        box = np.array([b.x_min_px, b.y_min_px, b.x_max_px, b.y_max_px], dtype=np.float32)
+    mask_input = None
+    coords, labels = points_from_proto(prompt.points, f"prompt {index}", prompt_index=str(index))
+    box = box_from_proto(prompt.box) if prompt.HasField("box") else None
     source = prompt.WhichOneof("mask_input")
     if source == "mask_logits":
         try:
@@ -242,21 +286,9 @@ def prompt_to_proto(prompt: Prompt, logits_handle: str | None = None) -> decoder
     """Domain ``Prompt`` -> wire prompt; ``logits_handle`` replaces ``mask_input``."""
     message = decoder_pb2.Prompt(multimask_output=bool(prompt.multimask_output))
     if prompt.point_coords is not None:
-        coords = np.asarray(prompt.point_coords, dtype=np.float64).reshape(-1, 2)
-        labels = np.asarray(
-            prompt.point_labels if prompt.point_labels is not None else [], dtype=np.int64
-        ).reshape(-1)
-        if labels.shape[0] != coords.shape[0]:
-            raise InvalidInputError(f"{coords.shape[0]} points but {labels.shape[0]} point_labels")
-        for (x, y), label in zip(coords, labels, strict=True):
-            if int(label) not in _LABEL_ENUMS:
-                raise InvalidInputError(f"point labels must be 1 or 0, got {label}")
-            message.points.add(x_px=x, y_px=y, label=_LABEL_ENUMS[int(label)])
+        points_to_proto(message.points, prompt.point_coords, prompt.point_labels)
     if prompt.box is not None:
-        x_min, y_min, x_max, y_max = np.asarray(prompt.box, dtype=np.float64).reshape(4)
-        message.box.CopyFrom(
-            common_pb2.Box(x_min_px=x_min, y_min_px=y_min, x_max_px=x_max, y_max_px=y_max)
-        )
+        message.box.CopyFrom(box_to_proto(prompt.box))
     if logits_handle is not None:
         message.logits_handle = logits_handle
     elif prompt.mask_input is not None:
@@ -306,7 +338,6 @@ def prompt_results_to_proto(
         boxes = mask_codec.mask_bboxes(flat)
         scores = np.asarray(prediction.scores, dtype=np.float32)
         objects = np.asarray(prediction.object_score_logits, dtype=np.float32).reshape(-1)
-        field = _MASK_FIELD[encoding]
         for p in range(prompt_count):
             result = decoder_pb2.PromptResult(
                 best_index=int(scores[p].argmax()),
@@ -317,14 +348,7 @@ def prompt_results_to_proto(
                 raise ValueError(f"{len(handles)} logits handles for {candidate_count} candidates")
             for c in range(candidate_count):
                 k = p * candidate_count + c
-                mask = common_pb2.EncodedMask(
-                    height_px=height, width_px=width, area_px=int(areas[k])
-                )
-                setattr(mask, field, encoded[k])
-                x_min, y_min, x_max, y_max = boxes[k].tolist()
-                mask.bbox.CopyFrom(
-                    common_pb2.Box(x_min_px=x_min, y_min_px=y_min, x_max_px=x_max, y_max_px=y_max)
-                )
+                mask = encoded_mask_to_proto(flat[k], encoded[k], areas[k], boxes[k], encoding)
                 candidate = result.candidates.add(mask=mask, score=float(scores[p, c]))
                 if handles is not None:
                     candidate.logits_handle = handles[c]

@@ -1,0 +1,162 @@
+"""``Sam2TrackingClient``: video tracking through the tiers (frames embedded by the encoder
+tier with video preprocessing, sessions in the decoder tier's ``sam2.v1.TrackingService``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from sam2_shared import wire
+from sam2_shared.api.v1 import encoder_pb2, tracking_pb2, tracking_pb2_grpc
+from sam2_shared.client import Sam2Client
+from sam2_shared.wire.status import error_from_rpc_error, error_from_status
+from sam2_shared.wire.tracking import (
+    TrackedFrame,
+    tracked_frame_from_proto,
+    tracking_prompt_to_proto,
+)
+
+
+@dataclass(frozen=True)
+class TrackingSession:
+    """A tracking session as ``StartSession`` answered it."""
+
+    session_id: str
+    frame_count: int
+    video_hw: tuple[int, int]
+
+
+class PropagationStream:
+    """Iterator over ``Propagate``'s frames; ``cancel()`` (or leaving the iteration early
+    through ``close()`` / a ``with`` block) cancels the call, and the server stops."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> PropagationStream:
+        return self
+
+    def __next__(self) -> TrackedFrame:
+        try:
+            return tracked_frame_from_proto(next(self._call).frame)
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    close = cancel
+
+    def __enter__(self) -> PropagationStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+class Sam2TrackingClient(Sam2Client):
+    """``Sam2Client`` plus video tracking: frames are embedded by the encoder tier
+    (video preprocessing), sessions run in the decoder tier (``sam2.v1.TrackingService``).
+
+    Same arguments as ``Sam2Client``; ``decoder`` is required. Calls that change a session
+    are not retried (a retry could apply a prompt twice).
+    """
+
+    def __init__(self, encoder: str | None = None, decoder: str | None = None,
+                 **kwargs: Any) -> None:
+        if decoder is None:
+            raise ValueError("tracking needs the decoder address (host:port)")
+        super().__init__(encoder, decoder, **kwargs)
+
+        self._tracking = tracking_pb2_grpc.TrackingServiceStub(self._channels[-1])
+
+    def _once(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc) from None
+
+    def embed_frames(self, frames: Sequence[np.ndarray], frames_per_call: int = 4) -> list[str]:
+        """Embed HxWx3 uint8 RGB frames as video frames; returns their embedding ids in
+        order. Frames already stored cost no encoder work."""
+        if self._encoder is None:
+            raise ValueError("this client has no encoder address")
+        ids: list[str] = []
+        for start in range(0, len(frames), max(1, frames_per_call)):
+            chunk = frames[start : start + max(1, frames_per_call)]
+            request = encoder_pb2.EmbedImagesRequest(
+                model_id=self.model_id, video_frame=True,
+                images=[wire.image_to_proto(np.ascontiguousarray(f), "rgb") for f in chunk],
+            )
+            self.stats.add(embed_calls=1, images_uploaded=len(chunk))
+            response = self._call(self._encoder.EmbedImages, request)
+            for index, result in enumerate(response.results, start=start):
+                if result.status.code != 0:
+                    error = error_from_status(result.status)
+                    raise type(error)(f"frame {index}: {error}", reason=error.reason,
+                                      **error.metadata)
+                ids.append(result.embedding.embedding_id)
+        return ids
+
+    def start_session(self, frame_embedding_ids: Sequence[str]) -> TrackingSession:
+        """A new session over embedded frames (``embed_frames``), in video order."""
+
+        response = self._once(self._tracking.StartSession, tracking_pb2.StartSessionRequest(
+            model_id=self.model_id, frame_embedding_ids=list(frame_embedding_ids)))
+        return TrackingSession(response.session_id, response.frame_count,
+                               (response.height_px, response.width_px))
+
+    def add_prompt(
+        self,
+        session_id: str,
+        frame_index: int,
+        object_id: int,
+        points: Any = None,
+        labels: Any = None,
+        box: Any = None,
+        mask: np.ndarray | None = None,
+        keep_old_points: bool = False,
+    ) -> TrackedFrame:
+        """Clicks (``points`` [N, 2] (x, y) pixels, ``labels`` [N] 1/0) and/or a box
+        [x0, y0, x1, y1], or an HxW binary ``mask``, for an object on a frame; returns every
+        object's mask on that frame."""
+
+        request = tracking_pb2.AddPromptRequest(
+            session_id=session_id, frame_index=int(frame_index), object_id=int(object_id),
+            keep_old_points=keep_old_points)
+        tracking_prompt_to_proto(request, points, labels, box, mask)
+        return tracked_frame_from_proto(self._once(self._tracking.AddPrompt, request).frame)
+
+    def propagate(self, session_id: str, start_frame_index: int | None = None,
+                  reverse: bool = False, max_frames: int | None = None) -> PropagationStream:
+        """Track every object frame by frame; iterate for ``TrackedFrame``s, ``cancel()``
+        to stop early. The deadline is ``timeout_s`` for the whole stream."""
+
+        request = tracking_pb2.PropagateRequest(session_id=session_id, reverse=reverse)
+        if start_frame_index is not None:
+            request.start_frame_index = int(start_frame_index)
+        if max_frames is not None:
+            request.max_frames = int(max_frames)
+        call = self._tracking.Propagate(request, timeout=self.timeout_s, metadata=self._metadata)
+        return PropagationStream(call)
+
+    def remove_object(self, session_id: str, object_id: int) -> list[int]:
+        """Drop an object; returns the remaining object ids."""
+
+        response = self._once(self._tracking.RemoveObject, tracking_pb2.RemoveObjectRequest(
+            session_id=session_id, object_id=int(object_id)))
+        return list(response.remaining_object_ids)
+
+    def reset_session(self, session_id: str) -> None:
+
+        self._once(self._tracking.ResetSession,
+                   tracking_pb2.ResetSessionRequest(session_id=session_id))
+
+    def close_session(self, session_id: str) -> None:
+
+        self._once(self._tracking.CloseSession,
+                   tracking_pb2.CloseSessionRequest(session_id=session_id))
