@@ -13,49 +13,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sam2_shared.errors import UnknownModelError
 from sam2_shared.serving.auth import auth_interceptor
 from sam2_shared.serving.metrics import Sam2Metrics
-from sam2_shared.serving.server import DEFAULT_GRACE_S, build_server, run_tier
-from sam2_shared.serving.settings import setting
-from sam2_shared.serving.tls import tls_server_settings
+from sam2_shared.serving.server import build_server, run_tier
+from sam2_shared.serving.settings import (
+    DEFAULT_STORE,
+    MIB,
+    PRECISIONS,
+    TierSettings,
+    setting,
+)
 
 logger = logging.getLogger("decoder_service")
 
-DEFAULT_STORE = "diskcache://" + os.path.join(tempfile.gettempdir(), "sam2-embeddings")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class DecoderSettings:
-    model: str = setting("sam2.1/hiera_tiny", "official model id, e.g. sam2.1/hiera_b_plus")
-    checkpoint: str | None = setting(
-        None, "checkpoint file; default: the model's file in $SAM2_CHECKPOINT_DIR or "
-        "~/.cache/sam2, downloaded from Meta if missing"
-    )
+class DecoderSettings(TierSettings):
     store: str = setting(
         DEFAULT_STORE, "embedding store URL (the encoder's): diskcache:///path, "
         "redis://host:port/db or s3://bucket/prefix?endpoint_url=...", secret=True
     )
-    host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(50052, "gRPC port (0 picks a free one)", minimum=0)
     metrics_port: int = setting(9102, "Prometheus metrics port (0 disables)", minimum=0)
+    precision: str = setting("auto", "decoder precision (auto: fp32; the decoder is small)",
+                             choices=PRECISIONS)
+    max_image_pixels: int = setting(100_000_000, "largest attached image (pixels)", minimum=1)
     encoder_address: str | None = setting(
         None, "host:port of the encoder tier, asked on a miss when the request has the image"
     )
     encoder_timeout_s: float = setting(60.0, "deadline of a call to the encoder", minimum=0)
-    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
-    precision: str = setting("auto", "decoder precision (auto: fp32; the decoder is small)",
-                             choices=PRECISIONS)
     hot_cache_mb: float = setting(512.0, "in-process embedding LRU in MiB (16 MiB each)",
                                   minimum=0)
     logits_ttl_s: float = setting(600.0, "how long logits handles stay valid", minimum=1)
@@ -68,16 +61,6 @@ class DecoderSettings:
                                    minimum=0)
     max_queue: int = setting(256, "most requests waiting; beyond, RESOURCE_EXHAUSTED",
                              minimum=1)
-    max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
-    max_image_pixels: int = setting(100_000_000, "largest attached image (pixels)", minimum=1)
-    grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
-    api_keys_file: str | None = setting(
-        None, "file (one '<key> [namespace]' per line) or directory (a Kubernetes Secret, one "
-        "key per file) of accepted API keys, reloaded on change; unset: no authentication")
-    tls_cert: str | None = setting(None, "PEM certificate (chain) of this server: enables TLS")
-    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
-    tls_client_ca: str | None = setting(
-        None, "PEM CA of client certificates: enables mutual TLS (needs --tls-cert)")
     max_sessions_per_key: int = setting(
         16, "most concurrent SegmentStream sessions per API key (per peer without keys); "
         "0: no limit", minimum=0)
@@ -93,17 +76,6 @@ class DecoderSettings:
                                    "(seconds; in the store and in memory)", minimum=1)
     max_live_sessions: int = setting(16, "most tracking sessions held in memory (others are "
                                      "reloaded from the store)", minimum=1)
-    reflection: bool = setting(True, "enable gRPC server reflection")
-    log_level: str = setting("INFO", "logging level",
-                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-
-    def __post_init__(self) -> None:
-        from sam2_shared.model import get_config
-
-        try:
-            get_config(self.model)
-        except (KeyError, ValueError, UnknownModelError) as exc:
-            raise ValueError(f"--model / SAM2_MODEL: {exc}") from None
 
 
 async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -> None:
@@ -122,16 +94,10 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     server, port = build_server(
         [servicer.register, tracking_servicer.register],
         [SERVICE_NAME, TRACKING_SERVICE_NAME],
-        port=settings.port,
-        host=settings.host,
-        max_message_bytes=settings.max_message_mb * MIB,
-        reflection_enabled=settings.reflection,
-        grace_s=settings.grace_s,
         interceptors=[metrics.interceptor(),
                       auth_interceptor(settings.api_keys_file,
                                        max_streams_per_key=settings.max_sessions_per_key)],
-        server_credentials=tls_server_settings(settings.tls_cert, settings.tls_key,
-                                               settings.tls_client_ca),
+        **settings.server_options(),
     )
     server.add_close_callback(store.close)
     encoder_client = None
@@ -179,15 +145,11 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
 
 def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) -> Any:
     """Build the ``Decoder`` (imported here: torch loads in the worker thread)."""
-    import torch
-
     from decoder_service.decoder import Decoder
-    from sam2_shared.inference.sam2_model import Sam2Model
+    from sam2_shared.inference.sam2_model import Sam2Model, resolve_device_and_precision
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = "fp32" if settings.precision == "auto" else settings.precision
+    device, precision = resolve_device_and_precision(settings.device, settings.precision,
+                                                     cuda_precision="fp32")
     model = Sam2Model.from_pretrained(
         settings.model, settings.checkpoint, device=device, parts="decoder",
         precision=precision, max_pixels=settings.max_image_pixels,

@@ -12,71 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sam2_shared.errors import UnknownModelError
 from sam2_shared.serving.auth import auth_interceptor
 from sam2_shared.serving.metrics import Sam2Metrics
-from sam2_shared.serving.server import DEFAULT_GRACE_S, build_server, run_tier
-from sam2_shared.serving.settings import setting
-from sam2_shared.serving.tls import tls_server_settings
+from sam2_shared.serving.server import build_server, run_tier
+from sam2_shared.serving.settings import PRECISIONS, TierSettings, setting
 
 logger = logging.getLogger("encoder_service")
 
-DEFAULT_STORE = "diskcache://" + os.path.join(tempfile.gettempdir(), "sam2-embeddings")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
-class EncoderSettings:
-    model: str = setting("sam2.1/hiera_tiny", "official model id, e.g. sam2.1/hiera_b_plus")
-    checkpoint: str | None = setting(
-        None, "checkpoint file; default: the model's file in $SAM2_CHECKPOINT_DIR or "
-        "~/.cache/sam2, downloaded from Meta if missing"
-    )
-    store: str = setting(
-        DEFAULT_STORE, "embedding store URL: diskcache:///path, redis://host:port/db or "
-        "s3://bucket/prefix?endpoint_url=...", secret=True
-    )
-    store_dtype: str = setting("float16", "dtype embeddings are stored in",
-                               choices=STORAGE_DTYPES)
-    host: str = setting("0.0.0.0", "address to listen on")
+class EncoderSettings(TierSettings):
     port: int = setting(50051, "gRPC port (0 picks a free one)", minimum=0)
     metrics_port: int = setting(9101, "Prometheus metrics port (0 disables)", minimum=0)
-    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
     precision: str = setting("auto", "encoder precision (auto: bf16 on CUDA, fp32 on CPU)",
                              choices=PRECISIONS)
+    store_dtype: str = setting("float16", "dtype embeddings are stored in",
+                               choices=STORAGE_DTYPES)
     max_batch_size: int = setting(4, "most images per encoder forward", minimum=1)
     max_wait_ms: float = setting(10.0, "longest an image waits for its batch to fill",
                                  minimum=0)
     max_queue: int = setting(64, "most images waiting; beyond, RESOURCE_EXHAUSTED", minimum=1)
-    max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
-    max_image_pixels: int = setting(100_000_000, "largest decoded image (pixels)", minimum=1)
-    grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
-    api_keys_file: str | None = setting(
-        None, "file (one '<key> [namespace]' per line) or directory (a Kubernetes Secret, one "
-        "key per file) of accepted API keys, reloaded on change; unset: no authentication")
-    tls_cert: str | None = setting(None, "PEM certificate (chain) of this server: enables TLS")
-    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
-    tls_client_ca: str | None = setting(
-        None, "PEM CA of client certificates: enables mutual TLS (needs --tls-cert)")
-    reflection: bool = setting(True, "enable gRPC server reflection")
-    log_level: str = setting("INFO", "logging level",
-                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-
-    def __post_init__(self) -> None:
-        from sam2_shared.model import get_config
-
-        try:
-            get_config(self.model)
-        except (KeyError, ValueError, UnknownModelError) as exc:
-            raise ValueError(f"--model / SAM2_MODEL: {exc}") from None
 
 
 async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -> None:
@@ -91,14 +53,8 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
     server, port = build_server(
         [servicer.register],
         [SERVICE_NAME],
-        port=settings.port,
-        host=settings.host,
-        max_message_bytes=settings.max_message_mb * 1024 * 1024,
-        reflection_enabled=settings.reflection,
-        grace_s=settings.grace_s,
         interceptors=[metrics.interceptor(), auth_interceptor(settings.api_keys_file)],
-        server_credentials=tls_server_settings(settings.tls_cert, settings.tls_key,
-                                               settings.tls_client_ca),
+        **settings.server_options(),
     )
     server.add_close_callback(store.close)
     await server.start()
@@ -125,10 +81,11 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
 
 
 def _load_encoder(settings: EncoderSettings, store):  # -> Encoder, imported lazily (torch)
-    from encoder_service.encoder import Encoder, resolve_device_and_precision
-    from sam2_shared.inference.sam2_model import Sam2Model
+    from encoder_service.encoder import Encoder
+    from sam2_shared.inference.sam2_model import Sam2Model, resolve_device_and_precision
 
-    device, precision = resolve_device_and_precision(settings.device, settings.precision)
+    device, precision = resolve_device_and_precision(settings.device, settings.precision,
+                                                     cuda_precision="bf16")
     model = Sam2Model.from_pretrained(
         settings.model,
         settings.checkpoint,

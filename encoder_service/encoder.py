@@ -65,16 +65,6 @@ class ExportedEmbedding:
     format: str = EXPORT_FORMAT
 
 
-def resolve_device_and_precision(device: str, precision: str) -> tuple[str, str]:
-    """``auto`` device -> cuda when available, else cpu; ``auto`` precision -> bf16 on
-    CUDA, fp32 elsewhere. Reduced precision on CPU only when asked for explicitly."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        precision = "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return device, precision
-
-
 class Encoder:
     """Batched, idempotent image embedding into a shared store.
 

@@ -40,6 +40,19 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 _PARTS = ("all", "encoder", "decoder")
 
 
+def resolve_device_and_precision(
+    device: str, precision: str, cuda_precision: str = "fp32"
+) -> tuple[str, str]:
+    """``auto`` device -> cuda when available, else cpu; ``auto`` precision ->
+    ``cuda_precision`` on CUDA (the encoder tier asks bf16), fp32 elsewhere. Reduced precision
+    on a CPU only when asked for explicitly."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "auto":
+        precision = cuda_precision if torch.device(device).type == "cuda" else "fp32"
+    return device, precision
+
+
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """fp16 runs under autocast (LayerNorm, softmax stay fp32: fp16 overflows there)."""
     if precision != "fp16":

@@ -1,11 +1,12 @@
 """One way to define a tier's settings: flags and environment variables with the same names.
 
-A tier declares a frozen dataclass whose fields are made with ``setting(...)``::
+A tier declares a frozen dataclass, derived from ``TierSettings`` (the settings every tier
+has: model, store, listener, TLS, API keys, logging), whose own fields are made with
+``setting(...)``::
 
     @dataclass(frozen=True)
-    class EncoderSettings:
-        model: str = setting("sam2.1/hiera_tiny", "official model id")
-        store: str = setting("diskcache:///tmp/x", "embedding store URL", secret=True)
+    class EncoderSettings(TierSettings):
+        port: int = setting(50051, "gRPC port (0 picks a free one)", minimum=0)
         max_batch_size: int = setting(4, "images per encoder forward", minimum=1)
 
     settings = load_settings(EncoderSettings, argv)   # --max-batch-size / SAM2_MAX_BATCH_SIZE
@@ -23,12 +24,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from sam2_shared.errors import UnknownModelError
+from sam2_shared.model.config import canonical_model_id
+from sam2_shared.serving.server import DEFAULT_GRACE_S
+from sam2_shared.serving.tls import tls_server_settings
 from sam2_shared.store.base import mask_url
 
 ENV_PREFIX = "SAM2_"
@@ -189,16 +196,6 @@ def load_settings(
         raise  # unreachable: parser.error exits
 
 
-def settings_from_values(cls: type[SettingsT], **values: Any) -> SettingsT:
-    """Build ``cls`` in code (tests, embedding a tier), with the same field checks."""
-    by_name = {f.name: f for f, _, _ in _fields(cls)}
-    for name, value in values.items():
-        if name not in by_name:
-            raise TypeError(f"{cls.__name__} has no setting {name!r}")
-        _check_field(by_name[name], value)
-    return cls(**values)
-
-
 def mask_secret(value: Any) -> str:
     if value is None:
         return "None"
@@ -217,3 +214,60 @@ def describe_settings(settings: Any) -> str:
         shown = mask_secret(value) if field.metadata.get("secret") else repr(value)
         parts.append(f"{field.name}={shown}")
     return " ".join(parts)
+
+
+DEFAULT_STORE = "diskcache://" + os.path.join(tempfile.gettempdir(), "sam2-embeddings")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """What every tier is configured with. Tiers derive from it, set their own ports and
+    defaults by redeclaring a field, and add their own fields after these."""
+
+    model: str = setting("sam2.1/hiera_tiny", "official model id, e.g. sam2.1/hiera_b_plus")
+    checkpoint: str | None = setting(
+        None, "checkpoint file; default: the model's file in $SAM2_CHECKPOINT_DIR or "
+        "~/.cache/sam2, downloaded from Meta if missing"
+    )
+    store: str = setting(
+        DEFAULT_STORE, "embedding store URL: diskcache:///path, redis://host:port/db or "
+        "s3://bucket/prefix?endpoint_url=...", secret=True
+    )
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(0, "gRPC port (0 picks a free one)", minimum=0)
+    metrics_port: int = setting(0, "Prometheus metrics port (0 disables)", minimum=0)
+    device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
+    precision: str = setting("auto", "model precision", choices=PRECISIONS)
+    max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
+    max_image_pixels: int = setting(100_000_000, "largest decoded image (pixels)", minimum=1)
+    grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
+    api_keys_file: str | None = setting(
+        None, "file (one '<key> [namespace]' per line) or directory (a Kubernetes Secret, one "
+        "key per file) of accepted API keys, reloaded on change; unset: no authentication")
+    tls_cert: str | None = setting(None, "PEM certificate (chain) of this server: enables TLS")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = setting(
+        None, "PEM CA of client certificates: enables mutual TLS (needs --tls-cert)")
+    reflection: bool = setting(True, "enable gRPC server reflection")
+    log_level: str = setting("INFO", "logging level",
+                             choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        try:  # any accepted spelling; the tier runs under the official id
+            object.__setattr__(self, "model", canonical_model_id(self.model))
+        except UnknownModelError as exc:
+            raise ValueError(f"--model / SAM2_MODEL: {exc}") from None
+
+    def server_options(self) -> dict[str, Any]:
+        """The listener's keyword arguments for ``serving.server.build_server``."""
+        return {
+            "port": self.port,
+            "host": self.host,
+            "max_message_bytes": self.max_message_mb * MIB,
+            "reflection_enabled": self.reflection,
+            "grace_s": self.grace_s,
+            "server_credentials": tls_server_settings(self.tls_cert, self.tls_key,
+                                                      self.tls_client_ca),
+        }
