@@ -2,8 +2,9 @@
 
 A session is a ``VideoSession`` over frame embeddings that the encoder tier stored
 (``EmbedImages`` with ``video_frame``), loaded from the shared store on demand. After every
-change its state (``VideoSession.to_bytes``) is written to the store with an idle TTL, next
-to a small revision key, so any replica can continue it: a replica without the session, or
+change its state (``VideoSession.to_state``) is written to the store (one entry in the store's
+byte format, ``EmbeddingStore.put_session``) with an idle TTL, next to a small revision, so
+any replica can continue it: a replica without the session, or
 with an older revision than the store's, loads it from there. Sessions idle for
 ``session_ttl_s`` expire in the store (TTL) and in memory (checked on access, LRU bound).
 
@@ -13,9 +14,7 @@ of a propagation); different sessions run in parallel on worker threads.
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 import threading
 import time
 import uuid
@@ -40,10 +39,6 @@ from sam2_shared.store import EmbeddingStore
 
 logger = logging.getLogger(__name__)
 
-SESSION_PREFIX = "video-session/"
-REVISION_PREFIX = "video-session-rev/"
-_BLOB_HEADER = struct.Struct("<4sI")  # magic, JSON length
-_BLOB_MAGIC = b"TRK1"
 MAX_FRAMES = 100_000
 
 
@@ -230,8 +225,7 @@ class Tracker:
         try:
             with self._guard:
                 self._live.pop(session_id, None)
-            self.store.blobs.delete(SESSION_PREFIX + session_id)
-            self.store.blobs.delete(REVISION_PREFIX + session_id)
+            self.store.delete_session(session_id)
         finally:
             live.lock.release()
 
@@ -289,42 +283,35 @@ class Tracker:
             self._live.pop(session_id, None)
 
     def _stored_revision(self, session_id: str) -> int | None:
-        data = self.store.blobs.get(REVISION_PREFIX + session_id)
-        return None if data is None else int(data.decode())
+        return self.store.session_revision(session_id)
 
     def _save(self, live: _LiveSession) -> None:
-        """Write state then revision (a reader that sees the new revision finds the new
-        state), both with the idle TTL."""
+        """Write the state, then the revision, both with the idle TTL."""
         live.revision += 1
-        header = json.dumps({"model_id": self.model_id, "frame_ids": live.frame_ids,
-                             "video_hw": list(live.session.video_hw),
-                             "revision": live.revision}).encode()
-        blob = _BLOB_HEADER.pack(_BLOB_MAGIC, len(header)) + header + live.session.to_bytes()
-        ttl = self.session_ttl_s
-        self.store.blobs.put(SESSION_PREFIX + live.session_id, blob, ttl)
-        self.store.blobs.put(REVISION_PREFIX + live.session_id, str(live.revision).encode(), ttl)
+        state, tensors = live.session.to_state()
+        tracking = {"model_id": self.model_id, "frame_ids": live.frame_ids,
+                    "video_hw": list(live.session.video_hw)}
+        self.store.put_session(live.session_id, state, tensors, tracking, live.revision,
+                               self.session_ttl_s)
 
     def _load(self, session_id: str) -> _LiveSession:
-        blob = self.store.blobs.get(SESSION_PREFIX + session_id)
-        if blob is None:
+        stored = self.store.get_session(session_id)
+        if stored is None:
             raise SessionNotFoundError(f"tracking session {session_id!r} is unknown or expired",
                                        session_id=session_id)
+        state, tensors, tracking = stored
         try:
-            magic, header_nbytes = _BLOB_HEADER.unpack_from(blob)
-            if magic != _BLOB_MAGIC:
-                raise CorruptEntryError(f"bad magic {magic!r}")
-            start = _BLOB_HEADER.size
-            header = json.loads(blob[start : start + header_nbytes])
-            state = blob[start + header_nbytes :]
-        except (struct.error, ValueError) as exc:
-            raise CorruptEntryError(f"tracking session {session_id!r}: {exc}") from None
-        frames = self._frame_source(header["frame_ids"], tuple(header["video_hw"]))
-        session = VideoSession.from_bytes(self.model, frames, state)
+            frame_ids = [str(i) for i in tracking["frame_ids"]]
+            height, width = (int(v) for v in tracking["video_hw"])
+            revision = int(tracking["revision"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptEntryError(f"tracking session {session_id!r}: {exc!r}") from None
+        frames = self._frame_source(frame_ids, (height, width))
+        session = VideoSession.from_state(self.model, frames, state, tensors)
         self.sessions_loaded += 1
         logger.info("tracking session %s loaded from the store (revision %d)", session_id,
-                    header["revision"])
-        return _LiveSession(session_id, list(header["frame_ids"]), session,
-                            revision=int(header["revision"]))
+                    revision)
+        return _LiveSession(session_id, frame_ids, session, revision=revision)
 
     def _frame_source(self, frame_ids: Sequence[str], video_hw: tuple[int, int]) -> FrameSource:
         ids = list(frame_ids)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from sam2_shared.embedding import (
     ImageEmbedding,
@@ -33,9 +32,8 @@ from sam2_shared.errors import (
     InvalidInputError,
     UnknownModelError,
 )
-from sam2_shared.inference import transforms
 from sam2_shared.inference.sam2_model import Sam2Model
-from sam2_shared.inference.video import VIDEO_PREPROCESS_VERSION
+from sam2_shared.inference.video import VIDEO_PREPROCESS_VERSION, encode_video_frames
 from sam2_shared.serving.batching import MicroBatcher
 from sam2_shared.store import EmbeddingStore, codec
 
@@ -126,26 +124,13 @@ class Encoder:
         self.images_encoded += len(items)
         return [e for e in out if e is not None]
 
-    @torch.inference_mode()
     def _encode_video_frames(self, rgbs: list[np.ndarray], ids: list[str]) -> list[ImageEmbedding]:
-        """``Sam2VideoModel.embed_frames``' path (video preprocessing, float32 features) on
-        this tier's encoder, with the tier's ids."""
-        encoder = self.model.encoder
-        if encoder is None:
+        """The one video-frame embedding (``inference.video.encode_video_frames``) on this
+        tier's encoder, with the tier's (namespaced) ids."""
+        if self.model.encoder is None:
             raise RuntimeError("this encoder was built without the encoder part")
-        dtype = next(encoder.parameters()).dtype
-        batch = transforms.preprocess_video_frames(rgbs).to(self.model.device, dtype)
-        image_embed, feat_s0, feat_s1 = encoder(batch)
-        return [
-            ImageEmbedding(
-                image_embed=image_embed[i : i + 1].float(),
-                high_res_feats=(feat_s0[i : i + 1].float(), feat_s1[i : i + 1].float()),
-                original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
-                model_id=self.model_id,
-                embedding_id=ids[i],
-            )
-            for i, rgb in enumerate(rgbs)
-        ]
+        return encode_video_frames(self.model.encoder, rgbs, self.model_id, self.model.device,
+                                   ids)
 
     def _decode(self, image: Any, color_format: str, namespace: str,
                 video_frame: bool = False) -> tuple[np.ndarray, str]:

@@ -20,6 +20,20 @@ import torch
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
 from sam2_shared.inference.video import FrameSource, Sam2VideoModel, VideoSession
+from sam2_shared.store import codec
+
+TRACKING = {"frame_ids": [], "revision": 1}
+
+
+def to_bytes(session: VideoSession) -> bytes:
+    """A session as the store writes it (one codec entry)."""
+    return codec.encode_session(*session.to_state(), TRACKING)
+
+
+def from_bytes(model: Sam2VideoModel, video: list, data: bytes) -> VideoSession:
+    state, tensors, tracking = codec.decode_session(data)
+    assert tracking == TRACKING
+    return VideoSession.from_state(model, video, state, tensors)
 
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH = 60, 80
@@ -108,12 +122,12 @@ def test_serialisation_round_trip_gives_identical_masks(model: Sam2VideoModel) -
     session.add_points(3, 7, points=[[20.0, 20.0], [60.0, 50.0]], labels=[1, 0])
     for _ in session.propagate(max_frames=4):
         pass
-    blob = session.to_bytes()
+    blob = to_bytes(session)
     assert len(blob) >= session.state_nbytes()
-    restored = VideoSession.from_bytes(model, frames(9), blob)
+    restored = from_bytes(model, frames(9), blob)
     assert restored.obj_ids == session.obj_ids == [5, 7]
     assert restored.state_nbytes() == session.state_nbytes()
-    assert restored.to_bytes() == blob
+    assert to_bytes(restored) == blob
 
     # Continue both: forward to the end, then a correction click, then backward.
     originals = list(session.propagate(start_frame_idx=6))
@@ -137,21 +151,27 @@ def test_serialisation_round_trip_gives_identical_masks(model: Sam2VideoModel) -
 def test_serialised_session_is_checked(model: Sam2VideoModel) -> None:
     session = model.start_session(frames(4))
     click(session)
-    blob = bytearray(session.to_bytes())
+    blob = bytearray(to_bytes(session))
     corrupted = bytearray(blob)
     corrupted[-10] ^= 0xFF
-    with pytest.raises(CorruptEntryError, match="SHA-256"):
-        VideoSession.from_bytes(model, frames(4), bytes(corrupted))
+    with pytest.raises(CorruptEntryError, match="payload checksum"):
+        from_bytes(model, frames(4), bytes(corrupted))
     with pytest.raises(CorruptEntryError, match="magic"):
-        VideoSession.from_bytes(model, frames(4), b"NOTVIDEO" + bytes(blob[8:]))
-    with pytest.raises(CorruptEntryError, match="payload has"):
-        VideoSession.from_bytes(model, frames(4), bytes(blob[:-1]))
+        from_bytes(model, frames(4), b"NOTVIDEO" + bytes(blob[8:]))
+    with pytest.raises(CorruptEntryError, match="payload is"):
+        from_bytes(model, frames(4), bytes(blob[:-1]))
     future = bytearray(blob)
     future[8] = 99  # format version
-    with pytest.raises(CorruptEntryError, match="format 99"):
-        VideoSession.from_bytes(model, frames(4), bytes(future))
+    with pytest.raises(CorruptEntryError, match="format version 99"):
+        from_bytes(model, frames(4), bytes(future))
     with pytest.raises(InvalidInputError, match="4 frames"):
-        VideoSession.from_bytes(model, frames(5), bytes(blob))
+        from_bytes(model, frames(5), bytes(blob))
+    # state that names a tensor the entry does not hold is corrupt, not a crash
+    state, tensors = session.to_state()
+    tensors = dict(tensors)
+    tensors.pop("t0")
+    with pytest.raises(CorruptEntryError, match="does not fit"):
+        VideoSession.from_state(model, frames(4), state, tensors)
 
 
 def test_prompts_objects_and_outputs(model: Sam2VideoModel) -> None:

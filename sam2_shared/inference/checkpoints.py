@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from sam2_shared.errors import CheckpointError
-from sam2_shared.model.config import Sam2Config
+from sam2_shared.model.build import build_part
+from sam2_shared.model.config import Sam2Config, get_config
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +191,6 @@ def _preview(keys: list[str], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
 
 
-def _module_for(config: Sam2Config, part: str) -> nn.Module:
-    from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart, Sam2TrackerPart
-
-    if part == "tracker":
-        return Sam2TrackerPart(config)
-    return Sam2EncoderPart(config) if part == "encoder" else Sam2DecoderPart(config)
-
-
 def _to_checkpoint_key(part: str, module_key: str) -> str:
     if part == "encoder":
         for ckpt_prefix, module_prefix in _ENCODER_RENAMES.items():
@@ -209,7 +202,7 @@ def _to_checkpoint_key(part: str, module_key: str) -> str:
 def expected_checkpoint_keys(config: Sam2Config, part: str) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape for the tensors a part ("encoder"/"decoder") loads."""
     with torch.device("meta"):
-        module = _module_for(config, part)
+        module = build_part(config, part)
     return {_to_checkpoint_key(part, k): tuple(v.shape) for k, v in module.state_dict().items()}
 
 
@@ -242,3 +235,25 @@ def load_part(
             path=path,
         )
     module.load_state_dict(selected, strict=True)
+
+
+def load_parts(
+    model_id: str,
+    parts: tuple[str, ...],
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> tuple[Sam2Config, dict[str, nn.Module]]:
+    """Build ``parts`` (of ``"encoder"``, ``"decoder"``, ``"tracker"``) of ``model_id`` and
+    load them strictly from its official checkpoint (path, cache dir or download)."""
+    config = get_config(model_id)
+    path = resolve_checkpoint(config, checkpoint, cache_dir=cache_dir, download=download)
+    state = read_state_dict(path)
+    modules = {}
+    for part in parts:
+        module = build_part(config, part)
+        load_part(module, part, state, path)
+        modules[part] = module
+    del state
+    return config, modules

@@ -23,9 +23,9 @@ from sam2_shared.inference.caches import (
     Sam2ImageEmbeddingsInMemoryCache,
     Sam2LowResolutionMasksInMemoryCache,
 )
-from sam2_shared.inference.checkpoints import load_part, read_state_dict, resolve_checkpoint
-from sam2_shared.model import Sam2DecoderPart, Sam2EncoderPart, get_config
+from sam2_shared.inference.checkpoints import load_parts
 from sam2_shared.model.config import Sam2Config
+from sam2_shared.model.parts import Sam2DecoderPart, Sam2EncoderPart
 from sam2_shared.model.prompt_encoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT
 from sam2_shared.prompts import (
     LOW_RES_SIZE,
@@ -138,17 +138,10 @@ class Sam2Model:
         """
         if parts not in _PARTS:
             raise ValueError(f"parts must be one of {_PARTS}, got {parts!r}")
-        config = get_config(model_id)
-        path = resolve_checkpoint(config, checkpoint, cache_dir=cache_dir, download=download)
-        state = read_state_dict(path)
-        encoder = decoder = None
-        if parts in ("all", "encoder"):
-            encoder = Sam2EncoderPart(config)
-            load_part(encoder, "encoder", state, path)
-        if parts in ("all", "decoder"):
-            decoder = Sam2DecoderPart(config)
-            load_part(decoder, "decoder", state, path)
-        del state
+        wanted = ("encoder", "decoder") if parts == "all" else (parts,)
+        config, modules = load_parts(model_id, wanted, checkpoint, cache_dir=cache_dir,
+                                     download=download)
+        encoder, decoder = modules.get("encoder"), modules.get("decoder")
         return cls(
             config,
             encoder,

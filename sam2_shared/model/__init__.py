@@ -23,20 +23,22 @@ from typing import TYPE_CHECKING, Any
 from sam2_shared.model.config import MODEL_CONFIGS, Sam2Config, get_config
 
 if TYPE_CHECKING:
-    from sam2_shared.model.build import (
-        Sam2DecoderPart,
-        Sam2EncoderPart,
-        build_decoder,
-        build_encoder,
-    )
+    from sam2_shared.model.build import build_decoder, build_encoder, build_part
+    from sam2_shared.model.parts import Sam2DecoderPart, Sam2EncoderPart
 
-_BUILD_EXPORTS = ("Sam2DecoderPart", "Sam2EncoderPart", "build_decoder", "build_encoder")
+_LAZY = {
+    "Sam2DecoderPart": "sam2_shared.model.parts",
+    "Sam2EncoderPart": "sam2_shared.model.parts",
+    "build_decoder": "sam2_shared.model.build",
+    "build_encoder": "sam2_shared.model.build",
+    "build_part": "sam2_shared.model.build",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _BUILD_EXPORTS:
+    if name not in _LAZY:
         raise AttributeError(f"module 'sam2_shared.model' has no attribute {name!r}")
-    value = getattr(importlib.import_module("sam2_shared.model.build"), name)
+    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
 
@@ -47,5 +49,6 @@ __all__ = [
     "Sam2EncoderPart",
     "build_decoder",
     "build_encoder",
+    "build_part",
     "get_config",
 ]

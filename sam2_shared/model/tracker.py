@@ -32,7 +32,7 @@ from sam2_shared.model.memory_encoder import MemoryEncoder
 from sam2_shared.model.position_encoding import PositionEmbeddingSine
 
 if TYPE_CHECKING:
-    from sam2_shared.model.build import Sam2DecoderPart
+    from sam2_shared.model.parts import Sam2DecoderPart
 
 NO_OBJ_SCORE = -1024.0  # mask logit of an object judged absent (occluded)
 NUM_MASKMEM = 7  # memory slots: conditioning frames + 6 previous frames

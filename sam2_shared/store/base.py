@@ -11,11 +11,13 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
+import torch
 
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING_PREFIX = "emb/"
 LOGITS_PREFIX = "logits/"
+SESSION_PREFIX = "session/"
+SESSION_REVISION_PREFIX = "session-rev/"
 # Ids and handles become parts of keys, file names and object names: keep them plain.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 _SECRET_QUERY_WORDS = ("password", "secret", "token", "credential", "access_key")
@@ -195,6 +199,10 @@ class EmbeddingStore:
     def logits_key(handle: str) -> str:
         return LOGITS_PREFIX + _check_id(handle, "logits handle")
 
+    @staticmethod
+    def session_key(session_id: str) -> str:
+        return SESSION_PREFIX + _check_id(session_id, "session id")
+
     def _record(self, op: str, kind: str, outcome: str, started: float, nbytes: int) -> None:
         self.stats.record(LatencySample(op, kind, outcome, time.perf_counter() - started, nbytes))
 
@@ -337,8 +345,59 @@ class EmbeddingStore:
             raise
         self._record("put", "logits", "written", started, len(data))
 
-    def delete_logits(self, handle: str) -> None:
-        self.blobs.delete(self.logits_key(handle))
+    # ------------------------------------------------------------------ tracking sessions
+
+    def put_session(self, session_id: str, state: dict[str, Any],
+                    tensors: Sequence[tuple[str, torch.Tensor]], tracking: dict[str, Any],
+                    revision: int, ttl_s: float | None) -> None:
+        """Store a tracking session (``VideoSession.to_state`` plus the tier's ``tracking``
+        metadata) as one codec entry, then its ``revision``: a reader that sees the new
+        revision finds the new state. Both live ``ttl_s``."""
+        key = self.session_key(session_id)
+        started = time.perf_counter()
+        data = codec.encode_session(state, tensors, {**tracking, "revision": int(revision)})
+        try:
+            self.blobs.put(key, data, ttl_s)
+            self.blobs.put(SESSION_REVISION_PREFIX + session_id, str(int(revision)).encode(),
+                           ttl_s)
+        except StoreUnavailableError:
+            self._record("put", "session", "error", started, 0)
+            raise
+        self._record("put", "session", "written", started, len(data))
+
+    def session_revision(self, session_id: str) -> int | None:
+        """The stored revision of a session, or None (expired, closed, or unreadable)."""
+        key = SESSION_REVISION_PREFIX + _check_id(session_id, "session id")
+        data = self.blobs.get(key)
+        if data is None:
+            return None
+        text = data.decode("ascii", "replace")
+        if not (0 < len(text) <= 20 and text.isdigit()):
+            logger.warning("corrupt session revision %s in %s: %r", key, self.url, data[:32])
+            return None
+        return int(text)
+
+    def get_session(
+        self, session_id: str
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The verified session (state, tensors, tracking metadata), or None on a miss; a
+        damaged entry is counted, logged, deleted and reported as a miss."""
+        key = self.session_key(session_id)
+        data, started = self._read("session", key)
+        if data is None:
+            self._record("get", "session", "miss", started, 0)
+            return None
+        try:
+            loaded = codec.decode_session(data)
+        except CorruptEntryError as exc:
+            self._discard_corrupt("session", key, exc, started, len(data))
+            return None
+        self._record("get", "session", "hit", started, len(data))
+        return loaded
+
+    def delete_session(self, session_id: str) -> None:
+        self.blobs.delete(self.session_key(session_id))
+        self.blobs.delete(SESSION_REVISION_PREFIX + session_id)
 
     def ping(self) -> None:
         self.blobs.ping()

@@ -1,4 +1,5 @@
-"""Self-describing, checksummed byte format for embeddings and low-res logits.
+"""The one self-describing, checksummed byte format of the shared store: embeddings,
+low-res logits and video tracking sessions.
 
 This is what the shared store holds and also the wire format of ``GetEmbedding`` /
 ``PutEmbedding`` (export/import), so it is documented here in full.
@@ -17,15 +18,20 @@ Layout (all integers little-endian)::
 Metadata keys:
 
 - ``format_version``: same as the header's.
-- ``kind``: ``"embedding"`` or ``"logits"``.
-- ``dtype``: storage dtype of every tensor: ``"float32"``, ``"float16"`` or ``"bfloat16"``
+- ``kind``: ``"embedding"``, ``"logits"`` or ``"video_session"``.
+- ``dtype``: storage dtype of the tensors: ``"float32"``, ``"float16"`` or ``"bfloat16"``
   (bfloat16 is the upper half of an IEEE float32, stored as its 2 raw bytes).
 - ``tensors``: list of ``{"name", "shape", "offset", "nbytes"}``, offsets relative to the
-  payload start. An embedding has exactly ``image_embed`` [1, 256, 64, 64],
-  ``high_res_feats_0`` [1, 32, 256, 256] and ``high_res_feats_1`` [1, 64, 128, 128], in that
-  order; logits have one tensor ``logits`` [C, 256, 256], always float32.
+  payload start; an entry may carry its own ``"dtype"`` (also ``"int32"``), which then
+  overrides the entry's (sessions mix float32, bfloat16 and int32 tensors). An embedding
+  has exactly ``image_embed`` [1, 256, 64, 64], ``high_res_feats_0`` [1, 32, 256, 256] and
+  ``high_res_feats_1`` [1, 64, 128, 128], in that order; logits have one tensor ``logits``
+  [C, 256, 256], always float32.
 - ``payload_nbytes`` and ``payload_sha256`` (hex) of the whole payload.
 - embeddings only: ``embedding_id``, ``model_id``, ``original_hw`` ([H, W] pixels).
+- sessions only: ``session`` (the ``VideoSession.to_state`` metadata: model id, frame count,
+  video size, objects naming their tensors) and ``tracking`` (the tier's: frame embedding
+  ids, revision). Their tensors have any shape; names are ``t0``, ``t1``, ...
 
 The JSON block is covered by the CRC32 in the header and the payload by its SHA-256, so a
 flipped byte anywhere is caught. Decoding checks all of the above and raises
@@ -54,11 +60,17 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sHHII")
 # A JSON block bigger than this is not ours: refuse before parsing it.
 MAX_METADATA_NBYTES = 64 * 1024
+# Sessions list every memory entry of every object (~2 KiB per object and frame window).
+MAX_SESSION_METADATA_NBYTES = 8 * 1024 * 1024
+MAX_SESSION_TENSORS = 100_000
 
 STORAGE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 # Numpy view of each storage dtype's bytes; bfloat16 travels as raw int16.
-_NUMPY_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2")}
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NUMPY_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2"),
+                "int32": np.dtype("<i4")}
+_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int32": torch.int32}
+_DTYPE_NAME = {dtype: name for name, dtype in _TORCH_DTYPE.items()}
 
 EMBEDDING_SHAPES: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("image_embed", (1, 256, 64, 64)),
@@ -77,15 +89,17 @@ def _tensor_bytes(tensor: torch.Tensor, storage_dtype: str) -> np.ndarray:
 
 
 def _pack(kind: str, storage_dtype: str, named: Sequence[tuple[str, np.ndarray]],
-          extra: dict[str, Any]) -> bytes:
+          extra: dict[str, Any], dtypes: Sequence[str] | None = None) -> bytes:
     digest = hashlib.sha256()
     tensors = []
     offset = 0
-    for name, array in named:
+    for index, (name, array) in enumerate(named):
         digest.update(memoryview(array).cast("B"))
-        tensors.append(
-            {"name": name, "shape": list(array.shape), "offset": offset, "nbytes": array.nbytes}
-        )
+        entry = {"name": name, "shape": list(array.shape), "offset": offset,
+                 "nbytes": array.nbytes}
+        if dtypes is not None:
+            entry["dtype"] = dtypes[index]
+        tensors.append(entry)
         offset += array.nbytes
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -136,7 +150,8 @@ def encode_logits(logits: np.ndarray) -> bytes:
     return _pack("logits", "float32", [("logits", np.ascontiguousarray(array, "<f4"))], {})
 
 
-def read_metadata(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+def read_metadata(data: bytes | bytearray | memoryview,
+                  max_metadata_nbytes: int = MAX_METADATA_NBYTES) -> dict[str, Any]:
     """Check the header and metadata block of ``data`` and return the metadata.
 
     The payload is not checked here (see ``decode_embedding`` / ``decode_logits``).
@@ -151,7 +166,7 @@ def read_metadata(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         raise CorruptEntryError(
             f"entry has format version {version}; this build reads version {FORMAT_VERSION}"
         )
-    if meta_nbytes > MAX_METADATA_NBYTES or HEADER.size + meta_nbytes > len(view):
+    if meta_nbytes > max_metadata_nbytes or HEADER.size + meta_nbytes > len(view):
         raise CorruptEntryError(f"metadata length {meta_nbytes} does not fit the entry")
     meta_bytes = view[HEADER.size : HEADER.size + meta_nbytes]
     if zlib.crc32(meta_bytes) != meta_crc:
@@ -167,16 +182,19 @@ def read_metadata(data: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 
 def _unpack(data: bytes | bytearray | memoryview, kind: str,
-            expected: Sequence[tuple[str, tuple[int, ...] | None]]) -> tuple[dict, list]:
-    """Verify ``data`` fully; return (metadata, [(name, shape, numpy view)])."""
-    metadata = read_metadata(data)
+            expected: Sequence[tuple[str, tuple[int, ...] | None]],
+            max_metadata_nbytes: int = MAX_METADATA_NBYTES) -> tuple[dict, list]:
+    """Verify ``data`` fully; return (metadata, [(name, shape, numpy view)]).
+
+    ``expected`` names the tensors in order, with their shapes (None: any shape).
+    """
+    metadata = read_metadata(data, max_metadata_nbytes)
     view = memoryview(data)
     if metadata.get("kind") != kind:
         raise CorruptEntryError(f"entry holds {metadata.get('kind')!r}, expected {kind!r}")
     storage_dtype = metadata.get("dtype")
     if storage_dtype not in STORAGE_DTYPES:
         raise CorruptEntryError(f"unknown storage dtype {storage_dtype!r}")
-    np_dtype = _NUMPY_DTYPE[storage_dtype]
     payload = view[metadata["_payload_offset"] :]
     if len(payload) != metadata.get("payload_nbytes"):
         raise CorruptEntryError(
@@ -192,10 +210,14 @@ def _unpack(data: bytes | bytearray | memoryview, kind: str,
     for entry, (name, shape) in zip(tensors, expected, strict=True):
         raw_shape = entry.get("shape") if isinstance(entry, dict) else None
         got_shape = tuple(raw_shape) if isinstance(raw_shape, list) else ()
+        dtype = entry.get("dtype", storage_dtype) if isinstance(entry, dict) else None
+        np_dtype = _NUMPY_DTYPE.get(dtype)  # type: ignore[arg-type]
         ok = (
-            isinstance(entry, dict)
+            np_dtype is not None
+            and isinstance(entry, dict)
             and entry.get("name") == name
             and (got_shape == shape if shape is not None else True)
+            and isinstance(raw_shape, list)
             and all(isinstance(d, int) and d > 0 for d in got_shape)
             and entry.get("offset") == offset
             and entry.get("nbytes") == int(np.prod(got_shape)) * np_dtype.itemsize
@@ -203,7 +225,8 @@ def _unpack(data: bytes | bytearray | memoryview, kind: str,
         if not ok:
             raise CorruptEntryError(f"tensor entry {entry!r} does not match {name} {shape}")
         count = entry["nbytes"] // np_dtype.itemsize
-        arrays.append((name, got_shape, np.frombuffer(payload, np_dtype, count, offset)))
+        array = np.frombuffer(payload, np_dtype, count, offset)
+        arrays.append((name, got_shape, array, dtype))
         offset += entry["nbytes"]
     if offset != len(payload):
         raise CorruptEntryError("tensor entries do not cover the payload")
@@ -261,7 +284,8 @@ def decode_embedding(
         raise CorruptEntryError(f"entry has invalid original_hw {hw!r}")
     storage_dtype = metadata["dtype"]
     image_embed, feats_0, feats_1 = (
-        _to_torch(array, shape, storage_dtype, keep_storage_dtype) for _, shape, array in arrays
+        _to_torch(array, shape, storage_dtype, keep_storage_dtype)
+        for _, shape, array, _ in arrays
     )
     return ImageEmbedding(
         image_embed=image_embed,
@@ -275,7 +299,48 @@ def decode_embedding(
 def decode_logits(data: bytes | bytearray | memoryview) -> np.ndarray:
     """Verify and deserialise a logits entry to a writable float32 [C, 256, 256] array."""
     metadata, arrays = _unpack(data, "logits", [("logits", None)])
-    (_, shape, array), = arrays
+    (_, shape, array, _), = arrays
     if metadata["dtype"] != "float32" or len(shape) != 3 or shape[1:] != LOGITS_HW:
         raise CorruptEntryError(f"logits entry has {metadata['dtype']} {list(shape)}")
     return array.reshape(shape).copy()
+
+
+def encode_session(state: dict[str, Any], tensors: Sequence[tuple[str, torch.Tensor]],
+                   tracking: dict[str, Any]) -> bytes:
+    """Serialise a video session (``VideoSession.to_state``) and the tier's ``tracking``
+    metadata; each tensor keeps its dtype (float32, bfloat16 or int32)."""
+    named, dtypes = [], []
+    for name, tensor in tensors:
+        dtype = _DTYPE_NAME.get(tensor.dtype)
+        if dtype is None or dtype == "float16":
+            raise InvalidInputError(f"cannot store session tensors of dtype {tensor.dtype}")
+        named.append((name, _tensor_bytes(tensor, dtype)))
+        dtypes.append(dtype)
+    return _pack("video_session", "float32", named, {"session": state, "tracking": tracking},
+                 dtypes)
+
+
+def decode_session(
+    data: bytes | bytearray | memoryview,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify a session entry; return (session state, {name: tensor}, tracking metadata).
+
+    Tensors come back in their stored dtype, on the CPU, owned and writable.
+    """
+    probe = read_metadata(data, MAX_SESSION_METADATA_NBYTES)
+    listed = probe.get("tensors")
+    if not isinstance(listed, list) or len(listed) > MAX_SESSION_TENSORS:
+        raise CorruptEntryError("session entry lists no tensors or too many")
+    expected = [(entry.get("name") if isinstance(entry, dict) else None, None)
+                for entry in listed]
+    if [name for name, _ in expected] != [f"t{i}" for i in range(len(expected))]:
+        raise CorruptEntryError("session tensors are not named t0, t1, ... in order")
+    metadata, arrays = _unpack(data, "video_session", expected, MAX_SESSION_METADATA_NBYTES)
+    state, tracking = metadata.get("session"), metadata.get("tracking")
+    if not isinstance(state, dict) or not isinstance(tracking, dict):
+        raise CorruptEntryError("session entry has no session or tracking metadata")
+    tensors = {}
+    for name, shape, array, dtype in arrays:
+        tensor = torch.from_numpy(array.copy()).reshape(shape)
+        tensors[name] = tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+    return state, tensors, tracking

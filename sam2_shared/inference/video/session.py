@@ -22,337 +22,27 @@ Differences, on purpose:
   only where tiny background holes (<= 8 low-res pixels) sit inside a mask.
 - Unknown objects, frames out of range and empty prompts raise ``InvalidInputError``.
 
-A session is not thread-safe: one caller drives it at a time. ``to_bytes`` /
-``VideoSession.from_bytes`` move it between processes (the frames are not part of the
-state: the new process supplies the same frames or their stored embeddings).
+A session is not thread-safe: one caller drives it at a time. ``to_state`` /
+``VideoSession.from_state`` move it between processes through the shared store (one entry in
+the store's byte format); the frames are not part of the state: the new process supplies the
+same frames or their stored embeddings.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import struct
-import zlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam2_shared.embedding import ImageEmbedding, content_id
+from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
-from sam2_shared.inference import transforms
-from sam2_shared.inference.checkpoints import load_part, read_state_dict, resolve_checkpoint
-from sam2_shared.model.build import Sam2DecoderPart, Sam2EncoderPart
-from sam2_shared.model.config import Sam2Config, get_config
-from sam2_shared.model.tracker import (
-    MAX_OBJ_PTRS,
-    NO_OBJ_SCORE,
-    NUM_MASKMEM,
-    FrameOutput,
-    Sam2TrackerPart,
-)
-
-# Part of video frame ids: PIL bicubic resize, see transforms.preprocess_video_frames.
-VIDEO_PREPROCESS_VERSION = "sam2-video-v1"
-
-
-# ---------------------------------------------------------------------------------------
-# results and frames
-
-
-@dataclass
-class FrameResult:
-    """Every object's mask on one frame.
-
-    Iterates as ``(frame_idx, obj_ids, logits, object_score_logits)``.
-
-    Attributes:
-        frame_idx: frame index.
-        obj_ids: object ids, in the session's order (order of first prompt).
-        logits: [O, H, W] float32 mask logits at the video's size (> 0 is the mask);
-            objects without output on this frame are filled with -1024.
-        object_score_logits: [O] float32 presence logits (> 0: visible); -1024 if none.
-        low_res_logits: [O, 256, 256] float32 logits as the model produced them.
-    """
-
-    frame_idx: int
-    obj_ids: list[int]
-    logits: np.ndarray
-    object_score_logits: np.ndarray
-    low_res_logits: np.ndarray
-
-    @property
-    def masks(self) -> np.ndarray:
-        """[O, H, W] bool."""
-        return self.logits > 0.0
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.frame_idx, self.obj_ids, self.logits, self.object_score_logits))
-
-
-class FrameSource:
-    """A video's per-frame encoder features, loaded on demand, a few kept (LRU).
-
-    ``load(i)`` returns frame i's ``ImageEmbedding`` (from the encoder, a store...).
-    """
-
-    def __init__(
-        self,
-        num_frames: int,
-        video_hw: tuple[int, int],
-        load: Callable[[int], ImageEmbedding],
-        cache_size: int = 2,
-    ) -> None:
-        if num_frames <= 0:
-            raise InvalidInputError("a video needs at least one frame")
-        self.num_frames = int(num_frames)
-        self.video_hw = (int(video_hw[0]), int(video_hw[1]))
-        self._load = load
-        self._cache: OrderedDict[int, ImageEmbedding] = OrderedDict()
-        self._cache_size = max(1, cache_size)
-
-    @classmethod
-    def from_embeddings(cls, embeddings: Sequence[ImageEmbedding]) -> FrameSource:
-        """All frames already encoded (with ``Sam2VideoModel.embed_frames``)."""
-        if not embeddings:
-            raise InvalidInputError("a video needs at least one frame")
-        sizes = {tuple(e.original_hw) for e in embeddings}
-        if len(sizes) != 1:
-            raise InvalidInputError(f"all frames must have the same size, got {sorted(sizes)}")
-        frames = list(embeddings)
-        return cls(len(frames), frames[0].original_hw, frames.__getitem__, len(frames))
-
-    def features(self, frame_idx: int) -> ImageEmbedding:
-        if frame_idx in self._cache:
-            self._cache.move_to_end(frame_idx)
-            return self._cache[frame_idx]
-        embedding = self._load(frame_idx)
-        if tuple(embedding.original_hw) != self.video_hw:
-            raise InvalidInputError(
-                f"frame {frame_idx} is {tuple(embedding.original_hw)}, the video {self.video_hw}"
-            )
-        self._cache[frame_idx] = embedding
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return embedding
-
-
-# ---------------------------------------------------------------------------------------
-# the model
-
-
-class Sam2VideoModel:
-    """The network parts video tracking needs, on one device (float32)."""
-
-    def __init__(
-        self,
-        config: Sam2Config,
-        decoder: Sam2DecoderPart,
-        tracker: Sam2TrackerPart,
-        encoder: Sam2EncoderPart | None = None,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.config = config
-        self.device = torch.device(device)
-        self.decoder = decoder.to(self.device).eval()
-        self.tracker = tracker.to(self.device).eval()
-        self.encoder = encoder.to(self.device).eval() if encoder is not None else None
-
-    @property
-    def model_id(self) -> str:
-        return self.config.model_id
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model_id: str,
-        checkpoint: str | os.PathLike | None = None,
-        device: torch.device | str = "cpu",
-        with_encoder: bool = True,
-        cache_dir: str | os.PathLike | None = None,
-        download: bool = True,
-    ) -> Sam2VideoModel:
-        """Load the decoder and tracker parts (and the encoder unless ``with_encoder=False``,
-        as in a decoder tier that reads frame embeddings from the store)."""
-        config = get_config(model_id)
-        path = resolve_checkpoint(config, checkpoint, cache_dir=cache_dir, download=download)
-        state = read_state_dict(path)
-        decoder, tracker = Sam2DecoderPart(config), Sam2TrackerPart(config)
-        load_part(decoder, "decoder", state, path)
-        load_part(tracker, "tracker", state, path)
-        encoder = None
-        if with_encoder:
-            encoder = Sam2EncoderPart(config)
-            load_part(encoder, "encoder", state, path)
-        del state
-        return cls(config, decoder, tracker, encoder, device=device)
-
-    @torch.inference_mode()
-    def embed_frames(self, frames: Sequence[np.ndarray]) -> list[ImageEmbedding]:
-        """Encode RGB uint8 frames with the video preprocessing, one frame at a time."""
-        if self.encoder is None:
-            raise RuntimeError("this Sam2VideoModel was built without the encoder part")
-        out = []
-        for rgb in frames:
-            batch = transforms.preprocess_video_frames([rgb]).to(self.device)
-            image_embed, feat_s0, feat_s1 = self.encoder(batch)
-            out.append(
-                ImageEmbedding(
-                    image_embed=image_embed,
-                    high_res_feats=(feat_s0, feat_s1),
-                    original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
-                    model_id=self.model_id,
-                    # The same id the encoder tier gives this frame (video_frame=true).
-                    embedding_id=content_id(
-                        rgb, self.model_id, preprocess_version=VIDEO_PREPROCESS_VERSION
-                    ),
-                )
-            )
-        return out
-
-    def frame_source(
-        self, frames: Sequence[np.ndarray] | Sequence[ImageEmbedding] | FrameSource,
-        cache_size: int = 2,
-    ) -> FrameSource:
-        if isinstance(frames, FrameSource):
-            return frames
-        items = list(frames)
-        if not items:
-            raise InvalidInputError("a video needs at least one frame")
-        if all(isinstance(f, ImageEmbedding) for f in items):
-            wrong = {f.model_id for f in items} - {self.model_id}
-            if wrong:
-                raise InvalidInputError(f"frame embeddings of {sorted(wrong)}, not {self.model_id}")
-            return FrameSource.from_embeddings(items)
-        for i, rgb in enumerate(items):
-            if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 \
-                    or rgb.shape[2] != 3 or rgb.size == 0:
-                raise InvalidInputError(f"frame {i}: expected HxWx3 uint8 RGB or ImageEmbedding")
-        sizes = {rgb.shape[:2] for rgb in items}
-        if len(sizes) != 1:
-            raise InvalidInputError(f"all frames must have the same size, got {sorted(sizes)}")
-        return FrameSource(
-            len(items), items[0].shape[:2], lambda i: self.embed_frames([items[i]])[0], cache_size
-        )
-
-    def start_session(
-        self, frames: Sequence[np.ndarray] | Sequence[ImageEmbedding] | FrameSource
-    ) -> VideoSession:
-        """A new session over RGB uint8 frames, their embeddings, or a ``FrameSource``."""
-        return VideoSession(self, self.frame_source(frames))
-
-
-# ---------------------------------------------------------------------------------------
-# per-object state
-
-
-@dataclass
-class _ObjectState:
-    obj_id: int
-    num_frames: int
-    points: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    mask_frames: set[int] = field(default_factory=set)
-    cond: dict[int, FrameOutput] = field(default_factory=dict)
-    non_cond: dict[int, FrameOutput] = field(default_factory=dict)
-    temp_cond: dict[int, FrameOutput] = field(default_factory=dict)
-    temp_non_cond: dict[int, FrameOutput] = field(default_factory=dict)
-    tracked: np.ndarray = field(init=False)  # [T] bool: frame has been tracked
-    tracked_reverse: np.ndarray = field(init=False)  # [T] bool: ...and last in reverse
-    # Pointers of frames 6..14 behind the last tracked one, in a fixed-size ring (slot =
-    # frame mod size; any 15 consecutive frames map to distinct slots), so the state does
-    # not grow while the pointer window fills.
-    ring_frames: torch.Tensor = field(init=False)  # [R] int32 frame of each slot, -1 empty
-    ring_ptrs: torch.Tensor = field(init=False)  # [R, 1, 256]
-    ring_scores: torch.Tensor = field(init=False)  # [R, 1, 1]
-    device: torch.device = torch.device("cpu")
-    dim: int = 256
-
-    def __post_init__(self) -> None:
-        self.tracked = np.zeros(self.num_frames, dtype=bool)
-        self.tracked_reverse = np.zeros(self.num_frames, dtype=bool)
-        slots = MAX_OBJ_PTRS - 1
-        self.ring_frames = torch.full((slots,), -1, dtype=torch.int32)
-        self.ring_ptrs = torch.zeros((slots, 1, self.dim), device=self.device)
-        self.ring_scores = torch.zeros((slots, 1, 1), device=self.device)
-
-    def to_ring(self, frame_idx: int, out: FrameOutput) -> None:
-        slot = frame_idx % len(self.ring_frames)
-        self.ring_frames[slot] = frame_idx
-        self.ring_ptrs[slot] = out.obj_ptr.to(self.ring_ptrs.dtype)
-        self.ring_scores[slot] = out.object_score_logits.to(self.ring_scores.dtype)
-
-    def memory_bank(self) -> _NonCondBank:
-        return _NonCondBank(self)
-
-    def stores(self) -> dict[str, dict[int, FrameOutput]]:
-        return {
-            "cond": self.cond,
-            "non_cond": self.non_cond,
-            "temp_cond": self.temp_cond,
-            "temp_non_cond": self.temp_non_cond,
-        }
-
-    def lookup(self, frame_idx: int, temp: dict[int, FrameOutput]) -> FrameOutput | None:
-        for store in (temp, self.cond, self.non_cond):
-            if frame_idx in store:
-                return store[frame_idx]
-        return None
-
-    def nbytes(self) -> int:
-        total = self.tracked.nbytes + self.tracked_reverse.nbytes
-        total += sum(_tensor_nbytes(t) for t in (self.ring_frames, self.ring_ptrs,
-                                                  self.ring_scores))
-        for coords, labels in self.points.values():
-            total += _tensor_nbytes(coords) + _tensor_nbytes(labels)
-        for store in self.stores().values():
-            for out in store.values():
-                total += sum(_tensor_nbytes(t) for t in _output_tensors(out).values())
-        return total
-
-
-class _NonCondBank(Mapping[int, FrameOutput]):
-    """An object's non-conditioning outputs: full entries, then pointer-only ring slots."""
-
-    def __init__(self, obj: _ObjectState) -> None:
-        self._obj = obj
-
-    def __getitem__(self, frame_idx: int) -> FrameOutput:
-        obj = self._obj
-        if frame_idx in obj.non_cond:
-            return obj.non_cond[frame_idx]
-        slot = frame_idx % len(obj.ring_frames)
-        if frame_idx >= 0 and int(obj.ring_frames[slot]) == frame_idx:
-            return FrameOutput(None, None, obj.ring_ptrs[slot], obj.ring_scores[slot])
-        raise KeyError(frame_idx)
-
-    def __iter__(self) -> Iterator[int]:
-        ring = [int(f) for f in self._obj.ring_frames if f >= 0]
-        return iter(list(self._obj.non_cond) + [f for f in ring if f not in self._obj.non_cond])
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-def _tensor_nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
-def _output_tensors(out: FrameOutput) -> dict[str, torch.Tensor | None]:
-    return {
-        "maskmem_features": out.maskmem_features,
-        "pred_masks": out.pred_masks,
-        "obj_ptr": out.obj_ptr,
-        "object_score_logits": out.object_score_logits,
-    }
-
-
-# ---------------------------------------------------------------------------------------
-# the session
+from sam2_shared.inference.video.frames import FrameResult, FrameSource
+from sam2_shared.inference.video.model import Sam2VideoModel
+from sam2_shared.inference.video.state import ObjectState, output_tensors
+from sam2_shared.model.tracker import MAX_OBJ_PTRS, NO_OBJ_SCORE, NUM_MASKMEM, FrameOutput
 
 
 class VideoSession:
@@ -361,7 +51,7 @@ class VideoSession:
     def __init__(self, model: Sam2VideoModel, frames: FrameSource) -> None:
         self.model = model
         self.frames = frames
-        self._objects: dict[int, _ObjectState] = {}
+        self._objects: dict[int, ObjectState] = {}
 
     # ---------------------------------------------------------------- inspection
 
@@ -402,7 +92,7 @@ class VideoSession:
             raise InvalidInputError(f"object id must be an integer, got {obj_id!r}")
         return int(obj_id)
 
-    def _object(self, obj_id: Any, create: bool = False) -> _ObjectState:
+    def _object(self, obj_id: Any, create: bool = False) -> ObjectState:
         obj_id = self._check_obj_id(obj_id)
         if obj_id not in self._objects:
             if not create:
@@ -413,8 +103,8 @@ class VideoSession:
             self._objects[obj_id] = self._new_object(obj_id)
         return self._objects[obj_id]
 
-    def _new_object(self, obj_id: int) -> _ObjectState:
-        return _ObjectState(
+    def _new_object(self, obj_id: int) -> ObjectState:
+        return ObjectState(
             obj_id, self.num_frames, device=self.model.device, dim=self.model.config.embed_dim
         )
 
@@ -511,7 +201,7 @@ class VideoSession:
 
     def _prompt_step(
         self,
-        obj: _ObjectState,
+        obj: ObjectState,
         frame_idx: int,
         coords: torch.Tensor | None,
         labels: torch.Tensor | None,
@@ -556,7 +246,7 @@ class VideoSession:
         is_cond = any(frame_idx in o.temp_cond for o in self._objects.values())
         return self._consolidated(frame_idx, "temp_cond" if is_cond else "temp_non_cond")
 
-    def _clear_prompts(self, obj: _ObjectState, frame_idx: int) -> None:
+    def _clear_prompts(self, obj: ObjectState, frame_idx: int) -> None:
         obj.points.pop(frame_idx, None)
         obj.mask_frames.discard(frame_idx)
         obj.temp_cond.pop(frame_idx, None)
@@ -677,7 +367,7 @@ class VideoSession:
                 if int(obj.ring_frames[slot]) == frame_idx:
                     obj.ring_frames[slot] = -1
 
-    def _evict(self, obj: _ObjectState, frame_idx: int, reverse: bool) -> None:
+    def _evict(self, obj: ObjectState, frame_idx: int, reverse: bool) -> None:
         """Keep only what a next step from ``frame_idx`` can read (see the module doc)."""
         keep_memory = NUM_MASKMEM - 2  # frames 0..5 behind: the next frame's 6 memories
         keep_pointer = MAX_OBJ_PTRS - 2  # frames 0..14 behind: its 15 pointers
@@ -738,30 +428,31 @@ class VideoSession:
             low_res_logits=stacked[:, 0].cpu().numpy().astype(np.float32, copy=False),
         )
 
-    # ---------------------------------------------------------------- serialisation
+    # ---------------------------------------------------------------- state out and in
 
-    def to_bytes(self) -> bytes:
-        """The whole tracking state (not the frames), checksummed; see ``SESSION_FORMAT``."""
-        table = _TensorTable()
+    def to_state(self) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+        """The whole tracking state (not the frames) as JSON-able metadata and named tensors;
+        the store writes it as one checksummed entry (``store.codec.encode_session``)."""
+        tensors: list[tuple[str, torch.Tensor]] = []
+
+        def add(tensor: torch.Tensor) -> str:
+            name = f"t{len(tensors)}"
+            tensors.append((name, tensor))
+            return name
+
         objects = []
         for obj in self._objects.values():
             entries = []
             for store_name, store in obj.stores().items():
                 for frame_idx, out in store.items():
-                    names = {
-                        key: table.add(tensor)
-                        for key, tensor in _output_tensors(out).items()
-                        if tensor is not None
-                    }
+                    names = {key: add(tensor) for key, tensor in output_tensors(out).items()
+                             if tensor is not None}
                     entries.append({"store": store_name, "frame": frame_idx, "tensors": names})
-            points = [
-                {"frame": f, "coords": table.add(c), "labels": table.add(lab)}
-                for f, (c, lab) in obj.points.items()
-            ]
+            points = [{"frame": f, "coords": add(c), "labels": add(lab)}
+                      for f, (c, lab) in obj.points.items()]
             objects.append({
                 "obj_id": obj.obj_id,
-                "ring": [table.add(obj.ring_frames), table.add(obj.ring_ptrs),
-                         table.add(obj.ring_scores)],
+                "ring": [add(obj.ring_frames), add(obj.ring_ptrs), add(obj.ring_scores)],
                 "points": points,
                 "mask_frames": sorted(obj.mask_frames),
                 "tracked": np.flatnonzero(obj.tracked).tolist(),
@@ -769,25 +460,35 @@ class VideoSession:
                 "entries": entries,
             })
         metadata = {
-            "kind": "video_session",
             "model_id": self.model.model_id,
             "num_frames": self.num_frames,
             "video_hw": list(self.video_hw),
             "objects": objects,
         }
-        return _pack(metadata, table)
+        return metadata, tensors
 
     @classmethod
-    def from_bytes(
+    def from_state(
         cls,
         model: Sam2VideoModel,
         frames: Sequence[np.ndarray] | Sequence[ImageEmbedding] | FrameSource,
-        data: bytes,
+        metadata: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
     ) -> VideoSession:
-        """Continue a session saved by ``to_bytes`` (possibly in another process)."""
-        metadata, tensors = _unpack(data)
-        if metadata.get("kind") != "video_session":
-            raise CorruptEntryError(f"not a video session: kind {metadata.get('kind')!r}")
+        """Continue a session from ``to_state``'s values (possibly in another process).
+
+        Names the metadata gives must exist in ``tensors``; anything that does not fit is a
+        ``CorruptEntryError`` (the values come from a shared store).
+        """
+        try:
+            return cls._from_state(model, frames, metadata, tensors)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            if isinstance(exc, InvalidInputError):
+                raise
+            raise CorruptEntryError(f"video session state does not fit: {exc!r}") from None
+
+    @classmethod
+    def _from_state(cls, model, frames, metadata, tensors) -> VideoSession:  # noqa: ANN001
         if metadata["model_id"] != model.model_id:
             raise InvalidInputError(
                 f"session of {metadata['model_id']} cannot continue on {model.model_id}"
@@ -825,115 +526,3 @@ class VideoSession:
                 )
             session._objects[obj.obj_id] = obj
         return session
-
-
-# ---------------------------------------------------------------------------------------
-# byte format
-
-SESSION_FORMAT = """
-Layout (little-endian), the house style of ``sam2_shared.store.codec``::
-
-    0     8  magic            b"SAM2VSES"
-    8     2  format_version   uint16, currently 1
-    10    2  reserved         0
-    12    4  metadata_nbytes  uint32
-    16    4  metadata_crc32   uint32 (zlib.crc32 of the JSON block)
-    20    M  metadata         UTF-8 JSON
-    20+M  P  payload          raw tensors back to back (C order)
-
-Metadata: kind "video_session", model_id, num_frames, video_hw, objects (ids, prompts,
-tracked frames, memory-bank entries naming their tensors), tensors ({name, dtype, shape,
-offset, nbytes}; bfloat16 travels as its raw 2 bytes), payload_nbytes, payload_sha256.
-"""
-
-SESSION_MAGIC = b"SAM2VSES"
-SESSION_FORMAT_VERSION = 1
-_HEADER = struct.Struct("<8sHHII")
-_MAX_METADATA_NBYTES = 16 * 1024 * 1024
-_DTYPES = {
-    "float32": (torch.float32, np.dtype("<f4")),
-    "bfloat16": (torch.bfloat16, np.dtype("<i2")),
-    "int32": (torch.int32, np.dtype("<i4")),
-}
-
-
-class _TensorTable:
-    def __init__(self) -> None:
-        self.arrays: list[tuple[str, str, np.ndarray]] = []
-
-    def add(self, tensor: torch.Tensor) -> str:
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int32: "int32"}.get(
-            tensor.dtype
-        )
-        if dtype is None:
-            raise ValueError(f"cannot serialise tensors of dtype {tensor.dtype}")
-        cpu = tensor.detach().to("cpu").contiguous()
-        if dtype == "bfloat16":
-            cpu = cpu.view(torch.int16)
-        name = f"t{len(self.arrays)}"
-        self.arrays.append((name, dtype, np.ascontiguousarray(cpu.numpy(), _DTYPES[dtype][1])))
-        return name
-
-
-def _pack(metadata: dict[str, Any], table: _TensorTable) -> bytes:
-    digest = hashlib.sha256()
-    described, offset = [], 0
-    for name, dtype, array in table.arrays:
-        digest.update(memoryview(array).cast("B"))
-        described.append({"name": name, "dtype": dtype, "shape": list(array.shape),
-                          "offset": offset, "nbytes": array.nbytes})
-        offset += array.nbytes
-    metadata = {
-        **metadata,
-        "format_version": SESSION_FORMAT_VERSION,
-        "tensors": described,
-        "payload_nbytes": offset,
-        "payload_sha256": digest.hexdigest(),
-    }
-    meta_bytes = json.dumps(metadata, separators=(",", ":"), sort_keys=True).encode()
-    header = _HEADER.pack(
-        SESSION_MAGIC, SESSION_FORMAT_VERSION, 0, len(meta_bytes), zlib.crc32(meta_bytes)
-    )
-    return b"".join([header, meta_bytes, *(memoryview(a).cast("B") for _, _, a in table.arrays)])
-
-
-def _unpack(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    view = memoryview(data)
-    if len(view) < _HEADER.size:
-        raise CorruptEntryError("video session blob is truncated (no header)")
-    magic, version, _, meta_nbytes, meta_crc = _HEADER.unpack_from(view)
-    if magic != SESSION_MAGIC:
-        raise CorruptEntryError("not a video session blob (bad magic)")
-    if version != SESSION_FORMAT_VERSION:
-        raise CorruptEntryError(
-            f"video session format {version} is not supported (this build reads "
-            f"{SESSION_FORMAT_VERSION})"
-        )
-    if meta_nbytes > _MAX_METADATA_NBYTES or _HEADER.size + meta_nbytes > len(view):
-        raise CorruptEntryError("video session metadata is truncated or too large")
-    meta_bytes = bytes(view[_HEADER.size : _HEADER.size + meta_nbytes])
-    if zlib.crc32(meta_bytes) != meta_crc:
-        raise CorruptEntryError("video session metadata failed its CRC32 check")
-    try:
-        metadata = json.loads(meta_bytes)
-    except ValueError as exc:
-        raise CorruptEntryError(f"video session metadata is not JSON: {exc}") from None
-    payload = view[_HEADER.size + meta_nbytes :]
-    if len(payload) != metadata.get("payload_nbytes"):
-        raise CorruptEntryError(
-            f"video session payload has {len(payload)} bytes, expected "
-            f"{metadata.get('payload_nbytes')}"
-        )
-    if hashlib.sha256(payload).hexdigest() != metadata.get("payload_sha256"):
-        raise CorruptEntryError("video session payload failed its SHA-256 check")
-    tensors = {}
-    for item in metadata["tensors"]:
-        torch_dtype, np_dtype = _DTYPES[item["dtype"]]
-        start, nbytes = item["offset"], item["nbytes"]
-        array = np.frombuffer(payload[start : start + nbytes], dtype=np_dtype).reshape(
-            item["shape"]
-        )
-        tensor = torch.from_numpy(array.copy())
-        tensors[item["name"]] = tensor.view(torch.bfloat16) if item["dtype"] == "bfloat16" \
-            else tensor.to(torch_dtype)
-    return metadata, tensors
