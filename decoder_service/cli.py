@@ -91,12 +91,13 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     metrics.watch_store(store)
     servicer = DecoderServicer()
     tracking_servicer = TrackingServicer()
+    auth = auth_interceptor(settings.api_keys_file,
+                            max_streams_per_key=settings.max_sessions_per_key)
+    metrics.watch_auth(auth)
     server, port = build_server(
         [servicer.register, tracking_servicer.register],
         [SERVICE_NAME, TRACKING_SERVICE_NAME],
-        interceptors=[metrics.interceptor(),
-                      auth_interceptor(settings.api_keys_file,
-                                       max_streams_per_key=settings.max_sessions_per_key)],
+        interceptors=[metrics.interceptor(), auth],
         **settings.server_options(),
     )
     server.add_close_callback(store.close)
@@ -136,6 +137,7 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     decoder_metrics.attach_logits_cache(decoder.logits_cache)
     decoder_metrics.attach_stats(decoder.stats)
     servicer.metrics = decoder_metrics
+    metrics.watch_tracking(decoder.model_id, tracker, tracking_servicer)
     await server.mark_serving()
     logger.info("decoder ready: %s on %s (%s), warm-up %.3f s, store %s, encoder %s",
                 decoder.model_id, decoder.model.device, decoder.model.precision, warm_s,

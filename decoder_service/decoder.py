@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from sam2_shared.embedding import (
+    EmbeddingRef,
     ImageEmbedding,
     check_id_namespace,
     namespaced_content_id,
@@ -80,15 +81,6 @@ class ImageInput:
 
     data: bytes | np.ndarray
     input_color_format: str = "rgb"
-
-
-@dataclass(frozen=True)
-class EmbeddingRef:
-    """Which embedding a response was decoded from (no tensors)."""
-
-    embedding_id: str
-    model_id: str
-    original_hw: tuple[int, int]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from sam2_shared import wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
 from sam2_shared.errors import NotReadyError
 from sam2_shared.serving.auth import current_namespace
-from sam2_shared.serving.metrics import DecoderMetrics
+from sam2_shared.serving.tier_metrics import DecoderMetrics
 from sam2_shared.wire.status import to_rpc_status
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name

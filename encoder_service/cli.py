@@ -50,10 +50,12 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
     store = open_store(settings.store, storage_dtype=settings.store_dtype)  # type: ignore[arg-type]
     metrics.watch_store(store)
     servicer = EncoderServicer()
+    auth = auth_interceptor(settings.api_keys_file)
+    metrics.watch_auth(auth)
     server, port = build_server(
         [servicer.register],
         [SERVICE_NAME],
-        interceptors=[metrics.interceptor(), auth_interceptor(settings.api_keys_file)],
+        interceptors=[metrics.interceptor(), auth],
         **settings.server_options(),
     )
     server.add_close_callback(store.close)

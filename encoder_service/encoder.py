@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sam2_shared.embedding import (
+    EmbeddingRef,
     ImageEmbedding,
     check_id_namespace,
     content_id,
@@ -38,26 +39,16 @@ from sam2_shared.serving.batching import MicroBatcher
 from sam2_shared.store import EmbeddingStore, codec
 
 EXPORT_FORMAT = f"sam2-embedding-v{codec.FORMAT_VERSION}"
-MAX_IMPORT_BYTES = 256 * 1024 * 1024  # an fp32 embedding is ~21 MiB; far above any real one
 WARMUP_SIZE = (64, 96)  # small and non-square: exercises resize and padding paths
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EmbeddingInfo:
-    """What a caller learns about a stored embedding (no tensors)."""
-
-    embedding_id: str
-    model_id: str
-    original_hw: tuple[int, int]
-
-
-@dataclass(frozen=True)
 class ExportedEmbedding:
     """A stored entry as codec bytes, with what ``PutEmbedding`` checks on the way back."""
 
-    info: EmbeddingInfo
+    info: EmbeddingRef
     data: bytes
     sha256: str
     format: str = EXPORT_FORMAT
@@ -142,7 +133,7 @@ class Encoder:
         return rgb, namespaced_content_id(rgb, self.model_id, namespace)
 
     async def embed(self, image: Any, color_format: str = "rgb", namespace: str = "",
-                    video_frame: bool = False) -> tuple[EmbeddingInfo, bool]:
+                    video_frame: bool = False) -> tuple[EmbeddingRef, bool]:
         """Embed one image into the store; returns its info and whether it was stored
         before this call (then nothing was computed).
 
@@ -155,7 +146,7 @@ class Encoder:
         rgb, embedding_id = await asyncio.to_thread(
             self._decode, image, color_format, namespace, video_frame
         )
-        info = EmbeddingInfo(embedding_id, self.model_id, (int(rgb.shape[0]), int(rgb.shape[1])))
+        info = EmbeddingRef(embedding_id, self.model_id, (int(rgb.shape[0]), int(rgb.shape[1])))
         if await asyncio.to_thread(self.store.has_embedding, embedding_id):
             return info, True
         embedding = await self.batcher.submit((rgb, embedding_id, video_frame), key=embedding_id)
@@ -186,7 +177,7 @@ class Encoder:
             )
         metadata = codec.read_metadata(data)
         height, width = metadata["original_hw"]
-        info = EmbeddingInfo(embedding_id, self.model_id, (int(height), int(width)))
+        info = EmbeddingRef(embedding_id, self.model_id, (int(height), int(width)))
         return ExportedEmbedding(info, data, hashlib.sha256(data).hexdigest())
 
     async def import_(
@@ -199,7 +190,7 @@ class Encoder:
         embedding_id: str | None = None,
         format: str = EXPORT_FORMAT,
         namespace: str = "",
-    ) -> tuple[EmbeddingInfo, bool]:
+    ) -> tuple[EmbeddingRef, bool]:
         """Verify an exported entry and store it as it is; returns its info and whether it
         was already stored. Any mismatch or damage raises ``InvalidInputError`` (the upload
         is bad, the server is fine)."""
@@ -234,7 +225,7 @@ class Encoder:
             raise InvalidInputError(
                 f"uploaded embedding is invalid: {exc}", reason="EMBEDDING_CORRUPT"
             ) from None
-        info = EmbeddingInfo(embedding.embedding_id, embedding.model_id, embedding.original_hw)
+        info = EmbeddingRef(embedding.embedding_id, embedding.model_id, embedding.original_hw)
         return info, existed
 
     async def close(self) -> None:

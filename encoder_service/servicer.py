@@ -20,8 +20,9 @@ from sam2_shared.serving.auth import current_namespace
 from sam2_shared.wire.status import to_rpc_status
 
 if TYPE_CHECKING:
-    from encoder_service.encoder import EmbeddingInfo, Encoder
-    from sam2_shared.serving.metrics import EncoderMetrics
+    from encoder_service.encoder import Encoder
+    from sam2_shared.embedding import EmbeddingRef
+    from sam2_shared.serving.tier_metrics import EncoderMetrics
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_name
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -30,7 +31,7 @@ MAX_CHUNK_BYTES = 4 << 20
 MAX_IMPORT_BYTES = 256 << 20  # far above a float32 embedding (~21 MiB)
 
 
-def _embedding_proto(info: EmbeddingInfo):
+def _embedding_proto(info: EmbeddingRef):
     return wire.embedding_to_proto(info.embedding_id, info.model_id, info.original_hw)
 
 
@@ -66,7 +67,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
 
     @staticmethod
     async def _embed_one(encoder: Encoder, image, namespace: str,
-                         video_frame: bool = False) -> tuple[EmbeddingInfo, bool]:
+                         video_frame: bool = False) -> tuple[EmbeddingRef, bool]:
         pixels, color_format = wire.image_from_proto(image)
         return await encoder.embed(pixels, color_format, namespace, video_frame)
 
@@ -125,7 +126,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         )
 
 
-def _result(outcome: tuple[EmbeddingInfo, bool] | BaseException) -> encoder_pb2.EmbedImageResult:
+def _result(outcome: tuple[EmbeddingRef, bool] | BaseException) -> encoder_pb2.EmbedImageResult:
     if isinstance(outcome, BaseException):
         if not isinstance(outcome, Exception):  # cancellation and exits are not per-image
             raise outcome

@@ -65,6 +65,24 @@ class ImageEmbedding:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@dataclass(frozen=True)
+class EmbeddingRef:
+    """A stored embedding, by reference: no tensors (they stay in the shared store). What the
+    encoder tier answers, what the decoder tier decoded from, what ``Sam2Client`` returns.
+
+    Attributes:
+        embedding_id: content-addressed id, as the decoder expects it.
+        model_id: model that produced it.
+        original_hw: (H, W) of the image in pixels.
+        already_stored: the encoder found it stored and computed nothing.
+    """
+
+    embedding_id: str
+    model_id: str
+    original_hw: tuple[int, int]
+    already_stored: bool = False
+
+
 def content_id(
     rgb: np.ndarray, model_id: str, namespace: str = "", preprocess_version: str | None = None
 ) -> str:

@@ -13,7 +13,7 @@ import pytest
 from synthetic_images import synthetic_rgb
 from tier_processes import TierProcess, decoder_process, encoder_process
 
-from sam2_shared.client import RemoteEmbedding, Sam2Client
+from sam2_shared.client import EmbeddingRef, Sam2Client
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError, UnknownModelError
 from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Sam2Prediction
@@ -108,7 +108,7 @@ def test_embed_images_returns_references_usable_for_segmenting(client: Sam2Clien
                                                                model: Sam2Model) -> None:
     rgb = synthetic_rgb(100, 140, seed=7)
     [first] = client.embed_images(rgb, input_color_format="rgb")
-    assert isinstance(first, RemoteEmbedding)
+    assert isinstance(first, EmbeddingRef)
     assert first.original_hw == (100, 140) and first.model_id == MODEL_ID
     assert first.embedding_id == model.embedding_id(rgb)  # content id agrees across tiers
     [again] = client.embed_images([rgb], input_color_format="rgb")
@@ -141,7 +141,7 @@ def test_errors_are_domain_exceptions(client: Sam2Client, tiers) -> None:
     with pytest.raises(InvalidInputError):
         client.segment_images(rgb, point_coordinates=[[5, 5]], point_labels=[1],
                               mask_input=np.zeros((64, 64), np.float32))
-    missing = RemoteEmbedding("f" * 64, MODEL_ID, (100, 100))
+    missing = EmbeddingRef("f" * 64, MODEL_ID, (100, 100))
     with pytest.raises(EmbeddingNotFoundError) as caught:
         client.segment_images(embeddings=missing, point_coordinates=[[5, 5]], point_labels=[1])
     assert caught.value.reason == "EMBEDDING_NOT_FOUND"

@@ -29,6 +29,7 @@ from sam2_shared.api.v1 import (
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import EmbeddingNotFoundError, ResourceExhaustedError
 from sam2_shared.inference.caches import LruCache
+from sam2_shared.serving.auth import AuthInterceptor
 from sam2_shared.serving.batching import MicroBatcher
 from sam2_shared.serving.metrics import GpuMemoryCollector, Sam2Metrics
 from sam2_shared.serving.server import build_server
@@ -282,6 +283,18 @@ def test_docs_list_every_metric_family() -> None:
 
     asyncio.run(wire())
     metrics.decoder(MODEL_ID).attach_stats(Stats())
+
+    class Tracker:
+        sessions_loaded = 0
+
+        def live_session_count(self) -> int:
+            return 0
+
+    class TrackingServicer:
+        propagations_cancelled = 0
+
+    metrics.watch_tracking(MODEL_ID, Tracker(), TrackingServicer())
+    metrics.watch_auth(AuthInterceptor(None))
     documented = set(re.findall(r"`(sam2_[a-z0-9_]+)`", DOCS.read_text()))
     exported = set()
     for family in metrics.registry.collect():

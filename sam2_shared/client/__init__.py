@@ -15,7 +15,7 @@ content id locally and asks the decoder first; the image is uploaded to the enco
 the decoder answers EMBEDDING_NOT_FOUND (or, without an encoder address, attached to a second
 Segment call for a decoder that has one).
 
-Embeddings returned by ``embed_images`` are ``RemoteEmbedding`` references (id, size, model):
+Embeddings returned by ``embed_images`` are ``EmbeddingRef`` references (id, size, model):
 the tensors stay in the shared store. ``segment_images(embeddings=...)`` accepts them (and
 in-process ``ImageEmbedding``s, by their id).
 
@@ -63,7 +63,7 @@ from sam2_shared.client.channels import (
     credentials,
 )
 from sam2_shared.client.retry import DEFAULT_POLICY, RetryPolicy, call_with_retry
-from sam2_shared.embedding import namespaced_content_id
+from sam2_shared.embedding import EmbeddingRef, namespaced_content_id
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
 from sam2_shared.model.config import canonical_model_id
 from sam2_shared.prompts import (
@@ -92,23 +92,6 @@ def _array_converter(array_type: str) -> Any:
             raise
         return lambda array: array
     return torch.from_numpy
-
-
-@dataclass(frozen=True)
-class RemoteEmbedding:
-    """A stored embedding, by reference: no tensors (they stay in the shared store).
-
-    Attributes:
-        embedding_id: content-addressed id, as the decoder expects it.
-        model_id: model that produced it.
-        original_hw: (H, W) of the image in pixels.
-        already_stored: the encoder found it stored and computed nothing.
-    """
-
-    embedding_id: str
-    model_id: str
-    original_hw: tuple[int, int]
-    already_stored: bool = False
 
 
 @dataclass
@@ -241,7 +224,7 @@ class Sam2Client:
         except grpc.RpcError as exc:
             raise error_from_rpc_error(exc) from None
 
-    def _embed(self, images: Sequence[_Image]) -> list[RemoteEmbedding]:
+    def _embed(self, images: Sequence[_Image]) -> list[EmbeddingRef]:
         if self._encoder is None:
             raise ValueError("this client has no encoder address")
         request = encoder_pb2.EmbedImagesRequest(
@@ -257,13 +240,13 @@ class Sam2Client:
                 raise type(error)(f"image {index}: {error}", reason=error.reason,
                                   **error.metadata)
             e = result.embedding
-            out.append(RemoteEmbedding(e.embedding_id, e.model_id, (e.height_px, e.width_px),
+            out.append(EmbeddingRef(e.embedding_id, e.model_id, (e.height_px, e.width_px),
                                        result.already_stored))
         return out
 
     def embed_images(
         self, images: Any, input_color_format: str = "bgr"
-    ) -> list[RemoteEmbedding]:
+    ) -> list[EmbeddingRef]:
         """Embed one image or a list (same inputs as ``Sam2Model.embed_images``) in the
         encoder tier; returns references, one per image. Already stored images cost no
         encoder work."""
@@ -289,7 +272,7 @@ class Sam2Client:
         """Segment one image or a list of images; one ``Sam2Prediction`` per image.
 
         Same arguments, shapes and rules as ``Sam2Model.segment_images``. ``embeddings`` are
-        ``RemoteEmbedding``s (or anything with ``embedding_id``); with ``images`` instead, an
+        ``EmbeddingRef``s (or anything with ``embedding_id``); with ``images`` instead, an
         image not yet embedded is uploaded once. ``include_logits=False`` skips the low-res
         logits on the wire (``logits`` is then (C, 0, 0)).
         """

@@ -7,7 +7,7 @@ SAM 2.1; they differ only in video-memory flags, recorded here for the tracker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sam2_shared.errors import UnknownModelError
 
@@ -73,7 +73,6 @@ class Sam2Config:
     dynamic_multimask_via_stability: bool = True
     dynamic_multimask_stability_delta: float = 0.05
     dynamic_multimask_stability_thresh: float = 0.98
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def image_embedding_size(self) -> int:

@@ -70,7 +70,3 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self.neck(self.trunk(images))
         return features[: len(features) - self.scalp]
-
-    def position_encodings(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sine position encodings of each returned level (used by the video path)."""
-        return [self.neck.position_encoding(f) for f in features]

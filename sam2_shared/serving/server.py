@@ -84,10 +84,6 @@ class Sam2Server:
         """Report SERVING (overall and per service): the model is loaded and warm."""
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
 
-    async def mark_not_serving(self) -> None:
-        """Report NOT_SERVING, e.g. while a dependency is unreachable."""
-        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
-
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, drain for ``grace_s``, then close callbacks.
 
