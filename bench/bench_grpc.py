@@ -23,18 +23,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-from checkpoints_util import make_random_checkpoint  # noqa: E402
-from synthetic_images import synthetic_rgb  # noqa: E402
-from tier_processes import TierProcess  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
 from sam2_shared.client import Sam2Client  # noqa: E402
 from sam2_shared.client.channels import channel_options  # noqa: E402
 from sam2_shared.inference.sam2_model import Sam2Model  # noqa: E402
 from sam2_shared.prompts import Prompt  # noqa: E402
+from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
+from tests.helpers.tier_processes import TierProcess  # noqa: E402
 
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH = 1080, 1920

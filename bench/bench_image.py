@@ -29,13 +29,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from checkpoints_util import make_random_checkpoint  # noqa: E402
-from reference import ReferenceImage, build_reference_model  # noqa: E402
 
 from sam2_shared import Sam2Model  # noqa: E402
 from sam2_shared.prompts import Prompt  # noqa: E402
+from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.reference import ReferenceImage, build_reference_model  # noqa: E402
 
 HEIGHT, WIDTH = 1080, 1920
 

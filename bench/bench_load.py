@@ -30,8 +30,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from sam2_shared import wire  # noqa: E402
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
@@ -144,12 +144,11 @@ def round_robin_target(addresses: Sequence[str]) -> str:
 
 
 def main() -> None:
-    from checkpoints_util import make_random_checkpoint
-    from synthetic_images import synthetic_rgb
-    from tier_processes import decoder_process, encoder_process
-
     from sam2_shared.client import Sam2Client
     from sam2_shared.inference.sam2_model import Sam2Model
+    from tests.helpers.checkpoints import make_random_checkpoint
+    from tests.helpers.synthetic_images import synthetic_rgb
+    from tests.helpers.tier_processes import decoder_process, encoder_process
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=None)

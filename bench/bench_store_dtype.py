@@ -6,7 +6,7 @@ max |logit| difference against the float32 embedding, plus bytes per entry.
 
     python bench/bench_store_dtype.py --models sam2.1/hiera_tiny,sam2.1/hiera_b_plus
 
-Uses random official-format weights (tests/checkpoints_util.py): real weights give
+Uses random official-format weights (tests/helpers/checkpoints.py): real weights give
 smoother logits, so these IoUs are a pessimistic bound.
 """
 
@@ -21,14 +21,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from checkpoints_util import make_random_checkpoint  # noqa: E402
-from synthetic_images import pixel_box, pixel_point, synthetic_rgb  # noqa: E402
 
 from sam2_shared import Sam2Model  # noqa: E402
 from sam2_shared.prompts import Prompt  # noqa: E402
 from sam2_shared.store.codec import decode_embedding, encode_embedding  # noqa: E402
+from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.synthetic_images import pixel_box, pixel_point, synthetic_rgb  # noqa: E402
 
 SHAPES = [(512, 512), (600, 800), (1080, 1920), (64, 2048)]
 DTYPES = ("float16", "bfloat16")

@@ -11,7 +11,7 @@ same 10 embeddings): only tracking is timed. The reference is built as users get
 (``build_sam2_video_predictor``) with the CPU dtype workaround of
 ``tests/parity/test_video_parity.py``; it loads every frame at init (``init_state``) and keeps
 every frame's output, so its memory grows with the video; ours keeps a bounded window.
-Random official-format weights (``tests/checkpoints_util.py``) with the object-score bias
+Random official-format weights (``tests/helpers/checkpoints.py``) with the object-score bias
 shifted so the object stays present (speed does not depend on the weight values).
 """
 
@@ -37,7 +37,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 DISTINCT_FRAMES = 10
 HEIGHT, WIDTH = 96, 128  # frames are resized to 1024 anyway; small keeps decode/upsample cheap
@@ -67,7 +66,7 @@ def frame(t: int) -> np.ndarray:
 
 
 def present_checkpoint(model_id: str, folder: Path) -> Path:
-    from checkpoints_util import make_random_checkpoint
+    from tests.helpers.checkpoints import make_random_checkpoint
 
     blob = torch.load(make_random_checkpoint(model_id), map_location="cpu", weights_only=True)
     blob["model"]["sam_mask_decoder.pred_obj_score_head.layers.2.bias"] += 1.0
@@ -110,8 +109,9 @@ def run_ours(model_id: str, checkpoint: Path, checkpoints: list[int]) -> dict[st
 
 def run_reference(model_id: str, checkpoint: Path, checkpoints: list[int]) -> dict[str, Any]:
     from PIL import Image
-    from reference import config_for
     from sam2.build_sam import build_sam2_video_predictor
+
+    from tests.helpers.reference import config_for
 
     num_frames = max(checkpoints)
     folder = Path(tempfile.mkdtemp(prefix="bench-video-"))

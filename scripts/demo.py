@@ -23,14 +23,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from tier_processes import TierProcess  # noqa: E402
 
 from sam2_shared.client import Sam2Client  # noqa: E402
 from sam2_shared.errors import CheckpointError  # noqa: E402
 from sam2_shared.inference.checkpoints import resolve_checkpoint  # noqa: E402
 from sam2_shared.model import get_config  # noqa: E402
+from tests.helpers.tier_processes import TierProcess  # noqa: E402
 
 
 def overlay(bgr: np.ndarray, mask: np.ndarray, point: tuple[float, float]) -> np.ndarray:

@@ -8,7 +8,7 @@ A top-level ``sam2`` package would collide with Meta's ``sam2`` (installed for
 the parity tests), so the output is moved to ``sam2_shared/api/v1/`` and those
 imports are rewritten. The protobuf full names (``sam2.v1.*``) and therefore the
 wire method paths do not change. The generator is pinned so that the committed
-output is reproducible; ``tests/test_protos.py`` checks that it is.
+output is reproducible; ``tests/unit/test_protos.py`` checks that it is.
 """
 
 from __future__ import annotations

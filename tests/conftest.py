@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoints_util import DEFAULT_SEED, make_random_checkpoint
-from parity_stats import PARITY_STATS, ParityStats
-from synthetic_images import synthetic_rgb
+
+from tests.helpers.checkpoints import DEFAULT_SEED, make_random_checkpoint
+from tests.helpers.parity_stats import PARITY_STATS, ParityStats
+from tests.helpers.synthetic_images import synthetic_rgb
 
 PARITY_REPORT_PATH = Path(__file__).parent / ".parity_report.json"
 

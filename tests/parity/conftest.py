@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from parity_support import IMAGES_FOR_MODEL, PairCache
+
+from tests.parity.support import IMAGES_FOR_MODEL, PairCache
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from parity_stats import ParityStats
-from parity_support import IMAGES_FOR_MODEL, TEST_IMAGES, PairCache, ParityPair, model_params
-from synthetic_images import SHAPE_BOXES, SHAPE_CENTRES, pixel_box, pixel_point
+
+from tests.helpers.parity_stats import ParityStats
+from tests.helpers.synthetic_images import SHAPE_BOXES, SHAPE_CENTRES, pixel_box, pixel_point
+from tests.parity.support import IMAGES_FOR_MODEL, TEST_IMAGES, PairCache, ParityPair, model_params
 
 LOGITS_ATOL = 1e-3
 SCORES_ATOL = 1e-4

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoints_util import DEFAULT_SEED, RECIPE_VERSION, checkpoint_path, random_tensor
-from reference import (
+
+from tests.helpers.checkpoints import DEFAULT_SEED, RECIPE_VERSION, checkpoint_path, random_tensor
+from tests.helpers.reference import (
     MODEL_IDS,
     Normalize,
     ReferenceImage,
@@ -19,7 +20,7 @@ from reference import (
     config_for,
     install_torchvision_stand_in,
 )
-from synthetic_images import SHAPE_CENTRES, pixel_point
+from tests.helpers.synthetic_images import SHAPE_CENTRES, pixel_point
 
 
 def test_model_ids_map_to_packaged_configs():

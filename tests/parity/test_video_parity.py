@@ -32,7 +32,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import config_for
+
+from tests.helpers.reference import config_for
 
 MODEL_IDS = ("sam2.1/hiera_tiny", "sam2/hiera_tiny")
 NUM_FRAMES, HEIGHT, WIDTH = 8, 240, 320

@@ -15,9 +15,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from servers import RcloneS3Server, RedisServer
-from synthetic_images import synthetic_rgb
-from tier_processes import TierProcess
 
 from sam2_shared import wire
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
@@ -26,6 +23,9 @@ from sam2_shared.client.channels import channel_options
 from sam2_shared.errors import EmbeddingNotFoundError
 from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.wire.status import error_from_rpc_error
+from tests.helpers.servers import RcloneS3Server, RedisServer
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import TierProcess
 
 MODEL_ID = "sam2.1/hiera_tiny"
 FOREGROUND = common_pb2.POINT_LABEL_FOREGROUND

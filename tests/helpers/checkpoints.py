@@ -31,7 +31,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from reference import build_reference_model
+
+from tests.helpers.reference import build_reference_model
 
 # Bump whenever the noise recipe changes, so stale cached files are not reused.
 RECIPE_VERSION = 1

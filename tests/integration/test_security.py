@@ -20,10 +20,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import find_binary, free_port
-from synthetic_images import synthetic_rgb
-from tier_processes import TierProcess, decoder_process, encoder_process
-from tls_certs import Pki, make_pki
 
 from sam2_shared import embedding, wire
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
@@ -34,6 +30,10 @@ from sam2_shared.prompts import Prompt
 from sam2_shared.serving import auth
 from sam2_shared.serving.encoder_client import AsyncEncoderClient
 from sam2_shared.wire.status import error_from_rpc_error
+from tests.helpers.servers import find_binary, free_port
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
+from tests.helpers.tls_certs import Pki, make_pki
 
 KEY_A = "tenant-a-" + "a" * 24
 KEY_B = "tenant-b-" + "b" * 24

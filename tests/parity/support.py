@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from reference import ReferenceImage
-from synthetic_images import gray_to_rgb, synthetic_rgb, to_gray, with_alpha
+
+from tests.helpers.reference import ReferenceImage
+from tests.helpers.synthetic_images import gray_to_rgb, synthetic_rgb, to_gray, with_alpha
 
 
 @dataclass(frozen=True)

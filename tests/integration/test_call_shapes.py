@@ -21,8 +21,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from synthetic_images import synthetic_rgb
-from tier_processes import REPO_ROOT, TierProcess, decoder_process, encoder_process
 
 from sam2_shared import (
     Sam2BatchedPrediction,
@@ -34,6 +32,8 @@ from sam2_shared import (
 from sam2_shared.client import Sam2Client
 from sam2_shared.model.config import canonical_model_id
 from sam2_shared.prompts import prompts_per_image
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import REPO_ROOT, TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
 SAMPLE = REPO_ROOT / "samples" / "scene.jpg"

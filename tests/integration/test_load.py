@@ -11,13 +11,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from synthetic_images import synthetic_rgb
-from tier_processes import decoder_process, encoder_process
-
 from sam2_shared.client import Sam2Client
 from sam2_shared.inference.sam2_model import Sam2Model
+from tests.helpers import REPO_ROOT
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import decoder_process, encoder_process
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 import bench_load  # noqa: E402
 
 MODEL_ID = "sam2.1/hiera_tiny"

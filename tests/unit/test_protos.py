@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import gen_protos  # noqa: E402

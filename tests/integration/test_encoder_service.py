@@ -38,8 +38,8 @@ from sam2_shared.inference import imaging
 from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.serving.settings import describe_settings, load_settings
 from sam2_shared.store import codec, open_store
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_ID = "sam2.1/hiera_tiny"
 MAX_PIXELS = 1_000_000  # the server's --max-image-pixels, small to test the limit cheaply
 

@@ -14,9 +14,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import RcloneS3Server, RedisServer
-from synthetic_images import synthetic_rgb
-from tier_processes import decoder_process, encoder_process
 
 from sam2_shared import wire
 from sam2_shared.api.v1 import (
@@ -32,6 +29,9 @@ from sam2_shared.client.retry import NO_RETRY
 from sam2_shared.embedding import namespaced_content_id
 from sam2_shared.store import open_store
 from sam2_shared.wire.status import error_from_rpc_error, error_from_status
+from tests.helpers.servers import RcloneS3Server, RedisServer
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
 FOREGROUND = common_pb2.POINT_LABEL_FOREGROUND

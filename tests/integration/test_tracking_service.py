@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tier_processes import TierProcess, decoder_process, encoder_process
 
 from sam2_shared.client.tracking import Sam2TrackingClient
 from sam2_shared.embedding import content_id
@@ -24,6 +23,7 @@ from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
 from sam2_shared.inference.video import FrameResult, Sam2VideoModel
 from sam2_shared.store import open_store
 from sam2_shared.wire.tracking import TrackedFrame
+from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH, NUM_FRAMES = 160, 200, 6

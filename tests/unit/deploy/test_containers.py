@@ -24,8 +24,9 @@ from encoder_service.cli import EncoderSettings
 from encoder_service.servicer import SERVICE_NAME as ENCODER_SERVICE
 from sam2_shared.serving.server import build_server
 from sam2_shared.serving.settings import env_name
+from tests.helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 DOCKER = ROOT / "docker"
 TIERS = {
     "encoder": {"settings": EncoderSettings, "service": ENCODER_SERVICE,

@@ -8,7 +8,6 @@ import dataclasses
 import re
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -20,8 +19,9 @@ from decoder_service.servicer import SERVICE_NAME as DECODER_SERVICE
 from encoder_service.cli import EncoderSettings
 from encoder_service.servicer import SERVICE_NAME as ENCODER_SERVICE
 from sam2_shared.serving.settings import env_name
+from tests.helpers import REPO_ROOT
 
-K8S = Path(__file__).resolve().parent.parent / "k8s"
+K8S = REPO_ROOT / "k8s"
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = ["base", "overlays/cpu", "overlays/gpu"]
 PRESTOP_SLEEP_S = 5
@@ -183,7 +183,7 @@ def test_selectors_match_pod_labels_and_hpa_targets_exist(
         assert target["kind"] == "Deployment" and target["name"] in workloads
     encoder_metric = hpas["sam2-encoder"]["spec"]["metrics"][0]
     assert encoder_metric["pods"]["metric"]["name"] == "sam2_encoder_queue_depth"
-    docs_text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    docs_text = (REPO_ROOT / "docs" / "metrics.md").read_text()
     assert "`sam2_encoder_queue_depth`" in docs_text  # the HPA's metric is a real one
     assert hpas["sam2-decoder"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     statefulset = workloads["sam2-redis"]

@@ -16,8 +16,6 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import PrometheusServer, free_port
-from tier_processes import decoder_process, encoder_process
 
 from sam2_shared.api.v1 import (
     common_pb2,
@@ -35,9 +33,12 @@ from sam2_shared.serving.metrics import GpuMemoryCollector, Sam2Metrics
 from sam2_shared.serving.server import build_server
 from sam2_shared.store import open_store
 from sam2_shared.wire.masks import MaskEncoding
+from tests.helpers import REPO_ROOT
+from tests.helpers.servers import PrometheusServer, free_port
+from tests.helpers.tier_processes import decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+DOCS = REPO_ROOT / "docs" / "metrics.md"
 
 
 def value(metrics: Sam2Metrics, name: str, **labels: str) -> float | None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
 _LISTENING = re.compile(rb"SAM2_LISTENING port=(\d+)")
 
 

@@ -12,8 +12,6 @@ import grpc
 import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
-from synthetic_images import synthetic_rgb
-from tier_processes import TierProcess, decoder_process, encoder_process
 
 from sam2_shared import wire
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
@@ -23,6 +21,8 @@ from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Prompt
 from sam2_shared.store import open_blob_store
 from sam2_shared.wire.status import error_from_rpc_error, error_from_status
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH = 240, 320

@@ -26,7 +26,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 # The venv's bin first: CI runs .venv/bin/python without activating the venv.
 GRPCURL = shutil.which(
     "grpcurl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -52,7 +54,7 @@ def test_readme_documents_every_flag() -> None:
 
 
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-_NOT_RUN = re.compile(r"<!-- not run by tests/test_readme.py: (.+?) -->\s*$")
+_NOT_RUN = re.compile(r"<!-- not run by tests/integration/test_readme.py: (.+?) -->\s*$")
 STARTS_TIERS = "sam2-encoder --model"
 README_STORE = "diskcache:///tmp/sam2-embeddings"
 TIER_PORTS = (50051, 50052)

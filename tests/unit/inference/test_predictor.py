@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from synthetic_images import synthetic_rgb
 
 from sam2_shared import (
     ImageEmbedding,
@@ -30,6 +29,7 @@ from sam2_shared import (
     Sam2Prediction,
 )
 from sam2_shared.errors import InvalidInputError
+from tests.helpers.synthetic_images import synthetic_rgb
 
 TINY = "sam2.1/hiera_tiny"
 A_HW = (90, 120)  # image A: landscape, colour

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic_images import synthetic_rgb
 
 from sam2_shared import Sam2Model
 from sam2_shared.errors import CheckpointError, InvalidInputError, UnknownModelError
@@ -29,6 +28,7 @@ from sam2_shared.inference.checkpoints import (
     resolve_checkpoint,
 )
 from sam2_shared.model import MODEL_CONFIGS, Sam2DecoderPart, Sam2EncoderPart, get_config
+from tests.helpers.synthetic_images import synthetic_rgb
 
 TINY = "sam2.1/hiera_tiny"
 # Prompt encoder + mask decoder, without conv_s0/conv_s1 (those run at encode time).

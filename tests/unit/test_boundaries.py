@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 PACKAGES = ("sam2_shared", "encoder_service", "decoder_service")
 TIERS = ("encoder_service", "decoder_service")
 

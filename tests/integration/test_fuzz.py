@@ -17,8 +17,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from synthetic_images import synthetic_rgb
-from tier_processes import TierProcess, decoder_process, encoder_process
 
 from sam2_shared.api.v1 import (
     common_pb2,
@@ -30,6 +28,8 @@ from sam2_shared.api.v1 import (
 from sam2_shared.client import Sam2Client
 from sam2_shared.client.channels import channel_options
 from sam2_shared.wire.status import error_from_rpc_error, error_from_status
+from tests.helpers.synthetic_images import synthetic_rgb
+from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
 EXAMPLES = 150

@@ -1,0 +1,1 @@
+"""Unit tests: plain Python, no servers started (a gRPC server in process at most)."""

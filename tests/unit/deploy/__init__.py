@@ -1,0 +1,1 @@
+"""Checks of the deployment files (Kubernetes manifests, Dockerfiles, compose)."""

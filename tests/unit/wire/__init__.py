@@ -1,0 +1,1 @@
+"""Tests of sam2_shared.wire (conversions, mask encodings)."""
