@@ -1,4 +1,4 @@
-"""The shared embedding store: verified embeddings and logits over a pluggable backend.
+"""The shared store: embeddings, logits and tracking sessions, verified, over a pluggable backend.
 
 ``open_store(url)`` picks the backend by URL scheme:
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import time
 import urllib.request
 from pathlib import Path
 
@@ -39,6 +40,17 @@ from tests.helpers.tier_processes import decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
 DOCS = REPO_ROOT / "docs" / "metrics.md"
+
+
+def scrape_until(port: int, needle: str, timeout_s: float = 15.0) -> str:
+    """/metrics text once it contains ``needle`` (the last scrape if it never does)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        if needle in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
 
 
 def value(metrics: Sam2Metrics, name: str, **labels: str) -> float | None:
@@ -400,10 +412,12 @@ def test_decoder_tier_exports_its_metrics(tiny_checkpoint: Path, tmp_path: Path)
                     model_id=MODEL_ID, embedding_id="0" * 64,
                     prompts=[decoder_pb2.Prompt(points=[point])]), timeout=60)
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                      timeout=10).read().decode()
-    assert ('sam2_grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="Segment",'
-            'grpc_service="sam2.v1.DecoderService",grpc_type="unary"} 1.0') in text
+        # The client has its status before the server's interceptor records the call (gRPC
+        # sends an abort's status first): wait for the observation, never assume it is there.
+        not_found = ('sam2_grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="Segment",'
+                     'grpc_service="sam2.v1.DecoderService",grpc_type="unary"} 1.0')
+        text = scrape_until(metrics_port, not_found)
+    assert not_found in text
     assert 'sam2_cache_misses_total{kind="embedding",tier="store"} 1.0' in text
     assert 'sam2_cache_misses_total{kind="embedding",tier="decoder_memory"}' in text
     assert re.search(r'sam2_model_load_seconds\{model="sam2.1/hiera_tiny",part="decoder"\} '

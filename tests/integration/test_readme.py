@@ -43,6 +43,14 @@ def test_settings_tables_are_current() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_layout_section_is_current() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "layout.py"), "--check"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_readme_documents_every_flag() -> None:
     from decoder_service.cli import DecoderSettings
     from encoder_service.cli import EncoderSettings
