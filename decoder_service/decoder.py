@@ -24,15 +24,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from sam2_shared.counters import Counters
 from sam2_shared.embedding import (
     EmbeddingRef,
     ImageEmbedding,
@@ -93,7 +93,7 @@ class SegmentResult:
 
 
 @dataclass
-class DecoderStats:
+class DecoderStats(Counters):
     """Counters for metrics and for judging the batching."""
 
     requests: int = 0
@@ -101,12 +101,6 @@ class DecoderStats:
     prompts_decoded: int = 0
     store_hits: int = 0
     encoder_calls: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
 
 
 @dataclass

@@ -7,13 +7,15 @@ package's docstring, so the description cannot go stale.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import sys
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_section  # noqa: E402
+
 START, END = "<!-- layout:start -->", "<!-- layout:end -->"
 # Folders that are not Python packages, and what they hold.
 OTHER = {
@@ -63,27 +65,6 @@ def render_block() -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{render_block()}{END}{tail}"
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    path = ROOT / "README.md"
-    current = path.read_text()
-    wanted = render(current)
-    if args.check:
-        if wanted != current:
-            print("README.md layout section is out of date: run python scripts/layout.py")
-            return 1
-        return 0
-    path.write_text(wanted)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(readme_section.main(__doc__.splitlines()[0], START, END, render_block,
+                                 "python scripts/layout.py"))

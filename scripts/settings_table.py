@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -17,6 +16,9 @@ sys.path.insert(0, str(ROOT))
 from decoder_service.cli import DecoderSettings  # noqa: E402
 from encoder_service.cli import EncoderSettings  # noqa: E402
 from sam2_shared.serving.settings import env_name, mask_secret  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_section  # noqa: E402
 
 START, END = "<!-- settings:start -->", "<!-- settings:end -->"
 
@@ -36,27 +38,6 @@ def tables() -> str:
     return "\n".join(out)
 
 
-def render(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{tables()}{END}{tail}"
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
-    path = ROOT / "README.md"
-    current = path.read_text()
-    wanted = render(current)
-    if args.check:
-        if wanted != current:
-            print("README.md settings tables are stale: run python scripts/settings_table.py")
-            return 1
-        return 0
-    path.write_text(wanted)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(readme_section.main(__doc__.splitlines()[0], START, END, tables,
+                                 "python scripts/settings_table.py"))

@@ -44,9 +44,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from sam2_shared.client.channels import (
     credentials,
 )
 from sam2_shared.client.retry import DEFAULT_POLICY, RetryPolicy, call_with_retry
+from sam2_shared.counters import Counters
 from sam2_shared.embedding import EmbeddingRef, namespaced_content_id
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
 from sam2_shared.model.config import canonical_model_id
@@ -95,18 +95,12 @@ def _array_converter(array_type: str) -> Any:
 
 
 @dataclass
-class ClientStats:
+class ClientStats(Counters):
     """Calls made, to check that uploads happen only on a miss."""
 
     embed_calls: int = 0
     images_uploaded: int = 0
     segment_calls: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
 
 
 @dataclass

@@ -11,6 +11,12 @@ class LayerNorm2d(nn.Module):
     """LayerNorm over the channel dimension of a [B, C, H, W] map (eps 1e-6)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        """
+        Arguments:
+          num_channels (int): channels C of the [B, C, H, W] input map, the size of
+            the learned per-channel weight and bias.
+          eps (float): value added to the variance for numerical stability.
+        """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -38,6 +44,16 @@ class MLP(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
         sigmoid_output: bool = False,
     ) -> None:
+        """
+        Arguments:
+          input_dim (int): channels of the input features (last dimension).
+          hidden_dim (int): width of every hidden layer.
+          output_dim (int): channels of the output features.
+          num_layers (int): number of Linear layers (num_layers - 1 hidden layers).
+          activation (type[nn.Module]): activation class, instantiated once and applied
+            after every Linear layer but the last.
+          sigmoid_output (bool): apply a sigmoid to the output.
+        """
         super().__init__()
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]

@@ -49,6 +49,13 @@ class MultiScaleAttention(nn.Module):
     """
 
     def __init__(self, dim: int, dim_out: int, num_heads: int, pool_queries: bool) -> None:
+        """
+        Arguments:
+          dim (int): channels of the input [B, H, W, dim] map.
+          dim_out (int): channels of the output and of q, k and v (split evenly over the heads).
+          num_heads (int): number of attention heads.
+          pool_queries (bool): 2x2 max-pool the queries (stride 2), halving the output H and W.
+        """
         super().__init__()
         self.num_heads = num_heads
         self.pool_queries = pool_queries
@@ -85,6 +92,18 @@ class MultiScaleBlock(nn.Module):
         pool: bool,
         mlp_ratio: float = 4.0,
     ) -> None:
+        """
+        Arguments:
+          dim (int): channels of the input [B, H, W, dim] map.
+          dim_out (int): channels of the output map; when it differs from dim, the skip
+            connection is projected to dim_out by a Linear layer.
+          num_heads (int): number of attention heads.
+          window (int): side, in tokens, of the square windows the input is partitioned
+            into for attention (0 = global attention).
+          pool (bool): 2x2 max-pool the queries and the projected skip connection, halving
+            the output H and W (the output is unpartitioned with windows of window // 2).
+          mlp_ratio (float): hidden width of the MLP as a multiple of dim_out.
+        """
         super().__init__()
         self.dim, self.dim_out = dim, dim_out
         self.window = window
@@ -120,6 +139,11 @@ class PatchEmbed(nn.Module):
     """7x7 stride-4 conv: [B, 3, 1024, 1024] -> channels-last [B, 256, 256, C0]."""
 
     def __init__(self, embed_dim: int) -> None:
+        """
+        Arguments:
+          embed_dim (int): output channels C0 of the patch embedding (the channels of the
+            first stage).
+        """
         super().__init__()
         self.proj = nn.Conv2d(3, embed_dim, kernel_size=7, stride=4, padding=3)
 
@@ -135,6 +159,15 @@ class Hiera(nn.Module):
     """
 
     def __init__(self, config: HieraConfig) -> None:
+        """
+        Arguments:
+          config (HieraConfig): trunk hyper-parameters: embed_dim (C0), num_heads (heads of
+            the first stage), stages (blocks per stage), global_att_blocks (blocks with
+            global attention), window_spec (window size per stage),
+            window_pos_embed_bkg_spatial_size (size of the background positional
+            embedding), q_pool (number of stage transitions that pool 2x2), dim_mul and
+            head_mul (channel and head multipliers per stage) and mlp_ratio.
+        """
         super().__init__()
         self.config = config
         c0 = config.embed_dim

@@ -47,6 +47,24 @@ class MaskDecoder(nn.Module):
         dynamic_multimask_stability_delta: float = 0.05,
         dynamic_multimask_stability_thresh: float = 0.98,
     ) -> None:
+        """
+        Arguments:
+          transformer_dim (int): channel dimension C of the image embedding, the prompt
+            tokens and the two-way transformer.
+          transformer (TwoWayTransformer): the transformer that attends between the
+            output and prompt tokens and the image embedding.
+          num_multimask_outputs (int): number of masks predicted in multimask mode; one
+            more mask token predicts the single mask.
+          iou_head_depth (int): number of Linear layers of the IoU prediction MLP.
+          iou_head_hidden_dim (int): hidden width of the IoU prediction MLP.
+          dynamic_multimask_via_stability (bool): in single-mask output at eval time,
+            replace an unstable single mask by the multimask candidate with the highest
+            predicted IoU.
+          dynamic_multimask_stability_delta (float): logit margin delta of the stability
+            score area(logit > delta) / area(logit > -delta).
+          dynamic_multimask_stability_thresh (float): minimum stability score for the
+            single mask to be kept.
+        """
         super().__init__()
         self.transformer = transformer
         self.num_mask_tokens = num_multimask_outputs + 1

@@ -34,6 +34,19 @@ class RoPEAttention(nn.Module):
         rope_k_repeat: bool = False,
         feat_size: int = 64,
     ) -> None:
+        """
+        Arguments:
+          embedding_dim (int): channels C of the queries and of the output; also the
+            internal q/k/v width, split evenly over the heads.
+          num_heads (int): number of attention heads.
+          kv_in_dim (int | None): channels C_kv of the key and value inputs (None:
+            embedding_dim).
+          rope_theta (float): base theta of the RoPE frequencies.
+          rope_k_repeat (bool): allow keys that cover several query grids (several memory
+            frames), tiling the query grid's rotations over them.
+          feat_size (int): side, in tokens, of the square query grid whose rotations are
+            precomputed (other square grids are computed on first use).
+        """
         super().__init__()
         kv_in_dim = kv_in_dim if kv_in_dim is not None else embedding_dim
         self.num_heads = num_heads
@@ -100,6 +113,17 @@ class MemoryAttentionLayer(nn.Module):
         rope_theta: float = 10000.0,
         feat_size: int = 64,
     ) -> None:
+        """
+        Arguments:
+          d_model (int): channels C of the frame tokens.
+          dim_feedforward (int): hidden width of the MLP.
+          num_heads (int): number of heads of the self- and cross-attention.
+          kv_in_dim (int): channels C_mem of the memory tokens (cross-attention keys and
+            values).
+          rope_theta (float): base theta of the RoPE frequencies.
+          feat_size (int): side, in tokens, of the square grid of frame tokens (64 for a
+            1024 x 1024 input).
+        """
         super().__init__()
         self.self_attn = RoPEAttention(
             d_model, num_heads, rope_theta=rope_theta, feat_size=feat_size
@@ -139,6 +163,13 @@ class MemoryAttention(nn.Module):
     """``num_layers`` memory attention layers and a final LayerNorm."""
 
     def __init__(self, d_model: int = 256, num_layers: int = 4, **layer_kwargs: int) -> None:
+        """
+        Arguments:
+          d_model (int): channels C of the frame tokens.
+          num_layers (int): number of stacked MemoryAttentionLayer.
+          **layer_kwargs (int): further MemoryAttentionLayer arguments, passed to every
+            layer (dim_feedforward, num_heads, kv_in_dim, rope_theta, feat_size).
+        """
         super().__init__()
         self.layers = nn.ModuleList(
             MemoryAttentionLayer(d_model, **layer_kwargs) for _ in range(num_layers)

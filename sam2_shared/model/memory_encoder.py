@@ -18,6 +18,12 @@ class MaskDownSampler(nn.Module):
     """
 
     def __init__(self, embed_dim: int = 256, num_steps: int = 4) -> None:
+        """
+        Arguments:
+          embed_dim (int): channels of the output map (set by the final 1x1 conv).
+          num_steps (int): number of stride-2 conv steps; each multiplies the channels by
+            4 and halves H and W (total downsampling 2 ** num_steps).
+        """
         super().__init__()
         layers: list[nn.Module] = []
         channels = 1
@@ -41,6 +47,14 @@ class CXBlock(nn.Module):
     plus the residual."""
 
     def __init__(self, dim: int = 256, kernel_size: int = 7, padding: int = 3) -> None:
+        """
+        Arguments:
+          dim (int): channels of the input and output map (the pointwise MLP is 4 * dim
+            wide).
+          kernel_size (int): kernel size of the depthwise convolution.
+          padding (int): zero padding of the depthwise convolution (kernel_size // 2
+            keeps H and W).
+        """
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=padding, groups=dim)
         self.norm = LayerNorm2d(dim)
@@ -56,6 +70,11 @@ class CXBlock(nn.Module):
 
 class Fuser(nn.Module):
     def __init__(self, dim: int = 256, num_layers: int = 2) -> None:
+        """
+        Arguments:
+          dim (int): channels of the input and output feature map.
+          num_layers (int): number of CXBlock layers applied in sequence.
+        """
         super().__init__()
         self.layers = nn.ModuleList(CXBlock(dim) for _ in range(num_layers))
 
@@ -69,6 +88,13 @@ class MemoryEncoder(nn.Module):
     """``out_proj(fuser(pix_feat_proj(pix_feat) + mask_downsampler(mask)))`` and its sine PE."""
 
     def __init__(self, in_dim: int = 256, out_dim: int = 64) -> None:
+        """
+        Arguments:
+          in_dim (int): channels of the raw frame features (and of the downsampled mask
+            and the fuser).
+          out_dim (int): channels of the memory features and of their sine positional
+            encoding.
+        """
         super().__init__()
         self.mask_downsampler = MaskDownSampler(in_dim)
         self.pix_feat_proj = nn.Conv2d(in_dim, in_dim, kernel_size=1)

@@ -14,6 +14,11 @@ class _Lateral(nn.Module):
     """1x1 conv to ``d_model``; a wrapper so the key is ``convs.{k}.conv.*``."""
 
     def __init__(self, in_channels: int, d_model: int) -> None:
+        """
+        Arguments:
+          in_channels (int): channels of the trunk level.
+          d_model (int): output channels.
+        """
         super().__init__()
         self.conv = nn.Conv2d(in_channels, d_model, kernel_size=1)
 
@@ -32,6 +37,14 @@ class FpnNeck(nn.Module):
     def __init__(
         self, backbone_channel_list: list[int], d_model: int, top_down_levels: tuple[int, ...]
     ) -> None:
+        """
+        Arguments:
+          backbone_channel_list (list[int]): channels of the trunk levels, lowest
+            resolution (stride 32) first; one lateral 1x1 conv each.
+          d_model (int): channels of every FPN output level.
+          top_down_levels (tuple[int, ...]): trunk levels (0 = highest resolution) that
+            add the upsampled coarser level; the others keep only their lateral.
+        """
         super().__init__()
         self.convs = nn.ModuleList(_Lateral(c, d_model) for c in backbone_channel_list)
         self.top_down_levels = set(top_down_levels)
@@ -62,6 +75,13 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, trunk: Hiera, neck: FpnNeck, scalp: int = 1) -> None:
+        """
+        Arguments:
+          trunk (Hiera): backbone returning the multi-scale features, highest resolution
+            first.
+          neck (FpnNeck): feature pyramid applied to the trunk's features.
+          scalp (int): number of lowest-resolution FPN levels dropped from the output.
+        """
         super().__init__()
         self.trunk = trunk
         self.neck = neck

@@ -27,6 +27,12 @@ class Sam2EncoderPart(nn.Module):
     """
 
     def __init__(self, config: Sam2Config) -> None:
+        """
+        Arguments:
+          config (Sam2Config): model configuration; uses trunk (the Hiera
+            hyper-parameters), embed_dim (channels of the neck and image embedding) and
+            fpn_top_down_levels.
+        """
         super().__init__()
         self.config = config
         trunk = Hiera(config.trunk)
@@ -50,6 +56,13 @@ class Sam2DecoderPart(nn.Module):
     """Prompts + cached embedding -> low-res mask logits and scores."""
 
     def __init__(self, config: Sam2Config) -> None:
+        """
+        Arguments:
+          config (Sam2Config): model configuration; uses embed_dim, image_size,
+            image_embedding_size and mask_in_chans (prompt encoder), decoder_depth,
+            decoder_num_heads and decoder_mlp_dim (two-way transformer),
+            num_multimask_outputs and the dynamic_multimask_* stability settings.
+        """
         super().__init__()
         self.config = config
         self.sam_prompt_encoder = PromptEncoder(

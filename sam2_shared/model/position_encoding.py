@@ -17,6 +17,12 @@ class PositionEmbeddingSine(nn.Module):
     """
 
     def __init__(self, num_pos_feats: int, temperature: float = 10000.0) -> None:
+        """
+        Arguments:
+          num_pos_feats (int): channels C of the encoding; must be even (C/2 encode y,
+            C/2 encode x).
+          temperature (float): base of the geometric progression of wavelengths.
+        """
         super().__init__()
         if num_pos_feats % 2:
             raise ValueError("num_pos_feats must be even")
@@ -64,6 +70,11 @@ class PositionEmbeddingRandom(nn.Module):
     """
 
     def __init__(self, num_pos_feats: int = 128) -> None:
+        """
+        Arguments:
+          num_pos_feats (int): number of random frequencies (columns of the Gaussian
+            matrix); the encoding has 2 * num_pos_feats channels.
+        """
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
 

@@ -27,6 +27,16 @@ class PromptEncoder(nn.Module):
     def __init__(
         self, embed_dim: int, image_embedding_size: int, input_image_size: int, mask_in_chans: int
     ) -> None:
+        """
+        Arguments:
+          embed_dim (int): channels C of the sparse and dense prompt embeddings.
+          image_embedding_size (int): side, in tokens, of the square image embedding grid
+            (64).
+          input_image_size (int): side, in pixels, of the square input frame (1024);
+            point coordinates are normalised by it.
+          mask_in_chans (int): hidden channels of the mask downscaling convs
+            (mask_in_chans // 4, then mask_in_chans).
+        """
         super().__init__()
         self.embed_dim = embed_dim
         self.image_embedding_size = image_embedding_size

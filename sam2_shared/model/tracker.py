@@ -136,6 +136,13 @@ class Sam2TrackerPart(nn.Module):
     """Video-only weights and the per-object, per-frame track step."""
 
     def __init__(self, config: Sam2Config) -> None:
+        """
+        Arguments:
+          config (Sam2Config): model configuration; uses embed_dim, image_embedding_size
+            (memory attention grid), image_size (mask upsampling) and the SAM 2.1 flags
+            no_obj_embed_spatial, proj_tpos_enc_in_obj_ptrs,
+            use_signed_tpos_enc_to_obj_ptrs and add_tpos_enc_to_obj_ptrs.
+        """
         super().__init__()
         self.config = config
         dim = config.embed_dim

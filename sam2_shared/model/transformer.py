@@ -23,6 +23,16 @@ class Attention(nn.Module):
         downsample_rate: int = 1,
         kv_in_dim: int | None = None,
     ) -> None:
+        """
+        Arguments:
+          embedding_dim (int): channels C of the queries and of the output.
+          num_heads (int): number of attention heads; must divide
+            embedding_dim / downsample_rate.
+          downsample_rate (int): factor by which the q/k/v projections reduce the
+            channels (internal width embedding_dim / downsample_rate).
+          kv_in_dim (int | None): channels C_kv of the keys and values (None:
+            embedding_dim).
+        """
         super().__init__()
         internal_dim = embedding_dim // downsample_rate
         kv_in_dim = kv_in_dim if kv_in_dim is not None else embedding_dim
@@ -134,6 +144,16 @@ class TwoWayAttentionBlock(nn.Module):
         attention_downsample_rate: int,
         skip_first_layer_pe: bool,
     ) -> None:
+        """
+        Arguments:
+          embedding_dim (int): channels C of the tokens and the image embedding.
+          num_heads (int): number of heads of each attention.
+          mlp_dim (int): hidden width of the token MLP.
+          attention_downsample_rate (int): channel downsample rate of the two
+            cross-attentions.
+          skip_first_layer_pe (bool): give the token self-attention no positional
+            encoding and no residual connection (the first block).
+        """
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
@@ -188,6 +208,15 @@ class TwoWayTransformer(nn.Module):
         mlp_dim: int,
         attention_downsample_rate: int = 2,
     ) -> None:
+        """
+        Arguments:
+          depth (int): number of two-way attention blocks.
+          embedding_dim (int): channels C of the image embedding and the tokens.
+          num_heads (int): number of heads of every attention.
+          mlp_dim (int): hidden width of the token MLP of each block.
+          attention_downsample_rate (int): channel downsample rate of the cross-attentions
+            (the blocks' and the final token-to-image one).
+        """
         super().__init__()
         self.layers = nn.ModuleList(
             TwoWayAttentionBlock(
