@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -30,6 +30,7 @@ EMBEDDING_PREFIX = "emb/"
 LOGITS_PREFIX = "logits/"
 SESSION_PREFIX = "session/"
 SESSION_REVISION_PREFIX = "session-rev/"
+T = TypeVar("T")
 # Ids and handles become parts of keys, file names and object names: keep them plain.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 _SECRET_QUERY_WORDS = ("password", "secret", "token", "credential", "access_key")
@@ -236,6 +237,21 @@ class EmbeddingStore:
             except StoreUnavailableError:
                 logger.warning("could not delete corrupt entry %s from %s", key, self.url)
 
+    def _get_verified(self, kind: str, key: str, decode: Callable[[bytes], T]) -> T | None:
+        """Read ``key`` and ``decode`` it; a miss, or a damaged entry (counted, logged,
+        deleted), is None."""
+        data, started = self._read(kind, key)
+        if data is None:
+            self._record("get", kind, "miss", started, 0)
+            return None
+        try:
+            value = decode(data)
+        except CorruptEntryError as exc:
+            self._discard_corrupt(kind, key, exc, started, len(data))
+            return None
+        self._record("get", kind, "hit", started, len(data))
+        return value
+
     def get_embedding(self, embedding_id: str, model_id: str, *,
                       keep_storage_dtype: bool = False) -> ImageEmbedding | None:
         """The verified embedding, or None on a miss.
@@ -320,18 +336,7 @@ class EmbeddingStore:
 
     def get_logits(self, handle: str) -> np.ndarray | None:
         """The verified float32 [C, 256, 256] logits of ``handle``, or None on a miss."""
-        key = self.logits_key(handle)
-        data, started = self._read("logits", key)
-        if data is None:
-            self._record("get", "logits", "miss", started, 0)
-            return None
-        try:
-            logits = codec.decode_logits(data)
-        except CorruptEntryError as exc:
-            self._discard_corrupt("logits", key, exc, started, len(data))
-            return None
-        self._record("get", "logits", "hit", started, len(data))
-        return logits
+        return self._get_verified("logits", self.logits_key(handle), codec.decode_logits)
 
     def put_logits(self, handle: str, logits: np.ndarray, ttl_s: float | None) -> None:
         """Store ``logits`` [C, 256, 256] under ``handle`` (overwriting) for ``ttl_s``."""
@@ -382,18 +387,7 @@ class EmbeddingStore:
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
         """The verified session (state, tensors, tracking metadata), or None on a miss; a
         damaged entry is counted, logged, deleted and reported as a miss."""
-        key = self.session_key(session_id)
-        data, started = self._read("session", key)
-        if data is None:
-            self._record("get", "session", "miss", started, 0)
-            return None
-        try:
-            loaded = codec.decode_session(data)
-        except CorruptEntryError as exc:
-            self._discard_corrupt("session", key, exc, started, len(data))
-            return None
-        self._record("get", "session", "hit", started, len(data))
-        return loaded
+        return self._get_verified("session", self.session_key(session_id), codec.decode_session)
 
     def delete_session(self, session_id: str) -> None:
         self.blobs.delete(self.session_key(session_id))

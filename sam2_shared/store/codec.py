@@ -85,7 +85,9 @@ def _tensor_bytes(tensor: torch.Tensor, storage_dtype: str) -> np.ndarray:
     cast = tensor.detach().to(device="cpu", dtype=_TORCH_DTYPE[storage_dtype]).contiguous()
     if storage_dtype == "bfloat16":
         cast = cast.view(torch.int16)  # numpy has no bfloat16; keep the raw bits
-    return np.ascontiguousarray(cast.numpy(), dtype=_NUMPY_DTYPE[storage_dtype])
+    # reshape: ascontiguousarray makes 0-d arrays 1-d
+    return np.ascontiguousarray(cast.numpy(), dtype=_NUMPY_DTYPE[storage_dtype]).reshape(
+        tuple(cast.shape))
 
 
 def _pack(kind: str, storage_dtype: str, named: Sequence[tuple[str, np.ndarray]],

@@ -1,0 +1,1 @@
+"""Tests of sam2_shared.store that need no server (memory and diskcache backends)."""

@@ -1,0 +1,54 @@
+"""Tracking sessions as store entries: one codec entry per session (per-tensor dtypes kept),
+a revision next to it, both verified on the way back; damage is a miss, never a crash."""
+
+from __future__ import annotations
+
+import torch
+
+from sam2_shared.store import codec, open_store
+
+STATE = {"model_id": "sam2.1/hiera_tiny", "num_frames": 3, "video_hw": [4, 5], "objects": []}
+TRACKING = {"model_id": "sam2.1/hiera_tiny", "frame_ids": ["a", "b", "c"], "video_hw": [4, 5]}
+
+
+def tensors() -> list[tuple[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        ("t0", torch.randn(2, 3, generator=generator)),
+        ("t1", torch.randn(4, generator=generator).to(torch.bfloat16)),
+        ("t2", torch.arange(6, dtype=torch.int32).reshape(2, 3)),
+        ("t3", torch.tensor(1.5)),  # 0-d
+    ]
+
+
+def test_session_round_trip_keeps_values_and_dtypes() -> None:
+    store = open_store("memory://")
+    store.put_session("ns:s1", STATE, tensors(), TRACKING, revision=3, ttl_s=60)
+    assert store.session_revision("ns:s1") == 3
+    state, back, tracking = store.get_session("ns:s1")
+    assert state == STATE and tracking == {**TRACKING, "revision": 3}
+    for name, tensor in tensors():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+    assert store.stats.hits == 1
+    store.delete_session("ns:s1")
+    assert store.get_session("ns:s1") is None and store.session_revision("ns:s1") is None
+
+
+def test_damaged_session_or_revision_is_a_miss() -> None:
+    store = open_store("memory://")
+    store.put_session("s2", STATE, tensors(), TRACKING, revision=1, ttl_s=60)
+    key = store.session_key("s2")
+    data = bytearray(store.blobs.get(key))
+    data[-3] ^= 0xFF
+    store.blobs.put(key, bytes(data))
+    assert store.get_session("s2") is None
+    assert store.stats.corrupt == 1 and store.blobs.get(key) is None  # deleted
+    store.blobs.put("session-rev/s2", b"12; DROP")
+    assert store.session_revision("s2") is None
+
+
+def test_an_embedding_entry_is_not_a_session() -> None:
+    entry = codec.encode_logits(torch.zeros(1, 256, 256).numpy())
+    store = open_store("memory://")
+    store.blobs.put(store.session_key("s3"), entry)
+    assert store.get_session("s3") is None and store.stats.corrupt == 1
