@@ -207,9 +207,10 @@ def run_tier(
     """A tier's ``main``: settings from flags/env, logging, the metrics port, then ``serve``.
 
     Exit status: 0 after a clean stop, 2 when the model cannot be loaded (the message says
-    where to put the checkpoint), 1 when the server cannot start (e.g. port in use).
+    where to put the checkpoint), 1 when the server cannot start (port in use, store
+    unreachable or its directory unsafe).
     """
-    from sam2_shared.errors import CheckpointError
+    from sam2_shared.errors import CheckpointError, StoreUnavailableError
     from sam2_shared.serving.metrics import Sam2Metrics
     from sam2_shared.serving.settings import describe_settings, load_settings
 
@@ -228,7 +229,7 @@ def run_tier(
     except CheckpointError as exc:
         logger.error("cannot load the model: %s", exc)
         return 2
-    except OSError as exc:
+    except (OSError, StoreUnavailableError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
     return 0

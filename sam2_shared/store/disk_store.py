@@ -2,17 +2,70 @@
 
 Several processes on one machine may open the same directory: diskcache serialises writers
 through SQLite and keeps large values in their own files.
+
+Trust: diskcache stores values that are not bytes as pickles and unpickles them on read, so a
+row that anything else wrote into a shared directory would run code in every tier reading it.
+``BytesOnlyDisk`` reads and writes raw bytes only (a pickled or text row reads as an empty,
+hence corrupt, entry that the store deletes), and a directory that group or others may write
+is refused.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
+import stat
+from typing import Any
 
 import diskcache
+from diskcache.core import MODE_BINARY, MODE_RAW
 
 from sam2_shared.store.base import BlobStore
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_DISK_SIZE_LIMIT_BYTES = 4 << 30
+
+
+class UntrustedEntryError(Exception):
+    """A row that is not raw bytes (pickle or text): never decoded."""
+
+
+class BytesOnlyDisk(diskcache.Disk):
+    """diskcache's serialiser restricted to raw bytes: no pickles in, no pickles out."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if not isinstance(value, bytes) or read:
+            raise TypeError(f"this store writes bytes only, not {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode not in (MODE_RAW, MODE_BINARY) or read:
+            raise UntrustedEntryError(f"row of mode {mode} is not raw bytes")
+        data = super().fetch(mode, filename, value, read)
+        if not isinstance(data, bytes):  # raw mode also holds small str / int rows
+            raise UntrustedEntryError(f"row holds {type(data).__name__}, not bytes")
+        return data
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:  # a pickled key (only iteration and culling read keys back)
+            raise UntrustedEntryError("pickled key")
+        return super().get(key, raw)
+
+
+def check_private_directory(directory: str) -> None:
+    """Refuse a cache directory that group or others may write (anyone who can add a row
+    there would choose what every tier reads)."""
+    try:
+        mode = os.stat(directory).st_mode
+    except FileNotFoundError:
+        return  # diskcache creates it with the process's umask
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"{directory} is writable by group or others ({stat.filemode(mode)}); make it "
+            f"private (chmod 700 {directory}) or choose another directory"
+        )
 
 
 class DiskBlobStore(BlobStore):
@@ -38,8 +91,10 @@ class DiskBlobStore(BlobStore):
         self.url = f"diskcache://{directory}?size_limit_bytes={size_limit_bytes}"
         self.directory = directory
         try:
+            check_private_directory(directory)
             self.cache = diskcache.Cache(
                 directory,
+                disk=BytesOnlyDisk,
                 timeout=timeout_s,
                 size_limit=size_limit_bytes,
                 cull_limit=cull_limit,
@@ -51,6 +106,10 @@ class DiskBlobStore(BlobStore):
     def get(self, key: str) -> bytes | None:
         try:
             return self.cache.get(key, default=None)
+        except UntrustedEntryError as exc:
+            logger.warning("entry %s in %s is not raw bytes (%s): read as corrupt", key,
+                           self.directory, exc)
+            return b""  # fails the codec's checks: counted as corrupt and deleted
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             raise self.unavailable(f"get {key}", exc) from exc
 

@@ -1,0 +1,72 @@
+"""The diskcache store trusts no row it did not write as bytes: a pickle planted by another
+writer in the shared directory is never unpickled (it reads as a corrupt entry and is
+deleted), and a directory that group or others may write is refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from sam2_shared.errors import StoreUnavailableError
+from sam2_shared.store import open_store
+from sam2_shared.store.base import EmbeddingStore
+
+
+class Payload:
+    """Unpickling this writes a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def private_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "store"
+    directory.mkdir(mode=0o700)
+    os.chmod(directory, 0o700)
+    return directory
+
+
+@pytest.mark.parametrize("planted", ["pickle", "text"])
+def test_planted_rows_are_never_decoded(tmp_path: Path, planted: str) -> None:
+    directory = private_dir(tmp_path)
+    marker = tmp_path / "marker"
+    store = open_store(f"diskcache://{directory}")
+    assert isinstance(store, EmbeddingStore)
+    key = store.embedding_key("ab" * 32)
+    with diskcache.Cache(str(directory)) as attacker:  # another writer, default (pickle) disk
+        attacker.set(key, Payload(marker) if planted == "pickle" else "some text")
+        raw = attacker._sql("SELECT mode FROM Cache WHERE key = ?", (key,)).fetchone()
+        assert raw is not None and raw[0] in (1, 3, 4)  # stored as str / text / pickle
+    assert store.get_embedding("ab" * 32, "sam2.1/hiera_tiny") is None
+    assert not marker.exists()  # the pickle was not executed
+    assert store.stats.corrupt == 1
+    assert store.blobs.get(key) is None  # and the poisoned row is gone
+    store.close()
+    # pickle.loads would have run it: the test's payload is real
+    pickle.loads(pickle.dumps(Payload(marker)))
+    assert marker.read_text() == "pwned"
+
+
+def test_bytes_round_trip_still_works(tmp_path: Path) -> None:
+    store = open_store(f"diskcache://{private_dir(tmp_path)}")
+    store.blobs.put("k", b"\x00\x01" * 10)
+    store.blobs.put("big", os.urandom(1 << 20))  # diskcache keeps this one in its own file
+    assert store.blobs.get("k") == b"\x00\x01" * 10 and len(store.blobs.get("big")) == 1 << 20
+    with pytest.raises(TypeError):
+        store.blobs.cache.set("x", {"not": "bytes"})
+    store.close()
+
+
+def test_a_directory_others_may_write_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    with pytest.raises(StoreUnavailableError, match="writable by group or others.*chmod 700"):
+        open_store(f"diskcache://{directory}")
