@@ -191,9 +191,10 @@ class Encoder:
         format: str = EXPORT_FORMAT,
         namespace: str = "",
     ) -> tuple[EmbeddingRef, bool]:
-        """Verify an exported entry and store it as it is; returns its info and whether it
-        was already stored. Any mismatch or damage raises ``InvalidInputError`` (the upload
-        is bad, the server is fine)."""
+        """Verify an exported entry and store it under an import id (``imp-...``, never the
+        content id it claims: see ``EmbeddingStore.import_embedding``); returns its reference
+        (with the id to segment with) and whether it was already stored. Any mismatch or
+        damage raises ``InvalidInputError`` (the upload is bad, the server is fine)."""
         self.check_model(model_id)
         if format != EXPORT_FORMAT:
             raise InvalidInputError(
@@ -213,20 +214,16 @@ class Encoder:
             stored_id = codec.read_metadata(data).get("embedding_id")
             if embedding_id and stored_id != embedding_id:
                 raise CorruptEntryError(f"it holds embedding {stored_id!r}, not {embedding_id!r}")
-            try:  # a tenant may only import into its own namespace
-                check_id_namespace(str(stored_id), namespace)
-            except EmbeddingNotFoundError:
-                raise CorruptEntryError(
-                    f"it holds embedding {stored_id!r} of another namespace") from None
             embedding, existed = await asyncio.to_thread(
-                self.store.import_embedding, data, expected_model_id=self.model_id
+                self.store.import_embedding, data, expected_model_id=self.model_id,
+                namespace=namespace,
             )
         except CorruptEntryError as exc:
             raise InvalidInputError(
                 f"uploaded embedding is invalid: {exc}", reason="EMBEDDING_CORRUPT"
             ) from None
-        info = EmbeddingRef(embedding.embedding_id, embedding.model_id, embedding.original_hw)
-        return info, existed
+        return EmbeddingRef(embedding.embedding_id, embedding.model_id,
+                            embedding.original_hw), existed
 
     async def close(self) -> None:
         """Finish queued encodes, then stop the batch worker."""

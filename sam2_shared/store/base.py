@@ -6,6 +6,7 @@ Backends only move bytes; everything about formats, verification and counting li
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -19,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 import torch
 
-from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.embedding import ImageEmbedding, scope_id
 from sam2_shared.errors import CorruptEntryError, InvalidInputError
 from sam2_shared.store import codec
 from sam2_shared.store.errors import StoreUnavailableError
@@ -30,6 +31,7 @@ EMBEDDING_PREFIX = "emb/"
 LOGITS_PREFIX = "logits/"
 SESSION_PREFIX = "session/"
 SESSION_REVISION_PREFIX = "session-rev/"
+IMPORT_ID_PREFIX = "imp-"  # ids of uploaded embeddings (PutEmbedding), never content ids
 T = TypeVar("T")
 # Ids and handles become parts of keys, file names and object names: keep them plain.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
@@ -322,17 +324,36 @@ class EmbeddingStore:
         return None if loaded is None else loaded[1]
 
     def import_embedding(self, data: bytes, *, expected_model_id: str | None = None,
+                         namespace: str = "",
                          ttl_s: float | None = None) -> tuple[ImageEmbedding, bool]:
-        """Verify codec bytes from a client (``PutEmbedding``) and store them as they are.
+        """Verify codec bytes from a client (``PutEmbedding``) and store them under an id of
+        the import space, never under the content id they claim.
 
-        Returns the embedding and whether it was already stored. Raises ``CorruptEntryError``
-        if ``data`` fails any check.
+        A content id says "the encoder computed this from these pixels"; an upload cannot
+        prove that, so it is stored as ``imp-<sha256 of model, size and tensors>`` (scoped
+        to ``namespace``): the same upload gets the same id, and an entry the encoder wrote
+        is never replaced or shadowed. The tensors are kept in their uploaded dtype. Returns
+        the stored embedding (with its new id) and whether it was already stored. Raises
+        ``CorruptEntryError`` if ``data`` fails any check.
         """
-        embedding = codec.decode_embedding(data, expected_model_id=expected_model_id)
-        key = self.embedding_key(embedding.embedding_id)
+        embedding = codec.decode_embedding(data, expected_model_id=expected_model_id,
+                                           keep_storage_dtype=True)
+        metadata = codec.read_metadata(data)
+        digest = hashlib.sha256()
+        for part in (embedding.model_id, str(list(embedding.original_hw)),
+                     str(metadata["payload_sha256"])):
+            digest.update(part.encode())
+            digest.update(b"\0")
+        imported = ImageEmbedding(
+            image_embed=embedding.image_embed, high_res_feats=embedding.high_res_feats,
+            original_hw=embedding.original_hw, model_id=embedding.model_id,
+            embedding_id=scope_id(namespace, IMPORT_ID_PREFIX + digest.hexdigest()),
+        )
+        entry = codec.encode_embedding(imported, metadata["dtype"])
+        key = self.embedding_key(imported.embedding_id)
         ttl = ttl_s if ttl_s is not None else self.embedding_ttl_s
-        written = self._write("embedding", key, bytes(data), ttl, time.perf_counter())
-        return embedding, not written
+        written = self._write("embedding", key, entry, ttl, time.perf_counter())
+        return imported, not written
 
     def get_logits(self, handle: str) -> np.ndarray | None:
         """The verified float32 [C, 256, 256] logits of ``handle``, or None on a miss."""

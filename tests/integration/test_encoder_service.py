@@ -144,9 +144,15 @@ def test_encoder_export_import_into_a_second_store_and_rejects_bad_uploads() -> 
             exported.data, MODEL_ID, sha256=exported.sha256, size_bytes=len(exported.data),
             embedding_id=info.embedding_id,
         )
-        assert (imported, existed) == (info, False)
-        assert (await target.import_(exported.data, MODEL_ID))[1] is True
-        assert target.store.export_embedding(info.embedding_id, MODEL_ID) == exported.data
+        # stored under an import id, never under the content id the upload claims
+        assert imported.embedding_id.startswith("imp-") and not existed
+        assert (imported.model_id, imported.original_hw) == (info.model_id, info.original_hw)
+        assert not target.store.has_embedding(info.embedding_id)
+        again = await target.import_(exported.data, MODEL_ID)
+        assert again == (imported, True)  # the same upload, the same id
+        stored = target.store.get_embedding(imported.embedding_id, MODEL_ID)
+        original = source.store.get_embedding(info.embedding_id, MODEL_ID)
+        assert torch.equal(stored.image_embed, original.image_embed)
 
         damaged = bytearray(exported.data)
         damaged[-10] ^= 0xFF
@@ -161,6 +167,29 @@ def test_encoder_export_import_into_a_second_store_and_rejects_bad_uploads() -> 
         with pytest.raises(InvalidInputError) as bad_format:
             await target.import_(exported.data, MODEL_ID, format="npz")
         assert bad_format.value.reason == "UNSUPPORTED_FORMAT"
+
+    asyncio.run(main())
+
+
+def test_an_upload_cannot_stand_in_for_an_image() -> None:
+    """A client that knows an image cannot plant forged tensors under that image's content
+    id: the upload lands in the import space, and embedding the image computes it."""
+    async def main() -> None:
+        encoder = Encoder(FakeModel(), open_store("memory://"))
+        rgb = noise_image(77)
+        victim_id = content_id(rgb, MODEL_ID)
+        forged = ImageEmbedding(*(lambda t: (t[0], (t[1], t[2])))(
+            [torch.zeros(shape) for _, shape in codec.EMBEDDING_SHAPES]),
+            original_hw=rgb.shape[:2], model_id=MODEL_ID, embedding_id=victim_id)
+        data = codec.encode_embedding(forged, "float16")
+        planted, _ = await encoder.import_(data, MODEL_ID, embedding_id=victim_id)
+        assert planted.embedding_id != victim_id
+        assert not encoder.store.has_embedding(victim_id)
+        info, existed = await encoder.embed(png_bytes(rgb))
+        assert info.embedding_id == victim_id and existed is False  # computed, not planted
+        stored = encoder.store.get_embedding(victim_id, MODEL_ID)
+        assert float(stored.image_embed.abs().sum()) > 0  # the encoder's, not the zeros
+        await encoder.close()
 
     asyncio.run(main())
 
@@ -395,8 +424,11 @@ def test_get_and_put_embedding_round_trip(stub, encoder_server: RunningEncoder) 
     assert not store.has_embedding(embedding_id)
 
     put = upload(data)
-    assert put.already_stored is False and put.embedding == result.embedding
-    assert store.export_embedding(embedding_id, MODEL_ID) == original
+    assert put.already_stored is False
+    assert put.embedding.embedding_id.startswith("imp-")  # the server's id for an upload
+    assert put.embedding.height_px == result.embedding.height_px
+    assert not store.has_embedding(embedding_id)  # never under the claimed content id
+    assert store.get_embedding(put.embedding.embedding_id, MODEL_ID) is not None
     assert upload(data).already_stored is True
 
     wrong_model = encoder_pb2.EmbeddingBlobHeader()

@@ -345,9 +345,15 @@ def test_export_import_round_trip(store: EmbeddingStore, embedding: ImageEmbeddi
     exported = store.export_embedding(embedding.embedding_id, MODEL_ID)
     assert exported is not None
     store.delete_embedding(embedding.embedding_id)
-    imported, already = store.import_embedding(exported, expected_model_id=MODEL_ID)
-    assert (imported.embedding_id, already) == (embedding.embedding_id, False)
-    assert store.export_embedding(embedding.embedding_id, MODEL_ID) == exported
+    imported, already = store.import_embedding(exported, expected_model_id=MODEL_ID,
+                                               namespace="tenant-a")
+    # an upload gets an id of the import space, never the content id it carries
+    assert imported.embedding_id.startswith("tenant-a:imp-") and already is False
+    assert store.export_embedding(embedding.embedding_id, MODEL_ID) is None
+    again = store.export_embedding(imported.embedding_id, MODEL_ID)
+    assert codec.read_metadata(again)["payload_sha256"] == \
+        codec.read_metadata(exported)["payload_sha256"]  # the same tensors, byte for byte
+    assert store.import_embedding(exported, namespace="tenant-a")[1] is True
     with pytest.raises(CorruptEntryError):
         store.import_embedding(flip_byte(100)(exported))
     with pytest.raises(CorruptEntryError):
