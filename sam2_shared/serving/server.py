@@ -132,6 +132,30 @@ class Sam2Server:
             await self.stop(grace_s)
 
 
+# Clients (Sam2Client) ping every 30 s, also on idle streams, so that a dropped connection is
+# noticed before the next click. gRPC's default server policy accepts a ping without data at
+# most every 5 minutes and answers the third early one with GOAWAY "too_many_pings", which
+# killed a SegmentStream left idle for about two minutes. Accept pings every 10 s instead.
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+# Connections are recycled after about 30 minutes (with a grace for calls in flight), so
+# clients re-resolve DNS and pods added by an autoscaler get traffic.
+MAX_CONNECTION_AGE_MS = 30 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 5 * 60 * 1000
+
+
+def connection_options(
+    min_client_ping_interval_ms: int = MIN_CLIENT_PING_INTERVAL_MS,
+) -> list[tuple[str, int]]:
+    """Server channel arguments for long-lived client connections (keepalive, recycling)."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min_client_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+    ]
+
+
 def build_server(
     registrars: Sequence[Registrar],
     service_names: Sequence[str],
@@ -158,7 +182,7 @@ def build_server(
         reflection_enabled: register server reflection (grpcurl, Postman).
         interceptors: extra interceptors (auth, metrics), outermost first; the error
             mapping interceptor always runs innermost, next to the servicer.
-        options: extra channel arguments, appended after ours.
+        options: extra channel arguments; they replace ours of the same name.
         grace_s: default drain time of ``stop``.
         server_credentials: TLS / mutual TLS for the listener
             (``sam2_shared.serving.tls.server_credentials``); None listens in plaintext.
@@ -166,13 +190,15 @@ def build_server(
     Returns:
         ``(server, bound_port)``.
     """
-    grpc_options: list[tuple[str, int | str]] = [
+    # One value per argument, ``options`` winning (gRPC would take the first of duplicates).
+    grpc_options = list(dict([
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Fail loudly when the port is taken instead of sharing it with another process.
         ("grpc.so_reuseport", 0),
+        *connection_options(),
         *options,
-    ]
+    ]).items())
     server = grpc.aio.server(
         interceptors=(*interceptors, ErrorMappingInterceptor()), options=grpc_options
     )
