@@ -54,6 +54,9 @@ class DecoderSettings(TierSettings):
     logits_ttl_s: float = setting(600.0, "how long logits handles stay valid", minimum=1)
     max_prompts: int = setting(64, "most prompts per request", minimum=1)
     max_points: int = setting(64, "most points per prompt", minimum=1)
+    max_mask_pixels: int = setting(
+        400_000_000, "most full-size mask pixels (candidates x height x width) one request, "
+        "and one merged decode, may produce; they are held at once (1 byte each)", minimum=1)
     batching: bool = setting(True, "decode concurrent requests on one image in one forward")
     max_batch_prompts: int = setting(64, "most prompts in one decoder forward", minimum=1)
     batch_wait_ms: float = setting(0.0, "longest a request waits for its batch to fill "
@@ -164,6 +167,7 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
         logits_ttl_s=settings.logits_ttl_s,
         max_prompts=settings.max_prompts,
         max_points=settings.max_points,
+        max_mask_pixels=settings.max_mask_pixels,
         max_pixels=settings.max_image_pixels,
         batching=settings.batching,
         max_batch_prompts=settings.max_batch_prompts,

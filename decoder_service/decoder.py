@@ -60,6 +60,8 @@ DEFAULT_LOGITS_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_LOGITS_TTL_S = 600.0
 DEFAULT_MAX_PROMPTS = 64
 DEFAULT_MAX_POINTS = 64
+# 64 multimask prompts on a 1080p image (398 M); 400 MB of masks at once, within the pod.
+DEFAULT_MAX_MASK_PIXELS = 400_000_000
 DEFAULT_MAX_BATCH_PROMPTS = 64  # full-size masks of a batch are materialised at once
 DEFAULT_MAX_BATCH_REQUESTS = 32
 DEFAULT_MAX_QUEUE = 256
@@ -109,18 +111,26 @@ class _Job:
     prompts: list[Prompt]
 
 
+def mask_pixels(prompts: Sequence[Prompt], original_hw: tuple[int, int]) -> int:
+    """Full-size mask pixels a request produces: candidates (3 multimask, else 1) x H x W."""
+    candidates = sum(3 if prompt.multimask_output else 1 for prompt in prompts)
+    return candidates * int(original_hw[0]) * int(original_hw[1])
+
+
 class _BatchDecoder:
     """The batch function of the decode ``MicroBatcher`` (runs on its worker thread).
 
     A batch holds the requests that queued while the previous one ran, maybe for several
     embeddings: requests on one embedding are merged into ``decode_prompts`` calls of at most
-    ``max_batch_prompts`` prompts; with ``batching`` off, each request is its own call.
+    ``max_batch_prompts`` prompts and ``max_mask_pixels`` full-size mask pixels (the masks of
+    one call exist at once); with ``batching`` off, each request is its own call.
     """
 
     def __init__(self, model: Sam2Model, max_batch_prompts: int, batching: bool,
-                 stats: DecoderStats) -> None:
+                 stats: DecoderStats, max_mask_pixels: int) -> None:
         self._model = model
         self._max_batch_prompts = max_batch_prompts
+        self._max_mask_pixels = max_mask_pixels
         self._batching = batching
         self._stats = stats
 
@@ -137,14 +147,18 @@ class _BatchDecoder:
 
     def _chunks(self, indices: list[int], jobs: list[_Job]) -> list[list[int]]:
         chunks: list[list[int]] = []
-        total = 0
+        prompts = pixels = 0
         for index in indices:
-            size = len(jobs[index].prompts)
-            if not chunks or not self._batching or total + size > self._max_batch_prompts:
+            job = jobs[index]
+            size = len(job.prompts)
+            job_pixels = mask_pixels(job.prompts, job.embedding.original_hw)
+            if not chunks or not self._batching or prompts + size > self._max_batch_prompts \
+                    or pixels + job_pixels > self._max_mask_pixels:
                 chunks.append([])
-                total = 0
+                prompts = pixels = 0
             chunks[-1].append(index)
-            total += size
+            prompts += size
+            pixels += job_pixels
         return chunks
 
     def _run(self, jobs: list[_Job]) -> list[list[Sam2BatchedPrediction] | Exception]:
@@ -186,6 +200,8 @@ class Decoder:
         logits_ttl_s (float): how long logits handles stay resolvable.
         max_prompts (int): most prompts per request.
         max_points (int): most points per prompt.
+        max_mask_pixels (int): most full-size mask pixels (candidates x H x W) one request,
+            and one merged decoder call, may produce; they exist at once (1 byte each).
         max_pixels (int): largest attached image (H * W).
         batching (bool): merge concurrent requests' prompts on one embedding into one call.
         max_batch_prompts (int): most prompts in one merged call.
@@ -206,6 +222,7 @@ class Decoder:
         logits_ttl_s: float = DEFAULT_LOGITS_TTL_S,
         max_prompts: int = DEFAULT_MAX_PROMPTS,
         max_points: int = DEFAULT_MAX_POINTS,
+        max_mask_pixels: int = DEFAULT_MAX_MASK_PIXELS,
         max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         batching: bool = True,
         max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS,
@@ -222,6 +239,7 @@ class Decoder:
         self.logits_ttl_s = logits_ttl_s
         self.max_prompts = max_prompts
         self.max_points = max_points
+        self.max_mask_pixels = max_mask_pixels
         self.max_pixels = max_pixels
         self.stats = DecoderStats()
         self.hot_cache: LruCache[str, ImageEmbedding] = LruCache(
@@ -233,7 +251,7 @@ class Decoder:
         )
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
         self._batcher: MicroBatcher[_Job, list[Sam2BatchedPrediction]] = MicroBatcher(
-            _BatchDecoder(model, max_batch_prompts, batching, self.stats),
+            _BatchDecoder(model, max_batch_prompts, batching, self.stats, max_mask_pixels),
             max_batch_size=max_batch_requests if batching else 1,
             max_wait_s=batch_wait_s,
             max_queue=max_queue,
@@ -263,6 +281,19 @@ class Decoder:
             raise InvalidInputError(
                 f"{count} prompts in one request; the limit is {self.max_prompts}: split the "
                 "request", limit=str(self.max_prompts),
+            )
+
+    def check_mask_pixels(self, prompts: Sequence[Prompt], original_hw: tuple[int, int]) -> None:
+        """Refuse a request whose masks would not fit the bound, before any is made."""
+        pixels = mask_pixels(prompts, original_hw)
+        if pixels > self.max_mask_pixels:
+            candidates = pixels // (int(original_hw[0]) * int(original_hw[1]))
+            raise InvalidInputError(
+                f"{len(prompts)} prompts with {candidates} mask candidates on a "
+                f"{original_hw[1]}x{original_hw[0]} image make {pixels:,} mask pixels; the "
+                f"limit is {self.max_mask_pixels:,}: send fewer prompts per request, or "
+                "multimask_output=false", mask_pixels=str(pixels),
+                limit=str(self.max_mask_pixels),
             )
 
     async def segment(
@@ -300,6 +331,7 @@ class Decoder:
                 )
             embedding_id = image_id
         embedding = await self.embedding(embedding_id, image)
+        self.check_mask_pixels(prompts, embedding.original_hw)
         for index, prompt in enumerate(prompts):
             _validate(index, prompt, embedding.original_hw)
         predictions = await self._batcher.submit(_Job(embedding, list(prompts)))
