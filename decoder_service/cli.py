@@ -90,7 +90,7 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     from sam2_shared.store import open_store
 
     metrics = metrics if metrics is not None else Sam2Metrics()
-    store = open_store(settings.store)
+    store = open_store(settings.store, max_image_pixels=settings.max_image_pixels)
     metrics.watch_store(store)
     servicer = DecoderServicer()
     tracking_servicer = TrackingServicer()

@@ -47,7 +47,8 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
     from sam2_shared.store import open_store
 
     metrics = metrics if metrics is not None else Sam2Metrics()
-    store = open_store(settings.store, storage_dtype=settings.store_dtype)  # type: ignore[arg-type]
+    store = open_store(settings.store, storage_dtype=settings.store_dtype,  # type: ignore[arg-type]
+                       max_image_pixels=settings.max_image_pixels)
     metrics.watch_store(store)
     servicer = EncoderServicer()
     auth = auth_interceptor(settings.api_keys_file)

@@ -115,6 +115,7 @@ def open_store(
     *,
     storage_dtype: StorageDtype = "float16",
     embedding_ttl_s: float | None = None,
+    max_image_pixels: int | None = None,
 ) -> EmbeddingStore:
     """An ``EmbeddingStore`` on the backend named by ``url``.
 
@@ -122,7 +123,10 @@ def open_store(
         url (str): backend URL (see the module docstring).
         storage_dtype (str): dtype new embeddings are written in.
         embedding_ttl_s (float | None): time to live of new embeddings (None: until evicted).
+        max_image_pixels (int | None): largest image size (H * W) an entry may claim; a
+            larger one is read as corrupt (its masks are never allocated).
     """
     return EmbeddingStore(
-        open_blob_store(url), storage_dtype=storage_dtype, embedding_ttl_s=embedding_ttl_s
+        open_blob_store(url), storage_dtype=storage_dtype, embedding_ttl_s=embedding_ttl_s,
+        max_image_pixels=max_image_pixels,
     )

@@ -169,6 +169,9 @@ class EmbeddingStore:
             "bfloat16"); entries of any dtype are read.
         embedding_ttl_s (float | None): time to live of new embeddings; None keeps them until
             the backend evicts them.
+        max_image_pixels (int | None): largest image (H * W) an embedding or a tracking
+            session may claim; sizes read back are data like any other, so a larger one is a
+            corrupt entry (counted, a miss, kept for a deployment with a higher limit).
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class EmbeddingStore:
         *,
         storage_dtype: codec.StorageDtype = "float16",
         embedding_ttl_s: float | None = None,
+        max_image_pixels: int | None = None,
     ) -> None:
         if storage_dtype not in codec.STORAGE_DTYPES:
             raise ValueError(
@@ -185,6 +189,7 @@ class EmbeddingStore:
         self.blobs = blobs
         self.storage_dtype = storage_dtype
         self.embedding_ttl_s = embedding_ttl_s
+        self.max_image_pixels = max_image_pixels
         self.stats = StoreStats()
 
     @property
@@ -284,8 +289,25 @@ class EmbeddingStore:
             exc = CorruptEntryError(f"entry is for model {embedding.model_id!r}, not {model_id!r}")
             self._discard_corrupt("embedding", key, exc, started, len(data), delete=False)
             return None
+        try:
+            self.check_image_size(embedding.original_hw, "embedding")
+        except CorruptEntryError as exc:
+            self._discard_corrupt("embedding", key, exc, started, len(data), delete=False)
+            return None
         self._record("get", "embedding", "hit", started, len(data))
         return embedding, data
+
+    def check_image_size(self, hw: Any, what: str) -> None:
+        """Raise ``CorruptEntryError`` unless ``hw`` is a size this store accepts."""
+        try:
+            height, width = (int(v) for v in hw)
+        except (TypeError, ValueError):
+            raise CorruptEntryError(f"{what} has no valid image size: {hw!r}") from None
+        if height <= 0 or width <= 0 or (
+                self.max_image_pixels is not None and height * width > self.max_image_pixels):
+            raise CorruptEntryError(
+                f"{what} claims a {width}x{height} image, over the limit of "
+                f"{self.max_image_pixels} pixels")
 
     def put_embedding(self, embedding: ImageEmbedding, *, ttl_s: float | None = None) -> bool:
         """Store ``embedding`` under its id; return True if it was already there."""
@@ -338,6 +360,7 @@ class EmbeddingStore:
         """
         embedding = codec.decode_embedding(data, expected_model_id=expected_model_id,
                                            keep_storage_dtype=True)
+        self.check_image_size(embedding.original_hw, "the upload")
         metadata = codec.read_metadata(data)
         digest = hashlib.sha256()
         for part in (embedding.model_id, str(list(embedding.original_hw)),
@@ -408,7 +431,18 @@ class EmbeddingStore:
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
         """The verified session (state, tensors, tracking metadata), or None on a miss; a
         damaged entry is counted, logged, deleted and reported as a miss."""
-        return self._get_verified("session", self.session_key(session_id), codec.decode_session)
+        def decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+            state, tensors, tracking = codec.decode_session(data)
+            try:
+                hw = state["video_hw"]
+                if list(hw) != list(tracking["video_hw"]):
+                    raise CorruptEntryError("session and tracking metadata disagree on the size")
+            except (KeyError, TypeError) as exc:
+                raise CorruptEntryError(f"session entry has no video size: {exc!r}") from None
+            self.check_image_size(hw, "tracking session")
+            return state, tensors, tracking
+
+        return self._get_verified("session", self.session_key(session_id), decode)
 
     def delete_session(self, session_id: str) -> None:
         self.blobs.delete(self.session_key(session_id))

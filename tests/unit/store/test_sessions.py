@@ -52,3 +52,16 @@ def test_an_embedding_entry_is_not_a_session() -> None:
     store = open_store("memory://")
     store.blobs.put(store.session_key("s3"), entry)
     assert store.get_session("s3") is None and store.stats.corrupt == 1
+
+
+def test_sizes_read_back_are_checked_against_the_limit() -> None:
+    store = open_store("memory://", max_image_pixels=10)  # the session claims 4x5 = 20
+    store.put_session("s4", STATE, tensors(), TRACKING, revision=1, ttl_s=60)
+    assert store.get_session("s4") is None and store.stats.corrupt == 1
+    roomy = open_store("memory://", max_image_pixels=20)
+    roomy.put_session("s5", STATE, tensors(), TRACKING, revision=1, ttl_s=60)
+    assert roomy.get_session("s5") is not None
+    lying = open_store("memory://")
+    lying.put_session("s6", STATE, tensors(), {**TRACKING, "video_hw": [400, 500]}, revision=1,
+                      ttl_s=60)
+    assert lying.get_session("s6") is None  # the two sizes disagree
