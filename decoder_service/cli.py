@@ -149,8 +149,8 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
 
 
 def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) -> Any:
-    """Build the ``Decoder`` (imported here: torch loads in the worker thread)."""
-    from decoder_service.decoder import Decoder
+    """Build the ``Segmenter`` (imported here: torch loads in the worker thread)."""
+    from decoder_service.segmenter import Segmenter
     from sam2_shared.inference.sam2_model import Sam2Model, resolve_device_and_precision
 
     device, precision = resolve_device_and_precision(settings.device, settings.precision,
@@ -159,7 +159,7 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
         settings.model, settings.checkpoint, device=device, parts="decoder",
         precision=precision, max_pixels=settings.max_image_pixels,
     )
-    return Decoder(
+    return Segmenter(
         model,
         store,
         hot_cache_bytes=int(settings.hot_cache_mb * MIB),

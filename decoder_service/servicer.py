@@ -1,4 +1,4 @@
-"""``sam2.v1.DecoderService`` over ``grpc.aio``: translates protos to ``Decoder`` calls and back.
+"""``sam2.v1.DecoderService`` over ``grpc.aio``: translates protos to ``Segmenter`` calls and back.
 
 No model code here. Errors are raised as domain exceptions and mapped to rich status by the
 shared interceptor (``sam2_shared.wire.status``); ``SegmentStream`` instead answers a failing
@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from decoder_service.decoder import Decoder, ImageInput
+from decoder_service.segmenter import ImageInput, Segmenter
 from sam2_shared import wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
 from sam2_shared.errors import NotReadyError
@@ -29,7 +29,7 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_na
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     """Serves ``decoder`` once it is set (the model loads after the server starts)."""
 
-    def __init__(self, decoder: Decoder | None = None) -> None:
+    def __init__(self, decoder: Segmenter | None = None) -> None:
         self.decoder = decoder
         self.metrics: DecoderMetrics | None = None  # set by the CLI when metrics are on
 
@@ -94,7 +94,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             results=results,
         )
 
-    def _ready(self) -> Decoder:
+    def _ready(self) -> Segmenter:
         if self.decoder is None:
             raise NotReadyError("the decoder is still loading its model; retry shortly")
         return self.decoder

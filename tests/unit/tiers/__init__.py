@@ -1,1 +1,2 @@
-"""Tier logic without gRPC (encoder_service.encoder, decoder_service.decoder) on the tiny model."""
+"""Tier logic without gRPC (encoder_service.encoder, decoder_service.segmenter) on the
+tiny model."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decoder_service.decoder import Decoder, DecoderStats, _BatchDecoder, _Job, mask_pixels
+from decoder_service.segmenter import DecoderStats, Segmenter, _BatchDecoder, _Job, mask_pixels
 from sam2_shared.errors import InvalidInputError
 from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Prompt
@@ -41,7 +41,7 @@ def test_request_over_the_bound_is_refused_before_decoding(model: Sam2Model) -> 
         [embedding] = model.embed_images(synthetic_rgb(*HW, seed=1), input_color_format="rgb")
         store.put_embedding(embedding)
         limit = 4 * 3 * HW[0] * HW[1]  # four multimask prompts
-        decoder = Decoder(model, store, max_mask_pixels=limit)
+        decoder = Segmenter(model, store, max_mask_pixels=limit)
         try:
             ok = await decoder.segment(boxes(4), embedding_id=embedding.embedding_id)
             assert len(ok.predictions) == 4

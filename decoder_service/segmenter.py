@@ -1,5 +1,6 @@
-"""The decoder tier's logic: embeddings from the tiers of caches, batched prompt decoding,
-logits handles. Plain asyncio + torch through ``Sam2Model``; no grpc here.
+"""The decoder tier's logic, ``Segmenter`` (the tier is "the decoder", the network half
+``Sam2DecoderPart``): embeddings from the tiers of caches, batched prompt decoding, logits
+handles. Plain asyncio + torch through ``Sam2Model``; no grpc here.
 
 Embedding lookup, fastest first:
     1. the hot tier, a bytes-bounded in-process LRU of decoded embeddings;
@@ -189,7 +190,7 @@ class _BatchDecoder:
         return outcomes
 
 
-class Decoder:
+class Segmenter:
     """Segments stored embeddings with prompts, for the decoder tier.
 
     Arguments:
@@ -500,7 +501,7 @@ def _validate(index: int, prompt: Prompt, original_hw: tuple[int, int]) -> None:
 
 
 __all__ = [
-    "Decoder",
+    "Segmenter",
     "EmbeddingRef",
     "EncoderClient",
     "ImageInput",
