@@ -454,7 +454,8 @@ class Segmenter:
         check_id_namespace(handle, namespace, what="logits")
         token, _, candidate = handle.rpartition(".")
         logits = None
-        if token and candidate.isdigit():
+        # ASCII digits only: "²".isdigit() is True, and int() of it raises.
+        if token and candidate.isascii() and candidate.isdigit() and len(candidate) <= 3:
             cached = self.logits_cache.get(token)
             if cached is not None and cached[0] > time.monotonic():
                 logits = cached[1]

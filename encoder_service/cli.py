@@ -39,6 +39,9 @@ class EncoderSettings(TierSettings):
     max_wait_ms: float = setting(10.0, "longest an image waits for its batch to fill",
                                  minimum=0)
     max_queue: int = setting(64, "most images waiting; beyond, RESOURCE_EXHAUSTED", minimum=1)
+    max_images_per_request: int = setting(
+        32, "most images in one EmbedImages request (checked before any is decoded)",
+        minimum=1)
 
 
 async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -> None:
@@ -50,7 +53,7 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
     store = open_store(settings.store, storage_dtype=settings.store_dtype,  # type: ignore[arg-type]
                        max_image_pixels=settings.max_image_pixels)
     metrics.watch_store(store)
-    servicer = EncoderServicer()
+    servicer = EncoderServicer(max_images_per_request=settings.max_images_per_request)
     auth = auth_interceptor(settings.api_keys_file)
     metrics.watch_auth(auth)
     server, port = build_server(

@@ -17,6 +17,7 @@ from sam2_shared import wire
 from sam2_shared.api.v1 import encoder_pb2, encoder_pb2_grpc
 from sam2_shared.errors import InvalidInputError, NotReadyError
 from sam2_shared.serving.auth import current_namespace
+from sam2_shared.store import codec
 from sam2_shared.wire.status import to_rpc_status
 
 if TYPE_CHECKING:
@@ -28,7 +29,11 @@ SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["EncoderService"].full_na
 DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_BYTES = 64 << 10
 MAX_CHUNK_BYTES = 4 << 20
-MAX_IMPORT_BYTES = 256 << 20  # far above a float32 embedding (~21 MiB)
+# One float32 embedding entry with the most metadata a valid one may carry (~16.1 MiB).
+MAX_IMPORT_BYTES = codec.MAX_EMBEDDING_ENTRY_NBYTES
+DEFAULT_MAX_IMAGES_PER_REQUEST = 32
+# Images of one request decoded at a time: one request cannot take every worker thread.
+DECODES_PER_REQUEST = 4
 
 
 def _embedding_proto(info: EmbeddingRef):
@@ -39,8 +44,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
     """Serves an ``Encoder``; until ``encoder`` is set (model loading), RPCs get UNAVAILABLE."""
 
     def __init__(self, encoder: Encoder | None = None,
-                 metrics: EncoderMetrics | None = None) -> None:
+                 metrics: EncoderMetrics | None = None,
+                 max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST) -> None:
         self.encoder = encoder
+        self.max_images_per_request = max_images_per_request
         self.metrics = metrics  # per-image outcomes; None in tests that need no metrics
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -56,11 +63,21 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         encoder.check_model(request.model_id)
         if not request.images:
             raise InvalidInputError("no images: send at least one image")
-        outcomes = await asyncio.gather(
-            *(self._embed_one(encoder, image, current_namespace(), request.video_frame)
-              for image in request.images),
-            return_exceptions=True,
-        )
+        if len(request.images) > self.max_images_per_request:
+            raise InvalidInputError(
+                f"{len(request.images)} images in one request; the limit is "
+                f"{self.max_images_per_request}: split the request",
+                images=str(len(request.images)), limit=str(self.max_images_per_request),
+            )
+        turns = asyncio.Semaphore(DECODES_PER_REQUEST)
+
+        async def one(image) -> tuple[EmbeddingRef, bool]:  # noqa: ANN001
+            async with turns:
+                return await self._embed_one(encoder, image, current_namespace(),
+                                             request.video_frame)
+
+        outcomes = await asyncio.gather(*(one(image) for image in request.images),
+                                        return_exceptions=True)
         if self.metrics is not None:
             self.metrics.observe_images(outcomes)
         return encoder_pb2.EmbedImagesResponse(results=[_result(o) for o in outcomes])

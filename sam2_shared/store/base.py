@@ -421,7 +421,7 @@ class EmbeddingStore:
         if data is None:
             return None
         text = data.decode("ascii", "replace")
-        if not (0 < len(text) <= 20 and text.isdigit()):
+        if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
             logger.warning("corrupt session revision %s in %s: %r", key, self.url, data[:32])
             return None
         return int(text)

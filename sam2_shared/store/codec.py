@@ -78,6 +78,11 @@ EMBEDDING_SHAPES: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("high_res_feats_1", (1, 64, 128, 128)),
 )
 LOGITS_HW = (256, 256)
+# The largest entry an embedding can be: float32 tensors, the header and the metadata limit.
+MAX_EMBEDDING_ENTRY_NBYTES = (
+    HEADER.size + MAX_METADATA_NBYTES
+    + sum(int(np.prod(shape)) for _, shape in EMBEDDING_SHAPES) * 4
+)
 
 
 def _tensor_bytes(tensor: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -175,8 +180,8 @@ def read_metadata(data: bytes | bytearray | memoryview,
         raise CorruptEntryError("metadata checksum mismatch")
     try:
         metadata = json.loads(bytes(meta_bytes))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise CorruptEntryError(f"metadata is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSON, Unicode errors; absurd nesting
+        raise CorruptEntryError(f"metadata is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(metadata, dict) or metadata.get("format_version") != version:
         raise CorruptEntryError("metadata format version disagrees with the header")
     metadata["_payload_offset"] = HEADER.size + meta_nbytes

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from decoder_service.segmenter import DecoderStats, Segmenter, _BatchDecoder, _Job, mask_pixels
-from sam2_shared.errors import InvalidInputError
+from sam2_shared.errors import InvalidInputError, LogitsNotFoundError
 from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.prompts import Prompt
 from sam2_shared.store import open_store
@@ -82,3 +82,16 @@ def test_merged_decodes_respect_the_bound(model: Sam2Model) -> None:
     outcomes = batch(jobs)
     assert all(isinstance(o, list) and len(o) == 1 for o in outcomes)
     assert calls == [2, 2, 1]  # never more than two jobs' masks at once
+
+
+@pytest.mark.parametrize("handle", ["tok.²", "tok.٣", "tok.99999999999999999999", "tok.", ".1"])
+def test_odd_logits_handles_are_not_found(model: Sam2Model, handle: str) -> None:
+    async def main() -> None:
+        segmenter = Segmenter(model, open_store("memory://"))
+        try:
+            with pytest.raises(LogitsNotFoundError):
+                segmenter.resolve_logits(handle)
+        finally:
+            await segmenter.close()
+
+    asyncio.run(main())

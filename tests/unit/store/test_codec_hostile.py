@@ -1,0 +1,49 @@
+"""Entries written by someone else are parsed without ever escaping as INTERNAL: absurdly
+nested metadata and non-ASCII digits are corrupt entries, and the largest valid embedding
+entry fits the import limit exactly."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+
+from sam2_shared.embedding import ImageEmbedding
+from sam2_shared.errors import CorruptEntryError
+from sam2_shared.store import codec, open_store
+
+
+def entry_with_metadata(meta: bytes) -> bytes:
+    header = codec.HEADER.pack(codec.MAGIC, codec.FORMAT_VERSION, 0, len(meta), zlib.crc32(meta))
+    return header + meta
+
+
+def test_deeply_nested_metadata_is_corrupt_not_a_crash() -> None:
+    nested = b"[" * 30_000 + b"]" * 30_000  # within the 64 KiB limit, beyond recursion
+    with pytest.raises(CorruptEntryError, match="RecursionError"):
+        codec.read_metadata(entry_with_metadata(nested))
+
+
+def test_non_json_and_wrong_types_are_corrupt() -> None:
+    for meta in (b"\xff\xfe", b"[]", json.dumps({"format_version": "1"}).encode()):
+        with pytest.raises(CorruptEntryError):
+            codec.read_metadata(entry_with_metadata(meta))
+    with pytest.raises(CorruptEntryError):
+        codec.read_metadata(struct.pack("<8s", b"SAM2BLOB"))  # shorter than the header
+
+
+def test_a_revision_of_unicode_digits_is_no_revision() -> None:
+    store = open_store("memory://")
+    store.blobs.put("session-rev/s", "²".encode())
+    assert store.session_revision("s") is None
+
+
+def test_the_largest_valid_embedding_fits_the_import_limit() -> None:
+    tensors = [torch.zeros(shape) for _, shape in codec.EMBEDDING_SHAPES]
+    fp32 = ImageEmbedding(tensors[0], (tensors[1], tensors[2]), (4000, 3000),
+                          "sam2.1/hiera_b_plus", "ab" * 32)
+    assert len(codec.encode_embedding(fp32, "float32")) <= codec.MAX_EMBEDDING_ENTRY_NBYTES
+    assert codec.MAX_EMBEDDING_ENTRY_NBYTES < 17 << 20
