@@ -94,10 +94,15 @@ class BlobStore(ABC):
         """Release connections or files."""
 
     def unavailable(self, action: str, exc: BaseException) -> StoreUnavailableError:
-        """The error to raise when ``action`` failed because of ``exc``."""
+        """The error to raise when ``action`` failed because of ``exc``.
+
+        Callers see what they can act on; the store's address and the driver's message go
+        to the log only (they can name hosts, users and paths).
+        """
+        logger.warning("store %s: %s failed: %s: %s", self.url, action, type(exc).__name__, exc)
         return StoreUnavailableError(
-            f"store {self.url} is unavailable: {action} failed: {type(exc).__name__}: {exc}",
-            store_url=self.url,
+            "the shared embedding store is unavailable right now; retry shortly (the "
+            "operator's log has the details)"
         )
 
 

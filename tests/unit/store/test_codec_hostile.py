@@ -47,3 +47,13 @@ def test_the_largest_valid_embedding_fits_the_import_limit() -> None:
                           "sam2.1/hiera_b_plus", "ab" * 32)
     assert len(codec.encode_embedding(fp32, "float32")) <= codec.MAX_EMBEDDING_ENTRY_NBYTES
     assert codec.MAX_EMBEDDING_ENTRY_NBYTES < 17 << 20
+
+
+def test_store_errors_name_no_host_url_or_driver_message() -> None:
+    store = open_store("memory://")
+    error = store.blobs.unavailable(
+        "get emb/x", ConnectionRefusedError("redis://admin:pw@10.1.2.3:6379 refused"))
+    text = str(error) + repr(error.metadata)
+    assert "retry shortly" in text and error.reason == "STORE_UNAVAILABLE"
+    for secret in ("10.1.2.3", "admin", "memory://", "ConnectionRefusedError", "emb/x"):
+        assert secret not in text
