@@ -31,6 +31,7 @@ from sam2_shared.errors import (
     CorruptEntryError,
     EmbeddingNotFoundError,
     InvalidInputError,
+    SessionBusyError,
     SessionNotFoundError,
     UnknownModelError,
 )
@@ -40,6 +41,7 @@ from sam2_shared.store import EmbeddingStore
 logger = logging.getLogger(__name__)
 
 MAX_FRAMES = 100_000
+MAX_OBJECTS = 64  # objects per session: each holds ~5.5 MiB of state
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Tracker:
         max_live_sessions: most sessions kept in memory (least recently used leave first;
             they stay in the store).
         frame_cache_size: frame embeddings kept in memory per session (16 MiB each).
+        max_objects: most objects one session tracks.
     """
 
     def __init__(
@@ -109,12 +112,14 @@ class Tracker:
         session_ttl_s: float = 1800.0,
         max_live_sessions: int = 16,
         frame_cache_size: int = 2,
+        max_objects: int = MAX_OBJECTS,
     ) -> None:
         self.model = model
         self.store = store
         self.session_ttl_s = float(session_ttl_s)
         self.max_live_sessions = max(1, int(max_live_sessions))
         self.frame_cache_size = max(1, int(frame_cache_size))
+        self.max_objects = max(1, int(max_objects))
         self._live: OrderedDict[str, _LiveSession] = OrderedDict()
         self._guard = threading.Lock()  # protects _live
         self.sessions_loaded = 0  # sessions continued from the store (moved or evicted)
@@ -177,6 +182,11 @@ class Tracker:
                                     reason="EMPTY_PROMPT")
         live = self._acquire(session_id, namespace)
         try:
+            known = live.session.obj_ids
+            if obj_id not in known and len(known) >= self.max_objects:
+                raise InvalidInputError(
+                    f"session {session_id!r} already tracks {len(known)} objects, the most "
+                    f"allowed; remove one first", limit=str(self.max_objects))
             if mask is not None:
                 result = live.session.add_mask(frame_idx, obj_id, mask)
             else:
@@ -253,7 +263,12 @@ class Tracker:
         if live is None or live.revision != revision:
             live = self._load(session_id)
             self._remember(live)
-        live.lock.acquire()
+        # Never wait for another caller: a propagation holds the session for its whole run,
+        # and a blocked worker thread per waiting call would hang the tier.
+        if not live.lock.acquire(blocking=False):
+            raise SessionBusyError(
+                f"tracking session {session_id!r} is busy (a propagation is running); cancel "
+                "it or wait for it to finish, then retry", session_id=session_id)
         live.last_used = time.monotonic()
         return live
 

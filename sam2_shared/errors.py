@@ -81,3 +81,9 @@ class SessionNotFoundError(EmbeddingNotFoundError):
     """Unknown, closed or expired tracking session (NOT_FOUND)."""
 
     reason = "SESSION_NOT_FOUND"
+
+
+class SessionBusyError(Sam2Error):
+    """The tracking session is in use by another call (a propagation): ABORTED, at once."""
+
+    reason = "SESSION_BUSY"

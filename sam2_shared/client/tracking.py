@@ -3,7 +3,8 @@ tier with video preprocessing, sessions in the decoder tier's ``sam2.v1.Tracking
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 from sam2_shared import wire
 from sam2_shared.api.v1 import encoder_pb2, tracking_pb2, tracking_pb2_grpc
 from sam2_shared.client import Sam2Client
+from sam2_shared.errors import SessionBusyError
 from sam2_shared.wire.status import error_from_rpc_error, error_from_status
 from sam2_shared.wire.tracking import (
     TrackedFrame,
@@ -30,21 +32,39 @@ class TrackingSession:
     video_hw: tuple[int, int]
 
 
+# A busy session (a propagation still finishing its frame, e.g. right after a cancel) answers
+# at once with ABORTED SESSION_BUSY; the client asks again, every BUSY_RETRY_S, within its
+# deadline. Nothing was applied by a refused call, so asking again is safe.
+BUSY_RETRY_S = 0.1
+
+
 class PropagationStream:
     """Iterator over ``Propagate``'s frames; ``cancel()`` (or leaving the iteration early
     through ``close()`` / a ``with`` block) cancels the call, and the server stops."""
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, start: Callable[[], Any], deadline: float) -> None:
+        self._start = start
+        self._deadline = deadline
+        self._call = start()
+        self._started = False
 
     def __iter__(self) -> PropagationStream:
         return self
 
     def __next__(self) -> TrackedFrame:
-        try:
-            return tracked_frame_from_proto(next(self._call).frame)
-        except grpc.RpcError as exc:
-            raise error_from_rpc_error(exc) from None
+        while True:
+            try:
+                message = next(self._call)
+            except grpc.RpcError as exc:
+                error = error_from_rpc_error(exc)
+                if not self._started and isinstance(error, SessionBusyError) \
+                        and time.monotonic() + BUSY_RETRY_S < self._deadline:
+                    time.sleep(BUSY_RETRY_S)
+                    self._call = self._start()
+                    continue
+                raise error from None
+            self._started = True
+            return tracked_frame_from_proto(message.frame)
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -75,10 +95,20 @@ class Sam2TrackingClient(Sam2Client):
         self._tracking = tracking_pb2_grpc.TrackingServiceStub(self._channels[-1])
 
     def _once(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise error_from_rpc_error(exc) from None
+        """A session call: not retried on transport errors (it could apply twice), but asked
+        again while the session is busy (a refused call applied nothing)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return method(request, timeout=max(0.001, deadline - time.monotonic()),
+                              metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = error_from_rpc_error(exc)
+                if isinstance(error, SessionBusyError) \
+                        and time.monotonic() + BUSY_RETRY_S < deadline:
+                    time.sleep(BUSY_RETRY_S)
+                    continue
+                raise error from None
 
     def embed_frames(self, frames: Sequence[np.ndarray], frames_per_call: int = 4) -> list[str]:
         """Embed HxWx3 uint8 RGB frames as video frames; returns their embedding ids in
@@ -141,8 +171,14 @@ class Sam2TrackingClient(Sam2Client):
             request.start_frame_index = int(start_frame_index)
         if max_frames is not None:
             request.max_frames = int(max_frames)
-        call = self._tracking.Propagate(request, timeout=self.timeout_s, metadata=self._metadata)
-        return PropagationStream(call)
+        deadline = time.monotonic() + self.timeout_s
+
+        def start() -> Any:
+            return self._tracking.Propagate(
+                request, timeout=max(0.001, deadline - time.monotonic()),
+                metadata=self._metadata)
+
+        return PropagationStream(start, deadline)
 
     def remove_object(self, session_id: str, object_id: int) -> list[int]:
         """Drop an object; returns the remaining object ids."""

@@ -32,6 +32,7 @@ from sam2_shared.errors import (
     NotReadyError,
     ResourceExhaustedError,
     Sam2Error,
+    SessionBusyError,
     SessionNotFoundError,
     StoreUnavailableError,
     UnauthenticatedError,
@@ -60,6 +61,7 @@ _TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (InvalidInputError, _Mapping(grpc.StatusCode.INVALID_ARGUMENT, True)),  # + UnknownModel
     (EmbeddingNotFoundError, _Mapping(grpc.StatusCode.NOT_FOUND, True)),  # + Logits, Session
     (UnauthenticatedError, _Mapping(grpc.StatusCode.UNAUTHENTICATED, True)),
+    (SessionBusyError, _Mapping(grpc.StatusCode.ABORTED, True)),
     (ResourceExhaustedError, _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, True, True)),
     (NotReadyError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
     (StoreUnavailableError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
@@ -81,6 +83,7 @@ _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
         EmbeddingNotFoundError,
         LogitsNotFoundError,
         SessionNotFoundError,
+        SessionBusyError,
         UnauthenticatedError,
         ResourceExhaustedError,
         NotReadyError,

@@ -1,0 +1,69 @@
+"""The tracker never makes a caller wait for a busy session (a propagation holds it for its
+whole run): a second call is refused at once with SESSION_BUSY, so worker threads cannot pile
+up behind one session; and a session tracks a bounded number of objects."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from decoder_service.tracking import Tracker
+from sam2_shared.errors import InvalidInputError, SessionBusyError
+from sam2_shared.inference.video import Sam2VideoModel
+from sam2_shared.store import open_store
+from tests.helpers.synthetic_images import synthetic_rgb
+
+
+@pytest.fixture(scope="module")
+def video(tiny_checkpoint: Path) -> tuple[Tracker, list[str]]:
+    """A tracker (at most 2 objects per session) and three stored frames."""
+    model = Sam2VideoModel.from_pretrained("sam2.1/hiera_tiny", tiny_checkpoint)
+    store = open_store("memory://")
+    frames = model.embed_frames([synthetic_rgb(64, 80, seed=s) for s in range(3)])
+    for embedding in frames:
+        store.put_embedding(embedding)
+    return Tracker(model, store, max_objects=2), [e.embedding_id for e in frames]
+
+
+def click(tracker: Tracker, session_id: str, obj_id: int) -> None:
+    tracker.add_prompt(session_id, 0, obj_id, points=np.array([[20.0, 20.0]]),
+                       labels=np.array([1]))
+
+
+def test_a_busy_session_answers_at_once(video: tuple[Tracker, list[str]]) -> None:
+    tracker, frame_ids = video
+    session_id, _, _ = tracker.start("sam2.1/hiera_tiny", frame_ids)
+    click(tracker, session_id, 1)
+    propagation = tracker.propagate(session_id)  # holds the session
+    outcome: list[BaseException | None] = []
+
+    def second_caller() -> None:
+        try:
+            click(tracker, session_id, 1)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=second_caller)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the second call waited for the busy session"
+    assert time.monotonic() - started < 2
+    assert isinstance(outcome[0], SessionBusyError) and outcome[0].reason == "SESSION_BUSY"
+    propagation.close()
+    click(tracker, session_id, 1)  # free again once the propagation is closed
+
+
+def test_objects_per_session_are_bounded(video: tuple[Tracker, list[str]]) -> None:
+    tracker, frame_ids = video
+    session_id, _, _ = tracker.start("sam2.1/hiera_tiny", frame_ids)
+    click(tracker, session_id, 1)
+    click(tracker, session_id, 2)
+    with pytest.raises(InvalidInputError, match="already tracks 2 objects"):
+        click(tracker, session_id, 3)
+    click(tracker, session_id, 2)  # a known object may always be prompted again
