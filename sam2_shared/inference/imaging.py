@@ -162,12 +162,38 @@ def _header_size(
         return None  # cv2 may still read it (or reject it below)
 
 
+# The encoded formats we decode, by signature. Anything else (Radiance HDR, OpenEXR, PFM...)
+# is refused before OpenCV sees it: some decode into gigabytes of float32 before any check.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def encoded_format(data: bytes | bytearray | memoryview) -> str | None:
+    """The allowed format ``data`` starts with (JPEG, PNG, WebP, TIFF, BMP), else None."""
+    head = bytes(data[:16])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
 def _decode_encoded(data: bytes | bytearray | memoryview, max_pixels: int) -> np.ndarray:
     if len(data) == 0:
         raise InvalidInputError(f"empty image bytes; {_ACCEPTED}")
+    if encoded_format(data) is None:
+        raise InvalidInputError(
+            f"could not decode {len(data)} bytes as an image: not JPEG, PNG, WebP, TIFF or BMP "
+            f"(by its first bytes); {_ACCEPTED}")
     size = _header_size(data, max_pixels)
-    if size is not None:
-        _check_pixel_count(size[1], size[0], max_pixels)
+    if size is None:  # never decode what we cannot size first
+        raise InvalidInputError(
+            f"could not decode {len(data)} bytes as an image: its header does not give its "
+            f"size (truncated or damaged?); {_ACCEPTED}")
+    _check_pixel_count(size[1], size[0], max_pixels)
     buffer = np.frombuffer(data, dtype=np.uint8)
     decoded = cv2.imdecode(buffer, _CV2_DECODE_FLAGS)
     if decoded is None or decoded.size == 0:

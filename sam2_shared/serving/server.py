@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -246,6 +247,9 @@ def run_tier(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("settings: %s", describe_settings(settings))
+    # OpenCV's own pixel limit as a second fence behind the header check (read by OpenCV at
+    # its first decode, so setting it here, before any, is enough).
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(settings.max_image_pixels))
     metrics = Sam2Metrics()
     if settings.metrics_port > 0:
         metrics.serve(settings.metrics_port, settings.host)

@@ -459,3 +459,27 @@ def test_fast_mask_upsampling_agrees_with_the_exact_path() -> None:
         assert np.abs(exact[flips]).max(initial=0.0) < 1e-3
     with pytest.raises(InvalidInputError):
         masks_from_low_res(np.zeros((3, 256, 256), np.float32), (10, 10))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 30000 +X 30000\n" + bytes(64),  # HDR
+        b"v/1\x01" + bytes(64),  # OpenEXR
+        b"PF\n30000 30000\n-1.0\n" + bytes(64),  # PFM
+        b"GIF89a" + bytes(64),
+    ],
+    ids=["radiance-hdr", "openexr", "pfm", "gif"],
+)
+def test_formats_outside_the_allow_list_are_refused_before_decoding(data: bytes) -> None:
+    with pytest.raises(InvalidInputError, match="not JPEG, PNG, WebP, TIFF or BMP") as refused:
+        decode_image(data, max_pixels=1_000_000)
+    assert refused.value.reason == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("extension", [".png", ".jpg", ".webp", ".tiff", ".bmp"])
+def test_the_allow_list_knows_every_accepted_format(extension: str) -> None:
+    from sam2_shared.inference.imaging import encoded_format
+
+    ok, data = cv2.imencode(extension, np.zeros((8, 8, 3), np.uint8))
+    assert ok and encoded_format(data.tobytes()) is not None
