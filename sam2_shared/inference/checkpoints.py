@@ -8,12 +8,15 @@ keys we load plus the video-memory keys we don't use here).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -56,6 +59,11 @@ def resolve_checkpoint(
     Order: an explicit ``checkpoint`` path; ``<cache_dir>/<official file name>``
     (default ``$SAM2_CHECKPOINT_DIR`` or ``~/.cache/sam2``); a download from Meta's
     published URL into the cache dir (when ``download`` and a network exist).
+
+    A downloaded file's SHA-256 is pinned next to it (``<file>.sha256``) and checked each
+    time the cached file is used, so a file changed or truncated on a shared volume is
+    refused instead of loaded. Processes sharing one cache dir (an encoder and a decoder
+    starting together) take turns: one downloads, the others wait and then use its file.
     """
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -65,6 +73,7 @@ def resolve_checkpoint(
     directory = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
     path = directory / config.checkpoint_filename
     if path.is_file():
+        _check_pinned_digest(path)
         return path
     where = (
         f"Download {config.checkpoint_url} and put it at {path}, set SAM2_CHECKPOINT_DIR to "
@@ -74,22 +83,78 @@ def resolve_checkpoint(
     if not download:
         raise CheckpointError(f"no checkpoint for {config.model_id}. {where}")
     try:
-        _download(config.checkpoint_url, path)
+        directory.mkdir(parents=True, exist_ok=True)
+        with _directory_lock(directory):
+            # Another process may have finished the download while this one waited.
+            if not path.is_file():
+                _download(config.checkpoint_url, path)
     except OSError as exc:
         raise CheckpointError(
             f"could not download the checkpoint for {config.model_id} ({exc}). {where}"
         ) from exc
+    _check_pinned_digest(path)
     return path
 
 
+def pinned_digest_path(path: Path) -> Path:
+    """Where the SHA-256 of a downloaded checkpoint is kept (hex, one line)."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_pinned_digest(path: Path) -> None:
+    """Refuse a cached download whose bytes no longer match the digest pinned at download."""
+    pin_path = pinned_digest_path(path)
+    if not pin_path.is_file():
+        return  # a file put there by hand: nothing was pinned for it
+    pinned = pin_path.read_text(encoding="ascii", errors="replace").strip().lower()
+    actual = _file_sha256(path)
+    if actual != pinned:
+        raise CheckpointError(
+            f"{path} changed since it was downloaded (sha256 {actual}, pinned {pinned} in "
+            f"{pin_path}); delete both files to download it again",
+            path=path,
+        )
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the cache directory itself (no lock file left behind).
+
+    The kernel drops it when the holder exits, so a crashed download never blocks others.
+    """
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
 def _download(url: str, path: Path, timeout_s: float = 30.0) -> None:
-    """Download to a temporary name, check it is a readable torch file, then rename."""
+    """Download to a unique temporary name, check it is a readable torch file, then rename.
+
+    The temporary name is unique per call, so two writers (even without the directory lock,
+    e.g. on a filesystem where ``flock`` is advisory only) never write into one file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".part")
+    descriptor, partial_name = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".part"
+    )
+    partial = Path(partial_name)
     log.info("downloading %s to %s", url, path)
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, os.fdopen(
+            descriptor, "wb"
+        ) as out:
             expected = int(response.headers.get("Content-Length") or 0)
             received = 0
             while chunk := response.read(1 << 20):
@@ -113,7 +178,10 @@ def _download(url: str, path: Path, timeout_s: float = 30.0) -> None:
     if bad is not None:
         partial.unlink(missing_ok=True)
         raise OSError(f"downloaded file is corrupt (bad CRC in {bad})")
-    partial.rename(path)
+    os.chmod(partial, 0o644)  # mkstemp makes it 0600; the other tier may run as another user
+    # Pin first, then publish: a reader that sees the checkpoint also sees its digest.
+    pinned_digest_path(path).write_text(digest.hexdigest() + "\n", encoding="ascii")
+    os.replace(partial, path)
     log.info("downloaded %s (%d bytes, sha256 %s)", path, received, digest.hexdigest())
 
 

@@ -7,9 +7,12 @@ no memory or time; the cases that go through ``Sam2Model.from_pretrained`` use r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -433,9 +436,74 @@ def test_download_writes_the_file_atomically(
     assert requested == [config.checkpoint_url]
     assert target.read_bytes() == body
     assert torch.equal(read_state_dict(target)["w"], weights)
-    assert os.listdir(cache_dir) == [config.checkpoint_filename]
+    pin = cache_dir / (config.checkpoint_filename + ".sha256")
+    assert sorted(os.listdir(cache_dir)) == [config.checkpoint_filename, pin.name]
+    assert pin.read_text().strip() == hashlib.sha256(body).hexdigest()
     partials = {name for names in seen_during_download for name in names}
     assert len(partials) == 1 and config.checkpoint_filename not in partials
+    assert all(name.endswith(".part") for name in partials)
+
+
+def test_processes_sharing_a_cache_dir_download_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An encoder and a decoder starting together on one volume: one downloads, the other
+    # waits for the directory lock and then uses the finished, verified file.
+    config = get_config(TINY)
+    body, weights = _small_torch_zip()
+    started = threading.Event()
+
+    def slow_read() -> None:
+        started.set()
+        time.sleep(0.05)
+
+    requested = _serve(monkeypatch, body, on_read=slow_read)
+    found: list[Path] = []
+    errors: list[BaseException] = []
+
+    def resolve() -> None:
+        try:
+            found.append(resolve_checkpoint(config, cache_dir=tmp_path, download=True))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    first = threading.Thread(target=resolve)
+    first.start()
+    assert started.wait(10)  # the first is mid-download when the second arrives
+    second = threading.Thread(target=resolve)
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert errors == []
+    assert requested == [config.checkpoint_url]
+    assert found == [tmp_path / config.checkpoint_filename] * 2
+    assert torch.equal(read_state_dict(found[0])["w"], weights)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_a_cached_download_that_changed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = get_config(TINY)
+    body, weights = _small_torch_zip()
+    _serve(monkeypatch, body)
+    path = resolve_checkpoint(config, cache_dir=tmp_path, download=True)
+    _forbid_network(monkeypatch)
+    assert resolve_checkpoint(config, cache_dir=tmp_path, download=True) == path  # unchanged
+    path.write_bytes(_flip_a_data_byte(body, weights))  # e.g. rewritten on a shared volume
+    with pytest.raises(CheckpointError) as caught:
+        resolve_checkpoint(config, cache_dir=tmp_path, download=True)
+    message = str(caught.value)
+    assert "changed since it was downloaded" in message and "delete both" in message
+    assert hashlib.sha256(body).hexdigest() in message
+
+
+def test_a_file_put_in_the_cache_by_hand_needs_no_pin(tiny_checkpoint: Path, tmp_path: Path
+                                                      ) -> None:
+    config = get_config(TINY)
+    shutil.copyfile(tiny_checkpoint, tmp_path / config.checkpoint_filename)
+    found = resolve_checkpoint(config, cache_dir=tmp_path, download=False)
+    assert found == tmp_path / config.checkpoint_filename
 
 
 def _flip_a_data_byte(body: bytes, weights: torch.Tensor) -> bytes:
