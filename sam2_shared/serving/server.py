@@ -278,10 +278,11 @@ def run_tier(
 
     Exit status: 0 after a clean stop, 2 when the model cannot be loaded (the message says
     where to put the checkpoint), 1 when the server cannot start (port in use, store
-    unreachable or its directory unsafe, no API keys on a non-loopback ``--host``).
+    unreachable or its directory unsafe, no API keys on a non-loopback ``--host``, an API
+    key file that is missing or holds a weak or placeholder key).
     """
     from sam2_shared.errors import CheckpointError, StoreUnavailableError
-    from sam2_shared.serving.auth import check_listener_auth
+    from sam2_shared.serving.auth import check_listener_auth, load_api_keys
     from sam2_shared.serving.metrics import Sam2Metrics
     from sam2_shared.serving.settings import describe_settings, load_settings
 
@@ -291,10 +292,12 @@ def run_tier(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("settings: %s", describe_settings(settings))
-    try:  # before any port opens
+    try:  # before any port opens or the model loads
         check_listener_auth(settings.host, settings.api_keys_file,
                             settings.allow_unauthenticated)
-    except ValueError as exc:
+        if settings.api_keys_file:
+            load_api_keys(settings.api_keys_file)  # a weak or placeholder key stops here
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
     # OpenCV's own pixel limit as a second fence behind the header check (read by OpenCV at

@@ -64,6 +64,18 @@ def test_the_tier_exits_before_opening_a_port(caplog: pytest.LogCaptureFixture,
     assert "--allow-unauthenticated" in caplog.text
 
 
+def test_a_placeholder_key_stops_the_tier_with_how_to_make_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("change-me-long-random-api-key\n")
+    monkeypatch.setattr(encoder_cli, "serve", lambda *_: pytest.fail("serve() was called"))
+    with caplog.at_level(logging.ERROR):
+        code = encoder_cli.main(["--api-keys-file", str(keys), "--port", "0",
+                                 "--metrics-port", "0"])
+    assert code == 1
+    assert "placeholder" in caplog.text and "secrets.token_urlsafe(32)" in caplog.text
+
+
 def test_allow_unauthenticated_has_an_env_twin() -> None:
     env = {"SAM2_ALLOW_UNAUTHENTICATED": "true"}
     assert load_settings(DecoderSettings, [], env=env).allow_unauthenticated is True
