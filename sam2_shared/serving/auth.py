@@ -23,13 +23,13 @@ API keys
     placeholder (``k8s/base/secret.yaml``'s, or one with a word like ``change-me``). Make one
     with ``python -c "import secrets; print(secrets.token_urlsafe(32))"``.
 
-Closed by default
-    Without keys a tier may listen only on a loopback address, unless
-    ``--allow-unauthenticated`` says so (``check_listener_auth``, run before the port opens).
-
     Health checking and server reflection stay open (probes, grpcurl). Anything else
     without a valid key gets ``UNAUTHENTICATED`` with ``ErrorInfo.reason`` ``API_KEY_MISSING``
     or ``API_KEY_INVALID``; ``AuthInterceptor.stats`` counts them for the metrics layer.
+
+Closed by default
+    Without keys a tier may listen only on a loopback address, unless
+    ``--allow-unauthenticated`` says so (``check_listener_auth``, run before the port opens).
 
 Tenancy
     A key may carry a namespace. Embedding ids and logits handles made for a namespaced
@@ -46,8 +46,8 @@ Tenancy
 Sessions per client
     ``max_streams_per_key`` bounds the concurrent streaming calls (``SegmentStream``
     sessions) of one key (of one client address, whatever its port and connection, when
-    auth is off); one more gets
-    ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a retry hint.
+    auth is off); one more gets ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a
+    retry hint.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ DEFAULT_RELOAD_INTERVAL_S = 5.0
 SESSION_RETRY_DELAY_S = 5.0
 
 MIN_KEY_LENGTH = 16
-# Estimated from character frequencies (a lower bound for random keys: 32 random hex digits
-# score about 115 bits, 22 of base64 about 120): refuses "aaaa...", "1234123412341234".
+# Estimated from character frequencies (random keys score well above: 32 hex digits about
+# 115 bits, token_urlsafe(32) about 208): refuses "aaaa...", "1234123412341234".
 MIN_KEY_BITS = 40.0
 # Shipped placeholders (k8s/base/secret.yaml) and words that mark one: refused as keys.
 PLACEHOLDER_KEYS = frozenset({"change-me-long-random-api-key"})
