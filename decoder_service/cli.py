@@ -65,8 +65,11 @@ class DecoderSettings(TierSettings):
     max_queue: int = setting(256, "most requests waiting; beyond, RESOURCE_EXHAUSTED",
                              minimum=1)
     max_sessions_per_key: int = setting(
-        16, "most concurrent SegmentStream sessions per API key (per peer without keys); "
-        "0: no limit", minimum=0)
+        16, "most concurrent SegmentStream sessions per API key (per client address without "
+        "keys); 0: no limit", minimum=0)
+    stream_idle_timeout_s: float = setting(
+        600.0, "a SegmentStream that sends no request for this long is ended "
+        "(DEADLINE_EXCEEDED, reason STREAM_IDLE); 0: never", minimum=0)
     encoder_api_key: str | None = setting(
         None, "API key for calls to the encoder when the caller sent none", secret=True)
     encoder_tls: bool = setting(False, "call the encoder over TLS (system roots unless "
@@ -92,7 +95,7 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     metrics = metrics if metrics is not None else Sam2Metrics()
     store = open_store(settings.store, max_image_pixels=settings.max_image_pixels)
     metrics.watch_store(store)
-    servicer = DecoderServicer()
+    servicer = DecoderServicer(stream_idle_timeout_s=settings.stream_idle_timeout_s)
     tracking_servicer = TrackingServicer()
     auth = auth_interceptor(settings.api_keys_file,
                             max_streams_per_key=settings.max_sessions_per_key)

@@ -2,7 +2,10 @@
 
 No model code here. Errors are raised as domain exceptions and mapped to rich status by the
 shared interceptor (``sam2_shared.wire.status``); ``SegmentStream`` instead answers a failing
-request with its ``google.rpc.Status`` and keeps the stream open, as the proto documents.
+request with its ``google.rpc.Status`` and keeps the stream open, as the proto documents;
+a stream that sends no request for ``stream_idle_timeout_s`` is ended with DEADLINE_EXCEEDED,
+reason STREAM_IDLE (an abandoned session must not hold a slot of the per-key and per-server
+limits forever).
 CPU-heavy conversions (logits handles, mask encoding) run in threads, off the event loop.
 """
 
@@ -18,7 +21,7 @@ import grpc
 from decoder_service.segmenter import ImageInput, Segmenter
 from sam2_shared import wire
 from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
-from sam2_shared.errors import NotReadyError
+from sam2_shared.errors import NotReadyError, StreamIdleError
 from sam2_shared.serving.auth import current_namespace
 from sam2_shared.serving.tier_metrics import DecoderMetrics
 from sam2_shared.wire.status import to_rpc_status
@@ -29,9 +32,11 @@ SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_na
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
     """Serves ``decoder`` once it is set (the model loads after the server starts)."""
 
-    def __init__(self, decoder: Segmenter | None = None) -> None:
+    def __init__(self, decoder: Segmenter | None = None, *,
+                 stream_idle_timeout_s: float = 0.0) -> None:
         self.decoder = decoder
         self.metrics: DecoderMetrics | None = None  # set by the CLI when metrics are on
+        self.stream_idle_timeout_s = stream_idle_timeout_s  # 0: streams may idle forever
 
     def register(self, server: grpc.aio.Server) -> None:
         decoder_pb2_grpc.add_DecoderServiceServicer_to_server(self, server)
@@ -47,7 +52,18 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[decoder_pb2.SegmentStreamResponse]:
         last_embedding_id = ""
-        async for message in request_iterator:
+        requests = aiter(request_iterator)
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(requests),
+                                                 self.stream_idle_timeout_s or None)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise StreamIdleError(
+                    f"no request on this stream for {self.stream_idle_timeout_s:g} s, so the "
+                    "server ended it; open a new stream to go on",
+                    idle_timeout_s=f"{self.stream_idle_timeout_s:g}") from None
             segment = message.segment
             if not segment.embedding_id and not segment.HasField("image"):
                 segment.embedding_id = last_embedding_id  # the session's image

@@ -77,6 +77,12 @@ class UnauthenticatedError(Sam2Error):
 
 
 
+class StreamIdleError(Sam2Error):
+    """A stream sent no request for too long; the server ended it (DEADLINE_EXCEEDED)."""
+
+    reason = "STREAM_IDLE"
+
+
 class SessionNotFoundError(EmbeddingNotFoundError):
     """Unknown, closed or expired tracking session (NOT_FOUND)."""
 

@@ -13,11 +13,23 @@ API keys
 
     The key set is reloaded when the file's (or the directory's) modification time
     changes, checked at most every ``reload_interval_s``; Kubernetes updates a mounted
-    Secret by swapping a ``..data`` symlink, which changes the directory's mtime.
+    Secret by swapping a ``..data`` symlink, which changes the directory's mtime. A file that
+    is emptied, deleted or unreadable revokes every key (each call gets UNAUTHENTICATED)
+    until it holds valid keys again: removing keys never leaves old ones working, nor turns
+    authentication off.
+
+    Keys must look random: at least ``MIN_KEY_LENGTH`` characters, at least
+    ``MIN_KEY_BITS`` bits by their character frequencies (``aaaa...`` is refused), and not a
+    placeholder (``k8s/base/secret.yaml``'s, or one with a word like ``change-me``). Make one
+    with ``python -c "import secrets; print(secrets.token_urlsafe(32))"``.
 
     Health checking and server reflection stay open (probes, grpcurl). Anything else
     without a valid key gets ``UNAUTHENTICATED`` with ``ErrorInfo.reason`` ``API_KEY_MISSING``
     or ``API_KEY_INVALID``; ``AuthInterceptor.stats`` counts them for the metrics layer.
+
+Closed by default
+    Without keys a tier may listen only on a loopback address, unless
+    ``--allow-unauthenticated`` says so (``check_listener_auth``, run before the port opens).
 
 Tenancy
     A key may carry a namespace. Embedding ids and logits handles made for a namespaced
@@ -33,8 +45,9 @@ Tenancy
 
 Sessions per client
     ``max_streams_per_key`` bounds the concurrent streaming calls (``SegmentStream``
-    sessions) of one key (of one peer address when auth is off); one more gets
-    ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a retry hint.
+    sessions) of one key (of one client address, whatever its port and connection, when
+    auth is off); one more gets ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a
+    retry hint.
 """
 
 from __future__ import annotations
@@ -42,15 +55,19 @@ from __future__ import annotations
 import contextvars
 import hmac
 import inspect
+import ipaddress
 import logging
+import math
 import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from grpc_status import rpc_status
@@ -74,6 +91,17 @@ DEFAULT_RELOAD_INTERVAL_S = 5.0
 
 SESSION_RETRY_DELAY_S = 5.0
 
+MIN_KEY_LENGTH = 16
+# Estimated from character frequencies (random keys score well above: 32 hex digits about
+# 115 bits, token_urlsafe(32) about 208): refuses "aaaa...", "1234123412341234".
+MIN_KEY_BITS = 40.0
+# Shipped placeholders (k8s/base/secret.yaml) and words that mark one: refused as keys.
+PLACEHOLDER_KEYS = frozenset({"change-me-long-random-api-key"})
+PLACEHOLDER_WORDS = ("change-me", "changeme", "change_me", "replace-me", "replaceme",
+                     "placeholder", "your-api-key", "example")
+MAKE_A_KEY = 'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+ALLOW_UNAUTHENTICATED_FLAG = "--allow-unauthenticated / SAM2_ALLOW_UNAUTHENTICATED"
 
 
 # --- keys ----------------------------------------------------------------------------
@@ -99,9 +127,28 @@ def _parse_line(line: str, source: str) -> ApiKey | None:
     if namespace and not NAMESPACE_PATTERN.fullmatch(namespace):
         raise ValueError(f"{source}: namespace {namespace!r} must match "
                          f"{NAMESPACE_PATTERN.pattern}")
-    if len(parts[0]) < 16:
-        raise ValueError(f"{source}: API keys must be at least 16 characters")
+    problem = weak_key_problem(parts[0])
+    if problem:
+        raise ValueError(f"{source}: {problem}; {MAKE_A_KEY}")
     return ApiKey(parts[0], namespace, source)
+
+
+def estimated_key_bits(key: str) -> float:
+    """``len(key)`` times the Shannon entropy of its character frequencies, in bits."""
+    counts, length = Counter(key), len(key)
+    return -sum(n * math.log2(n / length) for n in counts.values())
+
+
+def weak_key_problem(key: str) -> str | None:
+    """Why ``key`` is refused as an API key (too short, too regular, a placeholder), or None."""
+    lowered = key.lower()
+    if key in PLACEHOLDER_KEYS or any(word in lowered for word in PLACEHOLDER_WORDS):
+        return "this API key is a placeholder, not a secret"
+    if len(key) < MIN_KEY_LENGTH:
+        return f"API keys must be at least {MIN_KEY_LENGTH} characters"
+    if estimated_key_bits(key) < MIN_KEY_BITS:
+        return "this API key is too regular to be secret (repeated characters)"
+    return None
 
 
 def load_api_keys(path: str | os.PathLike[str]) -> list[ApiKey]:
@@ -124,6 +171,9 @@ def load_api_keys(path: str | os.PathLike[str]) -> list[ApiKey]:
     if not keys:
         raise ValueError(f"no API keys in {root}")
     return keys
+
+
+_NO_MTIME = -1.0  # the key file is missing or unusable: any file that appears is read
 
 
 def _mtime_of(path: Path) -> float:
@@ -157,7 +207,7 @@ class ApiKeyRing:
             self._checked_at = time.monotonic()
         if not self._keys:
             raise ValueError("an ApiKeyRing needs at least one key")
-        self.reloads = 0
+        self.reloads = 0  # key set changes after start-up (revocations included)
 
     def _maybe_reload(self) -> None:
         if self.path is None or time.monotonic() - self._checked_at < self.reload_interval_s:
@@ -166,17 +216,22 @@ class ApiKeyRing:
             if time.monotonic() - self._checked_at < self.reload_interval_s:
                 return
             self._checked_at = time.monotonic()
+            mtime = _NO_MTIME
             try:
                 mtime = _mtime_of(self.path)
                 if mtime == self._mtime:
                     return
-                keys = load_api_keys(self.path)
+                keys = tuple(load_api_keys(self.path))
             except (OSError, ValueError, UnicodeDecodeError) as exc:
-                # A half-written or emptied file must not lock everyone out: keep the old set.
-                logger.warning("API keys not reloaded from %s (keeping %d keys): %s",
-                               self.path, len(self._keys), exc)
+                # Emptied, deleted or broken: revoke everything (fail closed) until the file
+                # holds valid keys again. Keeping the old set would keep removed keys working.
+                if self._keys:
+                    logger.error("API keys at %s unusable, every key revoked until fixed: %s",
+                                 self.path, exc)
+                    self.reloads += 1
+                self._keys, self._mtime = (), mtime
                 return
-            self._keys, self._mtime = tuple(keys), mtime
+            self._keys, self._mtime = keys, mtime
             self.reloads += 1
             logger.info("reloaded %d API keys from %s", len(keys), self.path)
 
@@ -283,8 +338,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     Arguments:
         keys: the accepted keys; None turns authentication off (the caller context, deadline
             and session limit still apply).
-        max_streams_per_key: most concurrent streaming calls per key (per peer without
-            auth); 0 for no limit.
+        max_streams_per_key: most concurrent streaming calls per key (per client address
+            without auth, see ``peer_address``); 0 for no limit.
     """
 
     def __init__(self, keys: ApiKeyRing | None, *, max_streams_per_key: int = 0) -> None:
@@ -340,7 +395,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 None if remaining is None else time.monotonic() + remaining))
             if not limited:
                 return None
-            session = limit_key or f"peer:{context.peer()}"
+            session = limit_key or f"peer:{peer_address(context.peer())}"
             if self._streams.get(session, 0) >= self.max_streams_per_key:
                 self.stats.sessions_refused += 1
                 raise ResourceExhaustedError(
@@ -392,6 +447,43 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return unary
 
 
+def peer_address(peer: str) -> str:
+    """A gRPC peer without its port: ``ipv4:10.0.0.7:54321`` -> ``ipv4:10.0.0.7``,
+    ``ipv6:[::1]:54321`` (or gRPC's escaped ``ipv6:%5B::1%5D:54321``) -> ``ipv6:[::1]``;
+    anything else (``unix:...``) as it is."""
+    scheme, _, rest = unquote(peer).partition(":")
+    if scheme == "ipv4":
+        return f"ipv4:{rest.rpartition(':')[0] or rest}"
+    if scheme == "ipv6" and rest.startswith("["):
+        return f"ipv6:{rest.partition(']')[0]}]"
+    return peer
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` is reachable from this machine only."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name: whatever it resolves to may be reachable from outside
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def check_listener_auth(host: str, api_keys_file: str | None,
+                        allow_unauthenticated: bool) -> None:
+    """Closed by default: without API keys, listen on a loopback address only, unless the
+    operator said ``--allow-unauthenticated``. Raises ValueError naming both ways out."""
+    if api_keys_file or allow_unauthenticated or is_loopback(host):
+        return
+    raise ValueError(
+        f"refusing to serve without API keys on --host {host} (reachable from other "
+        "machines): give --api-keys-file / SAM2_API_KEYS_FILE, listen on 127.0.0.1, or, "
+        f"if something in front authenticates callers, say {ALLOW_UNAUTHENTICATED_FLAG}")
+
+
 def auth_interceptor(api_keys_file: str | None, *, max_streams_per_key: int = 0
                      ) -> AuthInterceptor:
     """The interceptor of a tier's settings: keys from ``api_keys_file`` (None: auth off)."""
@@ -399,7 +491,8 @@ def auth_interceptor(api_keys_file: str | None, *, max_streams_per_key: int = 0
     if keys is not None:
         logger.info("API keys: %d loaded from %s", len(keys), api_keys_file)
     else:
-        logger.warning("no --api-keys-file: every caller is accepted, without a namespace")
+        logger.warning("no --api-keys-file: every caller is accepted, without a namespace; "
+                       "sessions are limited per client address")
     return AuthInterceptor(keys, max_streams_per_key=max_streams_per_key)
 
 

@@ -304,9 +304,11 @@ class Sam2Metrics:
 
     def watch_auth(self, auth: Any) -> None:
         """Export an ``AuthInterceptor``'s counters (calls accepted, rejected by reason, streams
-        refused) and its key ring's reloads."""
+        refused), its key ring's reloads, and whether keys are required at all."""
         stats = auth.stats
         self.registry.register(ReadingsCollector([
+            Reading("sam2_auth_enabled", "1: calls need an API key; 0: every caller is "
+                    "accepted (no --api-keys-file)", "gauge", lambda: int(auth.keys is not None)),
             Reading("sam2_auth_accepted", "calls with a valid API key (or auth off)", "counter",
                     lambda: stats.accepted),
             Reading("sam2_auth_rejected", "calls refused UNAUTHENTICATED, by reason", "counter",

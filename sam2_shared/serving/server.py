@@ -14,6 +14,11 @@ Shutdown sequence (Kubernetes sends SIGTERM, then SIGKILL after
 ``terminationGracePeriodSeconds``): health goes NOT_SERVING for good, new RPCs are
 refused, in-flight RPCs get ``grace_s`` to finish, then the close callbacks run in
 reverse order of registration (batcher before store, for example).
+
+Health port: with ``health_port`` a second, plaintext listener on the same host serves the
+same health service and nothing else (every other method is UNIMPLEMENTED there), for probes
+that cannot speak TLS (the kubelet's gRPC probe). It stays up while the main one drains, so
+probes see NOT_SERVING rather than a refused connection.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ from sam2_shared.serving.interceptors import ErrorMappingInterceptor
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 12 MP JPEG is several MB; raw pixels more
 DEFAULT_GRACE_S = 25.0  # below Kubernetes' default terminationGracePeriodSeconds (30 s)
+# RPCs in progress at once (streams count for their whole life); gRPC answers the next one
+# RESOURCE_EXHAUSTED before it reaches an interceptor or a servicer.
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+# The health-only listener: a HealthCheckRequest is a service name, and probes are few.
+HEALTH_MAX_MESSAGE_BYTES = 4096
+HEALTH_MAX_CONCURRENT_RPCS = 32
 
 Registrar = Callable[[grpc.aio.Server], None]
 CloseCallback = Callable[[], "Awaitable[None] | None"]
@@ -54,12 +65,16 @@ class Sam2Server:
         service_names: Sequence[str],
         port: int,
         grace_s: float,
+        health_server: grpc.aio.Server | None = None,
+        health_port: int = 0,
     ) -> None:
         self.grpc_server = grpc_server
         self.health = health_servicer
         self.service_names = tuple(service_names)
         self.port = port
         self.grace_s = grace_s
+        self.health_server = health_server  # the plaintext health-only listener, if any
+        self.health_port = health_port
         self._close_callbacks: list[CloseCallback] = []
         self._stopped: asyncio.Event | None = None
         self._stopping = False
@@ -80,6 +95,9 @@ class Sam2Server:
         logger.info(
             "gRPC server listening on port %d: %s", self.port, ", ".join(self.service_names)
         )
+        if self.health_server is not None:
+            await self.health_server.start()
+            logger.info("gRPC health only, plaintext, on port %d", self.health_port)
 
     async def mark_serving(self) -> None:
         """Report SERVING (overall and per service): the model is loaded and warm."""
@@ -101,6 +119,8 @@ class Sam2Server:
             await self.health.enter_graceful_shutdown()
             logger.info("stopping gRPC server (grace %.1f s)", grace)
             await self.grpc_server.stop(grace)
+            if self.health_server is not None:
+                await self.health_server.stop(0)
         finally:
             for callback in reversed(self._close_callbacks):
                 try:
@@ -169,6 +189,8 @@ def build_server(
     options: Sequence[tuple[str, int | str]] = (),
     grace_s: float = DEFAULT_GRACE_S,
     server_credentials: grpc.ServerCredentials | None = None,
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
+    health_port: int = 0,
 ) -> tuple[Sam2Server, int]:
     """Build (not start) a ``grpc.aio`` server for one tier; call inside the event loop.
 
@@ -187,6 +209,9 @@ def build_server(
         grace_s: default drain time of ``stop``.
         server_credentials: TLS / mutual TLS for the listener
             (``sam2_shared.serving.tls.server_credentials``); None listens in plaintext.
+        max_concurrent_rpcs: most RPCs in progress at once (0: no limit); beyond, gRPC
+            answers RESOURCE_EXHAUSTED.
+        health_port: a plaintext port on ``host`` serving only gRPC health (0: none).
 
     Returns:
         ``(server, bound_port)``.
@@ -201,7 +226,8 @@ def build_server(
         *options,
     ]).items())
     server = grpc.aio.server(
-        interceptors=(*interceptors, ErrorMappingInterceptor()), options=grpc_options
+        interceptors=(*interceptors, ErrorMappingInterceptor()), options=grpc_options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs or None,
     )
     for register in registrars:
         register(server)
@@ -210,17 +236,34 @@ def build_server(
     if reflection_enabled:
         names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
+    bound_port = _bind(server, host, port, server_credentials)
+    health_server = None
+    if health_port:
+        health_server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", HEALTH_MAX_MESSAGE_BYTES),
+                     ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        _bind(health_server, host, health_port, None)
+    sam2_server = Sam2Server(server, health_servicer, service_names, bound_port, grace_s,
+                             health_server, health_port)
+    return sam2_server, bound_port
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int,
+          credentials: grpc.ServerCredentials | None) -> int:
+    """Add the listener ``host:port`` (TLS with ``credentials``); the bound port."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        if server_credentials is None:
+        if credentials is None:
             bound_port = server.add_insecure_port(address)
         else:
-            bound_port = server.add_secure_port(address, server_credentials)
+            bound_port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpcio raises when binding fails
         raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
     if bound_port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
-    return Sam2Server(server, health_servicer, service_names, bound_port, grace_s), bound_port
+    return bound_port
 
 
 def run_tier(
@@ -235,9 +278,11 @@ def run_tier(
 
     Exit status: 0 after a clean stop, 2 when the model cannot be loaded (the message says
     where to put the checkpoint), 1 when the server cannot start (port in use, store
-    unreachable or its directory unsafe).
+    unreachable or its directory unsafe, no API keys on a non-loopback ``--host``, an API
+    key file that is missing or holds a weak or placeholder key).
     """
     from sam2_shared.errors import CheckpointError, StoreUnavailableError
+    from sam2_shared.serving.auth import check_listener_auth, load_api_keys
     from sam2_shared.serving.metrics import Sam2Metrics
     from sam2_shared.serving.settings import describe_settings, load_settings
 
@@ -247,6 +292,14 @@ def run_tier(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("settings: %s", describe_settings(settings))
+    try:  # before any port opens or the model loads
+        check_listener_auth(settings.host, settings.api_keys_file,
+                            settings.allow_unauthenticated)
+        if settings.api_keys_file:
+            load_api_keys(settings.api_keys_file)  # a weak or placeholder key stops here
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
     # OpenCV's own pixel limit as a second fence behind the header check (read by OpenCV at
     # its first decode, so setting it here, before any, is enough).
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(settings.max_image_pixels))

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from sam2_shared.errors import UnknownModelError
 from sam2_shared.model.config import canonical_model_id
-from sam2_shared.serving.server import DEFAULT_GRACE_S
+from sam2_shared.serving.server import DEFAULT_GRACE_S, DEFAULT_MAX_CONCURRENT_RPCS
 from sam2_shared.serving.tls import tls_server_settings
 from sam2_shared.store.base import mask_url
 
@@ -235,17 +235,28 @@ class TierSettings:
         DEFAULT_STORE, "embedding store URL: diskcache:///path, redis://host:port/db or "
         "s3://bucket/prefix?endpoint_url=...", secret=True
     )
-    host: str = setting("0.0.0.0", "address to listen on")
+    host: str = setting("0.0.0.0", "address to listen on; without --api-keys-file only a "
+                        "loopback one (127.0.0.1, ::1) unless --allow-unauthenticated")
     port: int = setting(0, "gRPC port (0 picks a free one)", minimum=0)
+    health_port: int = setting(
+        0, "plaintext port on --host serving only gRPC health, for probes that cannot speak "
+        "TLS (the kubelet's); 0: none", minimum=0)
     metrics_port: int = setting(0, "Prometheus metrics port (0 disables)", minimum=0)
     device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
     precision: str = setting("auto", "model precision", choices=PRECISIONS)
     max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
     max_image_pixels: int = setting(100_000_000, "largest decoded image (pixels)", minimum=1)
     grace_s: float = setting(DEFAULT_GRACE_S, "drain time on SIGTERM (seconds)", minimum=0)
+    max_concurrent_rpcs: int = setting(
+        DEFAULT_MAX_CONCURRENT_RPCS, "most RPCs in progress at once (open streams included); "
+        "beyond, RESOURCE_EXHAUSTED; 0: no limit", minimum=0)
     api_keys_file: str | None = setting(
         None, "file (one '<key> [namespace]' per line) or directory (a Kubernetes Secret, one "
-        "key per file) of accepted API keys, reloaded on change; unset: no authentication")
+        "key per file) of accepted API keys, reloaded on change (emptied or deleted: every "
+        "key refused); unset: no authentication")
+    allow_unauthenticated: bool = setting(
+        False, "serve without --api-keys-file on a non-loopback --host (something in front "
+        "authenticates callers); refused otherwise")
     tls_cert: str | None = setting(None, "PEM certificate (chain) of this server: enables TLS")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
     tls_client_ca: str | None = setting(
@@ -270,4 +281,6 @@ class TierSettings:
             "grace_s": self.grace_s,
             "server_credentials": tls_server_settings(self.tls_cert, self.tls_key,
                                                       self.tls_client_ca),
+            "max_concurrent_rpcs": self.max_concurrent_rpcs,
+            "health_port": self.health_port,
         }

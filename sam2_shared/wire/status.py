@@ -35,6 +35,7 @@ from sam2_shared.errors import (
     SessionBusyError,
     SessionNotFoundError,
     StoreUnavailableError,
+    StreamIdleError,
     UnauthenticatedError,
     UnknownModelError,
 )
@@ -62,6 +63,7 @@ _TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (EmbeddingNotFoundError, _Mapping(grpc.StatusCode.NOT_FOUND, True)),  # + Logits, Session
     (UnauthenticatedError, _Mapping(grpc.StatusCode.UNAUTHENTICATED, True)),
     (SessionBusyError, _Mapping(grpc.StatusCode.ABORTED, True)),
+    (StreamIdleError, _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, True)),
     (ResourceExhaustedError, _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, True, True)),
     (NotReadyError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
     (StoreUnavailableError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
@@ -88,6 +90,7 @@ _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
         ResourceExhaustedError,
         NotReadyError,
         StoreUnavailableError,
+        StreamIdleError,
         CorruptEntryError,
         CheckpointError,
     )

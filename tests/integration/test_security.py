@@ -1,7 +1,8 @@
 """Security on the real tiers: API keys (missing, wrong, rotated), TLS and mutual TLS on both
-listeners and on the decoder's calls to the encoder, tenant namespaces (same image, different
-ids; no reading across tenants), sessions per key, a Redis store over TLS (rediss://); plus
-units of the key ring, the retry policy and deadline forwarding."""
+listeners and on the decoder's calls to the encoder, the plaintext health-only port of a TLS
+tier, tenant namespaces (same image, different ids; no reading across tenants), sessions per
+key, a Redis store over TLS (rediss://); plus units of the key ring, the retry policy and
+deadline forwarding."""
 
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ from tests.helpers.synthetic_images import synthetic_rgb
 from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 from tests.helpers.tls_certs import Pki, make_pki
 
-KEY_A = "tenant-a-" + "a" * 24
-KEY_B = "tenant-b-" + "b" * 24
-KEY_PLAIN = "service-" + "c" * 24  # no namespace
+# Fixed, random-looking keys (the loader refuses repeated characters and placeholders).
+KEY_A = "tenant-a-Qm7vX2pL9sKf4tRw8zNc"
+KEY_B = "tenant-b-Hd3yJ6gT1uVb5oEq0iWa"
+KEY_PLAIN = "service-Zr8kP4nF7xCm2sLh9dGy"  # no namespace
 FOREGROUND = common_pb2.POINT_LABEL_FOREGROUND
 
 
@@ -61,7 +63,7 @@ def test_keys_from_file_and_secret_directory(tmp_path: Path) -> None:
             auth.load_api_keys(keyfile)
 
 
-def test_key_ring_rotates_on_change_and_keeps_keys_on_a_broken_file(tmp_path: Path) -> None:
+def test_key_ring_rotates_on_change_and_revokes_all_on_an_emptied_file(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.mkdir()
     (secret / "key1").write_text(KEY_A + " tenant-a\n")
@@ -73,9 +75,9 @@ def test_key_ring_rotates_on_change_and_keeps_keys_on_a_broken_file(tmp_path: Pa
     (secret / "key1").unlink()  # ...old one removed
     os.utime(secret, (time.time() + 1, time.time() + 1))
     assert ring.match(KEY_A) is None and ring.match(KEY_B) is not None
-    (secret / "key2").write_text("")  # emptied mid-update: the old set stays
+    (secret / "key2").write_text("")  # emptied: no key is accepted, neither old nor none
     os.utime(secret, (time.time() + 2, time.time() + 2))
-    assert ring.match(KEY_B) is not None
+    assert ring.match(KEY_B) is None and ring.match(KEY_A) is None
 
 
 def test_presented_key_and_tenant_ids() -> None:
@@ -198,8 +200,10 @@ class SecureStack:
         self.processes: list[TierProcess] = [self.encoder]
         # tier_processes polls health over plaintext: give it a TLS-aware health check
         _start_tls(self.encoder, p)
+        self.health_port = free_port()  # plaintext, health only: for kubelet probes
         self.decoder = decoder_process(
             checkpoint, store, "--api-keys-file", str(self.keys), *tls,
+            "--health-port", str(self.health_port),
             "--encoder-address", f"localhost:{self.encoder.port}", "--encoder-tls-ca",
             str(p.ca_cert), "--encoder-tls-cert", str(p.client_cert), "--encoder-tls-key",
             str(p.client_key))
@@ -301,6 +305,19 @@ def test_tls_is_required_and_mutual_tls_checks_the_client(stack: SecureStack) ->
     with grpc.secure_channel(f"localhost:{stack.encoder.port}", full) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tls_tier_answers_health_in_plaintext_on_its_health_port_only(
+        stack: SecureStack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.health_port}") as plain:
+        reply = health_pb2_grpc.HealthStub(plain).Check(
+            health_pb2.HealthCheckRequest(service="sam2.v1.DecoderService"), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = decoder_pb2_grpc.DecoderServiceStub(plain)
+        for metadata in ((), (("x-api-key", KEY_PLAIN),)):  # a key does not open it either
+            error = _error_of(lambda m=metadata: stub.Segment(_point("f" * 64), metadata=m,
+                                                              timeout=10))
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_tenants_get_different_ids_and_cannot_read_each_other(stack: SecureStack) -> None:

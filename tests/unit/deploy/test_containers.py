@@ -22,8 +22,9 @@ from decoder_service.cli import DecoderSettings
 from decoder_service.servicer import SERVICE_NAME as DECODER_SERVICE
 from encoder_service.cli import EncoderSettings
 from encoder_service.servicer import SERVICE_NAME as ENCODER_SERVICE
+from sam2_shared.serving.auth import check_listener_auth
 from sam2_shared.serving.server import build_server
-from sam2_shared.serving.settings import env_name
+from sam2_shared.serving.settings import env_name, load_settings
 from tests.helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -253,6 +254,9 @@ def test_compose_services_ports_and_env_match_the_settings() -> None:
         grace = float(environment.get("SAM2_GRACE_S", default(settings, "grace_s")))
         assert grace < int(service["stop_grace_period"].removesuffix("s"))
         assert environment["SAM2_STORE"].startswith("redis://redis:6379/")
+        # closed by default: the tier would refuse to start without saying why it may
+        parsed = load_settings(settings, [], env=environment)
+        check_listener_auth(parsed.host, parsed.api_keys_file, parsed.allow_unauthenticated)
     encoder_port = services["encoder"]["environment"]["SAM2_PORT"]
     assert services["decoder"]["environment"]["SAM2_ENCODER_ADDRESS"] == f"encoder:{encoder_port}"
     redis_command = services["redis"]["command"]

@@ -18,7 +18,8 @@ from decoder_service.cli import DecoderSettings
 from decoder_service.servicer import SERVICE_NAME as DECODER_SERVICE
 from encoder_service.cli import EncoderSettings
 from encoder_service.servicer import SERVICE_NAME as ENCODER_SERVICE
-from sam2_shared.serving.settings import env_name
+from sam2_shared.serving.auth import check_listener_auth
+from sam2_shared.serving.settings import env_name, load_settings
 from tests.helpers import REPO_ROOT
 
 K8S = REPO_ROOT / "k8s"
@@ -133,6 +134,25 @@ def test_env_var_names_exist_in_the_settings(rendered: tuple[str, list[dict]]) -
         used = {key for key in container_env(docs, container) if key.startswith("SAM2_")}
         assert used - known == set(), (name, workload["metadata"]["name"])
         assert {"SAM2_MODEL", "SAM2_STORE", "SAM2_GRACE_S"} <= used
+
+
+def test_tiers_listen_publicly_only_with_the_api_keys_secret(
+        rendered: tuple[str, list[dict]]) -> None:
+    """The settings a tier parses from its manifest pass the start-up check (closed by
+    default): the pods listen on 0.0.0.0, so their keys come from the mounted Secret."""
+    name, docs = rendered
+    for deployment_name, tier in TIERS.items():
+        spec = by_kind(docs, "Deployment")[deployment_name]["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = container_env(docs, container)
+        settings = load_settings(tier["settings"], [], env=env)
+        check_listener_auth(settings.host, settings.api_keys_file,
+                            settings.allow_unauthenticated)
+        assert settings.api_keys_file and not settings.allow_unauthenticated, name
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes[mounts[settings.api_keys_file]]["secret"]["secretName"] == \
+            "sam2-api-keys"
 
 
 def test_env_checker_catches_an_unknown_name() -> None:
