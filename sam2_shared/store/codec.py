@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -218,7 +219,8 @@ def _unpack(data: bytes | bytearray | memoryview, kind: str,
         raw_shape = entry.get("shape") if isinstance(entry, dict) else None
         got_shape = tuple(raw_shape) if isinstance(raw_shape, list) else ()
         dtype = entry.get("dtype", storage_dtype) if isinstance(entry, dict) else None
-        np_dtype = _NUMPY_DTYPE.get(dtype)  # type: ignore[arg-type]
+        # A JSON list or object as dtype must not reach the dict lookup (unhashable).
+        np_dtype = _NUMPY_DTYPE.get(dtype) if isinstance(dtype, str) else None
         ok = (
             np_dtype is not None
             and isinstance(entry, dict)
@@ -227,7 +229,7 @@ def _unpack(data: bytes | bytearray | memoryview, kind: str,
             and isinstance(raw_shape, list)
             and all(isinstance(d, int) and d > 0 for d in got_shape)
             and entry.get("offset") == offset
-            and entry.get("nbytes") == int(np.prod(got_shape)) * np_dtype.itemsize
+            and entry.get("nbytes") == math.prod(got_shape) * np_dtype.itemsize  # exact ints
         )
         if not ok:
             raise CorruptEntryError(f"tensor entry {entry!r} does not match {name} {shape}")

@@ -46,6 +46,13 @@ INTERNAL_MESSAGE = "internal server error"
 
 DEFAULT_RETRY_DELAY_S = 1.0
 
+# Messages and ErrorInfo values often quote what the caller sent (an id, a handle); a caller
+# can send megabytes there, and gRPC refuses trailers over the client's metadata limit
+# (16 KiB by default), which would turn a clear error into "Stream removed".
+MAX_MESSAGE_CHARS = 2048
+MAX_METADATA_VALUE_CHARS = 256
+MAX_METADATA_ENTRIES = 16
+
 logger = logging.getLogger(__name__)
 
 
@@ -113,6 +120,13 @@ def _mapping_of(exc: BaseException) -> _Mapping:
     return _UNEXPECTED
 
 
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def to_rpc_status(exc: BaseException) -> status_pb2.Status:
     """Domain (or unexpected) exception -> ``google.rpc.Status`` with ``ErrorInfo``.
 
@@ -133,6 +147,11 @@ def to_rpc_status(exc: BaseException) -> status_pb2.Status:
         )
         reason = exc.reason if isinstance(exc, Sam2Error) else mapping.code.name
         metadata = {}
+    message = _clip(message, MAX_MESSAGE_CHARS)
+    metadata = {
+        _clip(str(key), MAX_METADATA_VALUE_CHARS): _clip(str(value), MAX_METADATA_VALUE_CHARS)
+        for key, value in list(metadata.items())[:MAX_METADATA_ENTRIES]
+    }
     details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)]
     if mapping.retryable:
         delay_s = float(metadata.get("retry_delay_s", DEFAULT_RETRY_DELAY_S))

@@ -57,3 +57,26 @@ def test_store_errors_name_no_host_url_or_driver_message() -> None:
     assert "retry shortly" in text and error.reason == "STORE_UNAVAILABLE"
     for secret in ("10.1.2.3", "admin", "memory://", "ConnectionRefusedError", "emb/x"):
         assert secret not in text
+
+
+def _with_first_tensor_entry(entry_update: dict) -> bytes:
+    """A valid fp16 embedding entry whose first tensor entry is rewritten (checksums redone)."""
+    tensors = [torch.zeros(shape) for _, shape in codec.EMBEDDING_SHAPES]
+    embedding = ImageEmbedding(tensors[0], (tensors[1], tensors[2]), (40, 30),
+                               "sam2.1/hiera_tiny", "cd" * 32)
+    data = codec.encode_embedding(embedding, "float16")
+    metadata = codec.read_metadata(data)
+    payload = data[metadata.pop("_payload_offset"):]
+    metadata["tensors"][0].update(entry_update)
+    meta = json.dumps(metadata).encode()
+    return entry_with_metadata(meta) + payload
+
+
+@pytest.mark.parametrize("update", [
+    {"dtype": []}, {"dtype": {"float32": 1}}, {"dtype": 4},
+    {"shape": [10**30, 1, 1, 1]}, {"shape": [1.5, 256, 64, 64]}, {"nbytes": "1"},
+], ids=["dtype-list", "dtype-object", "dtype-number", "shape-huge", "shape-float", "nbytes-str"])
+def test_odd_tensor_entries_are_corrupt_not_a_crash(update: dict) -> None:
+    with pytest.raises(CorruptEntryError, match="does not match"):
+        codec.decode_embedding(_with_first_tensor_entry(update))
+    assert codec.decode_embedding(_with_first_tensor_entry({})).original_hw == (40, 30)

@@ -58,3 +58,18 @@ def test_an_unknown_reason_falls_back_to_the_code() -> None:
     assert status.code == code_pb2.UNAUTHENTICATED
     back = error_from_status(status)
     assert type(back) is errors.UnauthenticatedError and back.reason == "SOMETHING_NEW"
+
+
+def test_a_huge_quoted_value_is_clipped_so_the_status_fits_the_trailers() -> None:
+    # Callers can send a 1 MiB id; quoting it whole would overflow the client's 16 KiB
+    # metadata limit and the caller would get "Stream removed" instead of this error.
+    huge = "x" * (1 << 20)
+    error = errors.EmbeddingNotFoundError(f"no embedding {huge}", embedding_id=huge)
+    status = to_rpc_status(error)
+    assert status.code == code_pb2.NOT_FOUND
+    assert status.ByteSize() < 4096
+    assert "more characters" in status.message
+    back = error_from_status(status)
+    assert isinstance(back, errors.EmbeddingNotFoundError)
+    assert back.metadata["embedding_id"].startswith("x" * 256)
+    assert len(back.metadata["embedding_id"]) < 300
