@@ -3,7 +3,8 @@
 No model code here. Errors are raised as domain exceptions and mapped to rich status by the
 shared interceptor (``sam2_shared.wire.status``); ``SegmentStream`` instead answers a failing
 request with its ``google.rpc.Status`` and keeps the stream open, as the proto documents.
-CPU-heavy conversions (logits handles, mask encoding) run in threads, off the event loop.
+CPU-heavy conversions (logits handles; upsampling and encoding the masks, one candidate at a
+time so that only one full-size mask exists per request) run in threads, off the event loop.
 """
 
 from __future__ import annotations
