@@ -55,8 +55,8 @@ class DecoderSettings(TierSettings):
     max_prompts: int = setting(64, "most prompts per request", minimum=1)
     max_points: int = setting(64, "most points per prompt", minimum=1)
     max_mask_pixels: int = setting(
-        400_000_000, "most full-size mask pixels (candidates x height x width) one request, "
-        "and one merged decode, may produce; they are held at once (1 byte each)", minimum=1)
+        400_000_000, "most full-size mask pixels (candidates x height x width) one request "
+        "may produce (bounds its work and response; masks are made one at a time)", minimum=1)
     batching: bool = setting(True, "decode concurrent requests on one image in one forward")
     max_batch_prompts: int = setting(64, "most prompts in one decoder forward", minimum=1)
     batch_wait_ms: float = setting(0.0, "longest a request waits for its batch to fill "

@@ -15,6 +15,11 @@ same embedding go into one ``decode_prompts`` call. With the default ``batch_wai
 is no gather window, so no added latency when idle, and batches grow with load (see
 ``bench/bench_grpc.py`` for what it buys).
 
+Masks: the model thread makes no full-size mask. Predictions carry ``DeferredMasks`` (the
+low-res logits); the servicer's wire encoding upsamples, encodes and drops them one candidate at
+a time, off the event loop, so a request holds one full-size mask at a time, not all of them
+(``bench/decoder_output_memory.py`` measures it).
+
 Logits handles: the low-res logits of every prompt's candidates are written to the shared store
 as one entry under a random token with a TTL; candidate ``c`` gets the handle ``"<token>.<c>"``.
 Any replica can resolve it; a small local LRU spares the store read on the replica that made it.
@@ -61,9 +66,10 @@ DEFAULT_LOGITS_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_LOGITS_TTL_S = 600.0
 DEFAULT_MAX_PROMPTS = 64
 DEFAULT_MAX_POINTS = 64
-# 64 multimask prompts on a 1080p image (398 M); 400 MB of masks at once, within the pod.
+# 64 multimask prompts on a 1080p image (398 M): bounds a request's upsampling work and
+# response size (the masks are made one at a time, so not its memory).
 DEFAULT_MAX_MASK_PIXELS = 400_000_000
-DEFAULT_MAX_BATCH_PROMPTS = 64  # full-size masks of a batch are materialised at once
+DEFAULT_MAX_BATCH_PROMPTS = 64
 DEFAULT_MAX_BATCH_REQUESTS = 32
 DEFAULT_MAX_QUEUE = 256
 
@@ -88,7 +94,8 @@ class ImageInput:
 
 @dataclass
 class SegmentResult:
-    """One ``Sam2BatchedPrediction`` (P = 1) and one logits handle per candidate, per prompt."""
+    """One ``Sam2BatchedPrediction`` (P = 1) and one logits handle per candidate, per prompt;
+    its ``masks`` are ``DeferredMasks``, made one candidate at a time when indexed."""
 
     embedding: EmbeddingRef
     predictions: list[Sam2BatchedPrediction]
@@ -123,15 +130,14 @@ class _BatchDecoder:
 
     A batch holds the requests that queued while the previous one ran, maybe for several
     embeddings: requests on one embedding are merged into ``decode_prompts`` calls of at most
-    ``max_batch_prompts`` prompts and ``max_mask_pixels`` full-size mask pixels (the masks of
-    one call exist at once); with ``batching`` off, each request is its own call.
+    ``max_batch_prompts`` prompts; with ``batching`` off, each request is its own call. The
+    calls return low-res logits only (``deferred_masks``): no full-size mask is made here.
     """
 
     def __init__(self, model: Sam2Model, max_batch_prompts: int, batching: bool,
-                 stats: DecoderStats, max_mask_pixels: int) -> None:
+                 stats: DecoderStats) -> None:
         self._model = model
         self._max_batch_prompts = max_batch_prompts
-        self._max_mask_pixels = max_mask_pixels
         self._batching = batching
         self._stats = stats
 
@@ -148,18 +154,14 @@ class _BatchDecoder:
 
     def _chunks(self, indices: list[int], jobs: list[_Job]) -> list[list[int]]:
         chunks: list[list[int]] = []
-        prompts = pixels = 0
+        prompts = 0
         for index in indices:
-            job = jobs[index]
-            size = len(job.prompts)
-            job_pixels = mask_pixels(job.prompts, job.embedding.original_hw)
-            if not chunks or not self._batching or prompts + size > self._max_batch_prompts \
-                    or pixels + job_pixels > self._max_mask_pixels:
+            size = len(jobs[index].prompts)
+            if not chunks or not self._batching or prompts + size > self._max_batch_prompts:
                 chunks.append([])
-                prompts = pixels = 0
+                prompts = 0
             chunks[-1].append(index)
             prompts += size
-            pixels += job_pixels
         return chunks
 
     def _run(self, jobs: list[_Job]) -> list[list[Sam2BatchedPrediction] | Exception]:
@@ -168,7 +170,8 @@ class _BatchDecoder:
         if len(jobs) > 1:
             merged = [prompt for job in jobs for prompt in job.prompts]
             try:
-                rows = self._model.decode_prompts(jobs[0].embedding, merged)
+                rows = self._model.decode_prompts(jobs[0].embedding, merged,
+                                                  deferred_masks=True)
             except Exception:
                 logger.warning("merged decode of %d requests failed; retrying one by one",
                                len(jobs))
@@ -183,7 +186,8 @@ class _BatchDecoder:
         outcomes = []
         for job in jobs:
             try:
-                outcomes.append(self._model.decode_prompts(job.embedding, job.prompts))
+                outcomes.append(self._model.decode_prompts(job.embedding, job.prompts,
+                                                           deferred_masks=True))
                 self._stats.add(model_calls=1, prompts_decoded=len(job.prompts))
             except Exception as exc:
                 outcomes.append(exc)
@@ -201,8 +205,8 @@ class Segmenter:
         logits_ttl_s (float): how long logits handles stay resolvable.
         max_prompts (int): most prompts per request.
         max_points (int): most points per prompt.
-        max_mask_pixels (int): most full-size mask pixels (candidates x H x W) one request,
-            and one merged decoder call, may produce; they exist at once (1 byte each).
+        max_mask_pixels (int): most full-size mask pixels (candidates x H x W) one request
+            may produce (upsampling work and response size; they are made one at a time).
         max_pixels (int): largest attached image (H * W).
         batching (bool): merge concurrent requests' prompts on one embedding into one call.
         max_batch_prompts (int): most prompts in one merged call.
@@ -252,7 +256,7 @@ class Segmenter:
         )
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
         self._batcher: MicroBatcher[_Job, list[Sam2BatchedPrediction]] = MicroBatcher(
-            _BatchDecoder(model, max_batch_prompts, batching, self.stats, max_mask_pixels),
+            _BatchDecoder(model, max_batch_prompts, batching, self.stats),
             max_batch_size=max_batch_requests if batching else 1,
             max_wait_s=batch_wait_s,
             max_queue=max_queue,

@@ -6,7 +6,8 @@ request with its ``google.rpc.Status`` and keeps the stream open, as the proto d
 a stream that sends no request for ``stream_idle_timeout_s`` is ended with DEADLINE_EXCEEDED,
 reason STREAM_IDLE (an abandoned session must not hold a slot of the per-key and per-server
 limits forever).
-CPU-heavy conversions (logits handles, mask encoding) run in threads, off the event loop.
+CPU-heavy conversions (logits handles; upsampling and encoding the masks, one candidate at a
+time so that only one full-size mask exists per request) run in threads, off the event loop.
 """
 
 from __future__ import annotations

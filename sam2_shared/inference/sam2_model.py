@@ -40,6 +40,42 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 _PARTS = ("all", "encoder", "decoder")
 
 
+class DeferredMasks:
+    """[P, C, H, W] bool masks kept as their low-res logits until asked for, one at a time.
+
+    ``masks[p, c]`` upsamples that one candidate (``imaging.masks_from_low_res``, the same
+    function and numbers as the eager path) and nothing else is kept, so a consumer that
+    encodes candidate by candidate holds one full-size mask, not P x C of them.
+    ``np.asarray(masks)`` still gives the whole array (all at once).
+    """
+
+    def __init__(self, low_res_logits: np.ndarray, original_hw: tuple[int, int]) -> None:
+        if low_res_logits.ndim != 4:
+            raise InvalidInputError(
+                f"low-res logits must be [P, C, 256, 256], got {low_res_logits.shape}"
+            )
+        self._low_res = low_res_logits  # unclamped: clamping first could flip pixels
+        self._original_hw = (int(original_hw[0]), int(original_hw[1]))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        prompts, candidates = self._low_res.shape[:2]
+        return prompts, candidates, *self._original_hw
+
+    ndim = 4
+    dtype = np.dtype(bool)
+
+    def __getitem__(self, index: tuple[int, int]) -> np.ndarray:
+        """[H, W] bool mask of prompt ``p``, candidate ``c``."""
+        p, c = index
+        return imaging.masks_from_low_res(self._low_res[p : p + 1, c : c + 1],
+                                          self._original_hw)[0, 0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        masks = imaging.masks_from_low_res(self._low_res, self._original_hw)
+        return masks if dtype is None else masks.astype(dtype)
+
+
 def resolve_device_and_precision(
     device: str, precision: str, cuda_precision: str = "fp32"
 ) -> tuple[str, str]:
@@ -276,9 +312,14 @@ class Sam2Model:
         embedding: ImageEmbedding,
         prompts: Sequence[Prompt],
         use_mask_input_cache: bool = False,
+        deferred_masks: bool = False,
     ) -> list[Sam2BatchedPrediction]:
         """Decode several prompts on one image; one numpy ``Sam2BatchedPrediction`` (P = 1)
         per prompt (the tiers' entry point; ``segment_images`` is the user's).
+
+        With ``deferred_masks`` each prediction's ``masks`` is a ``DeferredMasks``: no
+        full-size mask is made here, each is upsampled when indexed (the decoder tier encodes
+        them for the wire one at a time). Otherwise a [1, C, H, W] bool array.
 
         Prompts with the same number of points, mask presence and multimask flag run
         in one batched decoder forward; the image side is shared, not repeated.
@@ -310,7 +351,8 @@ class Sam2Model:
         embedding = self.prepare_embedding(embedding)
         results: list[Sam2BatchedPrediction | None] = [None] * len(prompts)
         for items in groups.values():
-            for item, prediction in zip(items, self._decode_group(embedding, items)):
+            decoded = self._decode_group(embedding, items, deferred_masks)
+            for item, prediction in zip(items, decoded):
                 results[item.index] = prediction
         if cache is not None:
             for prompt, prediction in zip(prompts, results):
@@ -319,7 +361,7 @@ class Sam2Model:
         return results  # type: ignore[return-value]
 
     def _decode_group(
-        self, embedding: ImageEmbedding, items: list[_PreparedPrompt]
+        self, embedding: ImageEmbedding, items: list[_PreparedPrompt], deferred_masks: bool
     ) -> list[Sam2BatchedPrediction]:
         device = self.device
         coords = labels = masks = None
@@ -340,13 +382,18 @@ class Sam2Model:
                 batch_size=len(items),
             )
         low_res = out.masks.float().cpu().numpy()
-        full_np = imaging.masks_from_low_res(low_res, embedding.original_hw)
+        if deferred_masks:
+            full_size: list[Any] = [DeferredMasks(low_res[i : i + 1], embedding.original_hw)
+                                    for i in range(len(items))]
+        else:
+            all_masks = imaging.masks_from_low_res(low_res, embedding.original_hw)
+            full_size = [all_masks[i : i + 1] for i in range(len(items))]
         logits = np.clip(low_res, -LOGITS_CLAMP, LOGITS_CLAMP)
         scores = out.iou_scores.float().cpu().numpy()
         objects = out.object_score_logits.float().reshape(-1).cpu().numpy()
         return [
             Sam2BatchedPrediction(
-                masks=full_np[i : i + 1],
+                masks=full_size[i],
                 scores=scores[i : i + 1],
                 logits=logits[i : i + 1],
                 object_score_logits=objects[i : i + 1],

@@ -319,9 +319,13 @@ def prompt_results_to_proto(
 ) -> list[decoder_pb2.PromptResult]:
     """Predictions -> one ``PromptResult`` per prompt row.
 
+    Masks are taken one candidate at a time (``masks[p, c]``), encoded and dropped before the
+    next: with the decoder's ``DeferredMasks`` only one full-size mask exists at a time.
+
     Arguments:
         predictions: one ``Sam2BatchedPrediction`` for all P prompts, or a sequence of them
-            (e.g. one per prompt, whose candidate counts may differ).
+            (e.g. one per prompt, whose candidate counts may differ). ``masks`` is a
+            [P, C, H, W] bool array or anything with that ``shape`` indexable by ``[p, c]``.
         encoding: how to encode the masks.
         logits_handles: per prompt row, one handle per candidate, or None.
         include_logits: also put each candidate's low-res logits inline.
@@ -330,12 +334,8 @@ def prompt_results_to_proto(
         else list(predictions)
     results: list[decoder_pb2.PromptResult] = []
     for prediction in rows:
-        masks = np.asarray(prediction.masks)
-        prompt_count, candidate_count, height, width = masks.shape
-        flat = masks.reshape(-1, height, width)
-        encoded = mask_codec.encode_masks(flat, encoding)
-        areas = mask_codec.mask_areas(flat)
-        boxes = mask_codec.mask_bboxes(flat)
+        masks = prediction.masks
+        prompt_count, candidate_count = masks.shape[:2]
         scores = np.asarray(prediction.scores, dtype=np.float32)
         objects = np.asarray(prediction.object_score_logits, dtype=np.float32).reshape(-1)
         for p in range(prompt_count):
@@ -347,8 +347,7 @@ def prompt_results_to_proto(
             if handles is not None and len(handles) != candidate_count:
                 raise ValueError(f"{len(handles)} logits handles for {candidate_count} candidates")
             for c in range(candidate_count):
-                k = p * candidate_count + c
-                mask = encoded_mask_to_proto(flat[k], encoded[k], areas[k], boxes[k], encoding)
+                mask = mask_to_proto(np.asarray(masks[p, c]), encoding)
                 candidate = result.candidates.add(mask=mask, score=float(scores[p, c]))
                 if handles is not None:
                     candidate.logits_handle = handles[c]
@@ -358,6 +357,14 @@ def prompt_results_to_proto(
     if logits_handles is not None and len(logits_handles) != len(results):
         raise ValueError(f"{len(logits_handles)} handle rows for {len(results)} prompts")
     return results
+
+
+def mask_to_proto(mask: np.ndarray, encoding: MaskEncoding) -> common_pb2.EncodedMask:
+    """One [H, W] bool mask -> ``EncodedMask`` with its encoding, area and bounding box."""
+    (encoded,) = mask_codec.encode_masks(mask, encoding)
+    (area,) = mask_codec.mask_areas(mask)
+    (bbox,) = mask_codec.mask_bboxes(mask)
+    return encoded_mask_to_proto(mask, encoded, area, bbox, encoding)
 
 
 def mask_from_proto(mask: common_pb2.EncodedMask) -> np.ndarray:

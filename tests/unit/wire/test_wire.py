@@ -158,9 +158,12 @@ def test_bad_prompts_are_rejected() -> None:
     with pytest.raises(InvalidInputError, match="prompt 1 point 0: label") as info:
         wire.prompts_from_proto([decoder_pb2.Prompt(), unlabeled])
     assert info.value.metadata == {"prompt_index": "1"}
-    short_logits = decoder_pb2.Prompt(mask_logits=b"\0" * 1000)
-    with pytest.raises(InvalidInputError, match="262144 bytes"):
-        wire.prompts_from_proto([short_logits])
+    for size in (1000, 256 * 256 * 4 + 4):  # the length is checked before any is read
+        wrong_logits = decoder_pb2.Prompt(mask_logits=b"\0" * size)
+        with pytest.raises(InvalidInputError,
+                           match=rf"prompt 0: .*\(262144 bytes\), got {size} bytes") as info:
+            wire.prompts_from_proto([wrong_logits])
+        assert info.value.metadata == {"prompt_index": "0"}
     with pytest.raises(InvalidInputError, match="2 points but 1 point_labels"):
         wire.prompt_to_proto(Prompt(point_coords=np.zeros((2, 2)), point_labels=np.array([1])))
     with pytest.raises(InvalidInputError, match="1 or 0"):
