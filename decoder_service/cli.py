@@ -80,6 +80,11 @@ class DecoderSettings(TierSettings):
     encoder_tls_key: str | None = setting(None, "PEM key of --encoder-tls-cert")
     session_ttl_s: float = setting(1800.0, "tracking sessions expire after this idle time "
                                    "(seconds; in the store and in memory)", minimum=1)
+    tracking_workers: int = setting(
+        2, "threads that run tracking (their own pool: tracking never starves segmentation)",
+        minimum=1)
+    max_prompted_frames: int = setting(
+        64, "most frames one tracked object may have prompts on", minimum=1)
     max_live_sessions: int = setting(16, "most tracking sessions held in memory (others are "
                                      "reloaded from the store)", minimum=1)
 
@@ -96,7 +101,7 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     store = open_store(settings.store, max_image_pixels=settings.max_image_pixels)
     metrics.watch_store(store)
     servicer = DecoderServicer(stream_idle_timeout_s=settings.stream_idle_timeout_s)
-    tracking_servicer = TrackingServicer()
+    tracking_servicer = TrackingServicer(workers=settings.tracking_workers)
     auth = auth_interceptor(settings.api_keys_file,
                             max_streams_per_key=settings.max_sessions_per_key)
     metrics.watch_auth(auth)
@@ -107,6 +112,8 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
         **settings.server_options(),
     )
     server.add_close_callback(store.close)
+    # Close callbacks run last-added first: tracking's threads stop before the store closes.
+    server.add_close_callback(tracking_servicer.close)
     encoder_client = None
     if settings.encoder_address:
         encoder_client = AsyncEncoderClient(
@@ -187,7 +194,8 @@ def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
     model = Sam2VideoModel.from_pretrained(settings.model, settings.checkpoint, device=device,
                                            with_encoder=False)
     return Tracker(model, store, session_ttl_s=settings.session_ttl_s,
-                   max_live_sessions=settings.max_live_sessions)
+                   max_live_sessions=settings.max_live_sessions,
+                   max_prompted_frames=settings.max_prompted_frames)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FRAMES = 100_000
 MAX_OBJECTS = 64  # objects per session: each holds ~5.5 MiB of state
+MAX_PROMPTED_FRAMES = 64  # frames with prompts per object: each is a conditioning memory
 
 
 @dataclass
@@ -102,6 +103,8 @@ class Tracker:
             they stay in the store).
         frame_cache_size: frame embeddings kept in memory per session (16 MiB each).
         max_objects: most objects one session tracks.
+        max_prompted_frames: most frames one object may have prompts on (every prompted
+            frame is kept as a conditioning memory and attended to on every frame).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class Tracker:
         max_live_sessions: int = 16,
         frame_cache_size: int = 2,
         max_objects: int = MAX_OBJECTS,
+        max_prompted_frames: int = MAX_PROMPTED_FRAMES,
     ) -> None:
         self.model = model
         self.store = store
@@ -120,6 +124,7 @@ class Tracker:
         self.max_live_sessions = max(1, int(max_live_sessions))
         self.frame_cache_size = max(1, int(frame_cache_size))
         self.max_objects = max(1, int(max_objects))
+        self.max_prompted_frames = max(1, int(max_prompted_frames))
         self._live: OrderedDict[str, _LiveSession] = OrderedDict()
         self._guard = threading.Lock()  # protects _live
         self.sessions_loaded = 0  # sessions continued from the store (moved or evicted)
@@ -187,6 +192,12 @@ class Tracker:
                 raise InvalidInputError(
                     f"session {session_id!r} already tracks {len(known)} objects, the most "
                     f"allowed; remove one first", limit=str(self.max_objects))
+            prompted = live.session.prompted_frames(obj_id)
+            if frame_idx not in prompted and len(prompted) >= self.max_prompted_frames:
+                raise InvalidInputError(
+                    f"object {obj_id} already has prompts on {len(prompted)} frames, the most "
+                    "allowed; refine one of those frames or remove the object",
+                    limit=str(self.max_prompted_frames))
             if mask is not None:
                 result = live.session.add_mask(frame_idx, obj_id, mask)
             else:
@@ -196,6 +207,14 @@ class Tracker:
                 )
             self._save(live)
             return result
+        finally:
+            live.lock.release()
+
+    def video_size(self, session_id: str, namespace: str = "") -> tuple[int, int]:
+        """The session's (height, width): the one size a mask prompt may have."""
+        live = self._acquire(session_id, namespace)
+        try:
+            return live.session.video_hw
         finally:
             live.lock.release()
 

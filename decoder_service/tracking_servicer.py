@@ -1,16 +1,21 @@
 """``sam2.v1.TrackingService`` over ``grpc.aio``: translates protos to ``Tracker`` calls.
 
-No model code here. Tracking runs on worker threads; ``Propagate`` steps one frame per
-thread hop, so a cancelled call (the client went away or cancelled) stops after the frame
-in flight, and the propagation is closed (state saved, session freed) either way. Errors
-are domain exceptions, mapped to rich status by the shared interceptor.
+No model code here. Tracking runs on its own bounded pool of worker threads (never the
+event loop's default executor, so busy tracking cannot starve segmentation's conversions);
+``Propagate`` steps one frame per thread hop, so a cancelled call (the client went away
+or cancelled) stops after the frame in flight, and the propagation is closed (state
+saved, session freed) either way. Errors are domain exceptions, mapped to rich status by
+the shared interceptor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,13 +30,27 @@ SERVICE_NAME = tracking_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_
 
 logger = logging.getLogger(__name__)
 
+_Result = TypeVar("_Result")
+
 
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     """Serves ``tracker`` once it is set (the model loads after the server starts)."""
 
-    def __init__(self, tracker: Tracker | None = None) -> None:
+    def __init__(self, tracker: Tracker | None = None, workers: int = 2) -> None:
         self.tracker = tracker
         self.propagations_cancelled = 0
+        self._executor = ThreadPoolExecutor(max(1, int(workers)),
+                                            thread_name_prefix="tracking")
+
+    async def _run(self, function: Callable[..., _Result], *args: Any, **kwargs: Any
+                   ) -> _Result:
+        """``function(*args, **kwargs)`` on a tracking worker thread."""
+        call = functools.partial(function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def close(self) -> None:
+        """Stop the worker threads once the server no longer takes calls."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     def register(self, server: grpc.aio.Server) -> None:
         tracking_pb2_grpc.add_TrackingServiceServicer_to_server(self, server)
@@ -43,7 +62,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
     async def StartSession(self, request, context) -> tracking_pb2.StartSessionResponse:
         tracker = self._ready()
-        session_id, frame_count, (height, width) = await asyncio.to_thread(
+        session_id, frame_count, (height, width) = await self._run(
             tracker.start, request.model_id, list(request.frame_embedding_ids),
             current_namespace(),
         )
@@ -54,20 +73,24 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     async def AddPrompt(self, request, context) -> tracking_pb2.AddPromptResponse:
         tracker = self._ready()
         encoding = wire.mask_encoding_from_proto(request.mask_format)
-        prompt = await asyncio.to_thread(tracking_prompt_from_proto, request)
-        result = await asyncio.to_thread(
+        # The session first (NOT_FOUND before anything is decoded), then the mask, which
+        # must be at the session's video size: checked before it is decoded.
+        video_hw = (await self._run(tracker.video_size, request.session_id, current_namespace())
+                    if request.HasField("mask") else None)
+        prompt = await self._run(tracking_prompt_from_proto, request, video_hw)
+        result = await self._run(
             tracker.add_prompt, request.session_id, request.frame_index, request.object_id,
             points=prompt.points, labels=prompt.labels, box=prompt.box,
             keep_old_points=request.keep_old_points, mask=prompt.mask,
             namespace=current_namespace(),
         )
-        frame = await asyncio.to_thread(frame_to_proto, result, encoding)
+        frame = await self._run(frame_to_proto, result, encoding)
         return tracking_pb2.AddPromptResponse(frame=frame)
 
     async def Propagate(self, request, context) -> AsyncIterator[tracking_pb2.PropagateResponse]:
         tracker = self._ready()
         encoding = wire.mask_encoding_from_proto(request.mask_format)
-        propagation = await asyncio.to_thread(
+        propagation = await self._run(
             tracker.propagate, request.session_id,
             request.start_frame_index if request.HasField("start_frame_index") else None,
             request.max_frames if request.HasField("max_frames") else None,
@@ -76,30 +99,30 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         finished = False
         try:
             while True:
-                result = await asyncio.to_thread(propagation.step)
+                result = await self._run(propagation.step)
                 if result is None:
                     finished = True
                     return
-                frame = await asyncio.to_thread(frame_to_proto, result, encoding)
+                frame = await self._run(frame_to_proto, result, encoding)
                 yield tracking_pb2.PropagateResponse(frame=frame)
         finally:
             if not finished:
                 self.propagations_cancelled += 1
                 logger.info("propagation of %s stopped after %d frames (cancelled)",
                             request.session_id, propagation.frames_done)
-            await asyncio.to_thread(propagation.close)
+            await self._run(propagation.close)
 
     async def RemoveObject(self, request, context) -> tracking_pb2.RemoveObjectResponse:
-        remaining = await asyncio.to_thread(
+        remaining = await self._run(
             self._ready().remove_object, request.session_id, request.object_id,
             current_namespace(),
         )
         return tracking_pb2.RemoveObjectResponse(remaining_object_ids=remaining)
 
     async def ResetSession(self, request, context) -> tracking_pb2.ResetSessionResponse:
-        await asyncio.to_thread(self._ready().reset, request.session_id, current_namespace())
+        await self._run(self._ready().reset, request.session_id, current_namespace())
         return tracking_pb2.ResetSessionResponse()
 
     async def CloseSession(self, request, context) -> tracking_pb2.CloseSessionResponse:
-        await asyncio.to_thread(self._ready().close, request.session_id, current_namespace())
+        await self._run(self._ready().close, request.session_id, current_namespace())
         return tracking_pb2.CloseSessionResponse()

@@ -102,10 +102,36 @@ def encode_png(mask: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk, without decoding; None if not a PNG.
+
+    (The client imports this module without PIL or OpenCV, hence this small reader.)
+    """
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return height, width
+
+
 def decode_png(data: bytes, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """PNG bytes -> [H, W] bool (nonzero = mask); checks the size when given."""
+    """PNG bytes -> [H, W] bool (nonzero = mask); checks the size when given.
+
+    With a size given, the size the PNG's header states is checked before any decoding, so
+    a small file declaring a huge image costs nothing.
+    """
     import cv2
 
+    if height is not None and width is not None:
+        stated = png_size(data)
+        if stated is None:
+            raise InvalidInputError("mask PNG could not be decoded (no PNG header)")
+        if stated != (height, width):
+            raise InvalidInputError(
+                f"mask PNG is {stated[1]}x{stated[0]}, expected {width}x{height}"
+            )
     pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
     if pixels is None:
         raise InvalidInputError("mask PNG could not be decoded")

@@ -367,11 +367,21 @@ def mask_to_proto(mask: np.ndarray, encoding: MaskEncoding) -> common_pb2.Encode
     return encoded_mask_to_proto(mask, encoded, area, bbox, encoding)
 
 
-def mask_from_proto(mask: common_pb2.EncodedMask) -> np.ndarray:
-    """``EncodedMask`` -> [H, W] bool."""
+def mask_from_proto(mask: common_pb2.EncodedMask,
+                    expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """``EncodedMask`` -> [H, W] bool.
+
+    ``expected_hw``: the only size accepted (a mask a caller sends), checked before decoding,
+    so the declared size cannot make the server allocate more than that.
+    """
     field = mask.WhichOneof("data")
     if field is None:
         raise InvalidInputError("encoded mask carries no data")
+    if expected_hw is not None and (mask.height_px, mask.width_px) != tuple(expected_hw):
+        raise InvalidInputError(
+            f"mask is {mask.width_px}x{mask.height_px} pixels; send it at the video's size, "
+            f"{expected_hw[1]}x{expected_hw[0]}",
+            expected_height_px=str(expected_hw[0]), expected_width_px=str(expected_hw[1]))
     return mask_codec.decode_mask(
         getattr(mask, field), _ENCODING_OF_FIELD[field], mask.height_px, mask.width_px
     )

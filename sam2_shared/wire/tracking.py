@@ -46,10 +46,13 @@ class TrackingPrompt:
     mask: np.ndarray | None
 
 
-def tracking_prompt_from_proto(request: tracking_pb2.AddPromptRequest) -> TrackingPrompt:
+def tracking_prompt_from_proto(request: tracking_pb2.AddPromptRequest,
+                               video_hw: tuple[int, int] | None = None) -> TrackingPrompt:
+    """``video_hw``: the session's video size, the only mask size accepted (checked before
+    the mask is decoded)."""
     points, labels = points_from_proto(request.points, "prompt")
     box = box_from_proto(request.box) if request.HasField("box") else None
-    mask = mask_from_proto(request.mask) if request.HasField("mask") else None
+    mask = mask_from_proto(request.mask, video_hw) if request.HasField("mask") else None
     return TrackingPrompt(points, labels, box, mask)
 
 

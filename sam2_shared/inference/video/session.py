@@ -275,6 +275,11 @@ class VideoSession:
             )
         return self.obj_ids, updated
 
+    def prompted_frames(self, obj_id: int) -> set[int]:
+        """Frames where ``obj_id`` has clicks, a box or a mask (empty for a new object)."""
+        obj = self._objects.get(obj_id)
+        return set() if obj is None else set(obj.points) | obj.mask_frames
+
     def reset(self) -> None:
         """Forget every object, prompt and memory."""
         self._objects.clear()

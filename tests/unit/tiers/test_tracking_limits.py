@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from decoder_service.tracking import Tracker
-from sam2_shared.errors import InvalidInputError, SessionBusyError
+from sam2_shared.errors import InvalidInputError, SessionBusyError, SessionNotFoundError
 from sam2_shared.inference.video import Sam2VideoModel
 from sam2_shared.store import open_store
 from tests.helpers.synthetic_images import synthetic_rgb
@@ -26,11 +26,12 @@ def video(tiny_checkpoint: Path) -> tuple[Tracker, list[str]]:
     frames = model.embed_frames([synthetic_rgb(64, 80, seed=s) for s in range(3)])
     for embedding in frames:
         store.put_embedding(embedding)
-    return Tracker(model, store, max_objects=2), [e.embedding_id for e in frames]
+    return (Tracker(model, store, max_objects=2, max_prompted_frames=2),
+            [e.embedding_id for e in frames])
 
 
-def click(tracker: Tracker, session_id: str, obj_id: int) -> None:
-    tracker.add_prompt(session_id, 0, obj_id, points=np.array([[20.0, 20.0]]),
+def click(tracker: Tracker, session_id: str, obj_id: int, frame_idx: int = 0) -> None:
+    tracker.add_prompt(session_id, frame_idx, obj_id, points=np.array([[20.0, 20.0]]),
                        labels=np.array([1]))
 
 
@@ -67,3 +68,23 @@ def test_objects_per_session_are_bounded(video: tuple[Tracker, list[str]]) -> No
     with pytest.raises(InvalidInputError, match="already tracks 2 objects"):
         click(tracker, session_id, 3)
     click(tracker, session_id, 2)  # a known object may always be prompted again
+
+
+def test_prompted_frames_per_object_are_bounded(video: tuple[Tracker, list[str]]) -> None:
+    tracker, frame_ids = video
+    session_id, _, _ = tracker.start("sam2.1/hiera_tiny", frame_ids)
+    click(tracker, session_id, 1, frame_idx=0)
+    tracker.add_prompt(session_id, 1, 1, mask=np.ones((64, 80), dtype=bool))  # a mask counts
+    with pytest.raises(InvalidInputError, match="prompts on 2 frames") as caught:
+        click(tracker, session_id, 1, frame_idx=2)
+    assert caught.value.metadata["limit"] == "2"
+    click(tracker, session_id, 1, frame_idx=0)  # refining a prompted frame is always allowed
+    click(tracker, session_id, 2, frame_idx=2)  # the bound is per object
+
+
+def test_video_size_looks_the_session_up(video: tuple[Tracker, list[str]]) -> None:
+    tracker, frame_ids = video
+    session_id, _, _ = tracker.start("sam2.1/hiera_tiny", frame_ids)
+    assert tracker.video_size(session_id) == (64, 80)
+    with pytest.raises(SessionNotFoundError):
+        tracker.video_size(session_id + "x")

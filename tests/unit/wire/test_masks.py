@@ -128,3 +128,20 @@ def test_full_hd_encoding_is_fast() -> None:
         assert elapsed < budget_s, (encoding, elapsed)
         decoded = masks.decode_mask(encoded[0], encoding, 1080, 1920)
         np.testing.assert_array_equal(decoded, batch[0])
+
+
+def test_a_png_bomb_is_refused_by_its_header_before_decoding(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    # A 16384x16384 all-black PNG is a few KiB; decoding it would allocate 256 MiB.
+    bomb = masks.encode_png(np.zeros((16384, 16384), dtype=bool))
+    assert len(bomb) < 200_000
+    assert masks.png_size(bomb) == (16384, 16384)
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the PNG was decoded")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    with pytest.raises(InvalidInputError, match="16384x16384, expected 80x64"):
+        masks.decode_png(bomb, 64, 80)
+    with pytest.raises(InvalidInputError, match="no PNG header"):
+        masks.decode_png(b"GIF89a" + bytes(40), 64, 80)

@@ -8,11 +8,12 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from sam2_shared import wire
-from sam2_shared.api.v1 import common_pb2, decoder_pb2
+from sam2_shared.api.v1 import common_pb2, decoder_pb2, tracking_pb2
 from sam2_shared.errors import InvalidInputError, LogitsNotFoundError
 from sam2_shared.inference.imaging import decode_image
 from sam2_shared.prompts import Prompt, Sam2BatchedPrediction
 from sam2_shared.wire.masks import MaskEncoding
+from sam2_shared.wire.tracking import tracking_prompt_from_proto, tracking_prompt_to_proto
 
 
 def _through_wire(message):  # type: ignore[no-untyped-def]
@@ -248,3 +249,16 @@ def test_embedding_to_proto() -> None:
         480,
         640,
     )
+
+
+@pytest.mark.parametrize("field", ["coco_rle_counts", "png_data", "packed_bits"])
+def test_a_tracking_mask_must_have_the_videos_size_before_it_is_decoded(field: str) -> None:
+    # 6 characters of COCO RLE can claim 16384x16384 (268 M pixels); the declared size is
+    # checked against the session's video size first, so nothing that size is allocated.
+    request = tracking_pb2.AddPromptRequest(session_id="s", frame_index=0, object_id=1)
+    request.mask.height_px, request.mask.width_px = 16384, 16384
+    setattr(request.mask, field, "0" if field == "coco_rle_counts" else b"\x00")
+    with pytest.raises(InvalidInputError, match="send it at the video's size, 80x64"):
+        tracking_prompt_from_proto(request, (64, 80))
+    tracking_prompt_to_proto(request, mask=np.eye(64, 80, dtype=bool))
+    assert tracking_prompt_from_proto(request, (64, 80)).mask.sum() == 64
