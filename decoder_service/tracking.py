@@ -128,6 +128,7 @@ class Tracker:
         self._live: OrderedDict[str, _LiveSession] = OrderedDict()
         self._guard = threading.Lock()  # protects _live
         self.sessions_loaded = 0  # sessions continued from the store (moved or evicted)
+        self.sessions_refused = 0  # stored sessions naming frames outside their namespace
 
     @property
     def model_id(self) -> str:
@@ -320,13 +321,21 @@ class Tracker:
         return self.store.session_revision(session_id)
 
     def _save(self, live: _LiveSession) -> None:
-        """Write the state, then the revision, both with the idle TTL."""
-        live.revision += 1
+        """Save the state as the next revision (compare-and-set, with the idle TTL).
+
+        When the save fails (another replica saved first: ``SessionConflictError``, or the
+        store is down) this copy is dropped, so the next call reloads what the store holds.
+        """
         state, tensors = live.session.to_state()
         tracking = {"model_id": self.model_id, "frame_ids": live.frame_ids,
                     "video_hw": list(live.session.video_hw)}
-        self.store.put_session(live.session_id, state, tensors, tracking, live.revision,
-                               self.session_ttl_s)
+        try:
+            self.store.put_session(live.session_id, state, tensors, tracking,
+                                   live.revision + 1, self.session_ttl_s)
+        except BaseException:
+            self._forget(live.session_id)
+            raise
+        live.revision += 1
 
     def _load(self, session_id: str) -> _LiveSession:
         stored = self.store.get_session(session_id)
@@ -340,6 +349,15 @@ class Tracker:
             revision = int(tracking["revision"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptEntryError(f"tracking session {session_id!r}: {exc!r}") from None
+        # A stored session naming another tenant's frames is refused, not used: whoever
+        # wrote it must not get this tenant's caller to read those frames.
+        namespace = namespace_of_id(session_id)
+        if any(namespace_of_id(frame_id) != namespace for frame_id in frame_ids):
+            self.sessions_refused += 1
+            logger.warning("tracking session %s names frames outside its namespace: refused",
+                           session_id)
+            raise SessionNotFoundError(f"tracking session {session_id!r} is unknown or expired",
+                                       session_id=session_id)
         frames = self._frame_source(frame_ids, (height, width))
         session = VideoSession.from_state(self.model, frames, state, tensors)
         self.sessions_loaded += 1

@@ -93,3 +93,10 @@ class SessionBusyError(Sam2Error):
     """The tracking session is in use by another call (a propagation): ABORTED, at once."""
 
     reason = "SESSION_BUSY"
+
+
+class SessionConflictError(SessionBusyError):
+    """Another replica saved the session while this call ran (compare-and-set lost):
+    ABORTED; sending the call again works on the newer state."""
+
+    reason = "SESSION_CONFLICT"

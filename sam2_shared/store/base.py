@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from sam2_shared.embedding import ImageEmbedding, scope_id
-from sam2_shared.errors import CorruptEntryError, InvalidInputError
+from sam2_shared.errors import CorruptEntryError, InvalidInputError, SessionConflictError
 from sam2_shared.store import codec
 from sam2_shared.store.errors import StoreUnavailableError
 
@@ -54,6 +55,18 @@ def mask_url(url: str) -> str:
                        parts.fragment))
 
 
+def _revision_of(pointer: bytes | None) -> int | None:
+    """The revision in a session pointer ``b"<revision>.<token>"``; None when malformed."""
+    if pointer is None or len(pointer) > 64:
+        return None
+    revision, _, token = pointer.decode("ascii", "replace").partition(".")
+    if not (revision.isascii() and revision.isdigit() and 0 < len(revision) <= 20):
+        return None
+    if not (token.isascii() and token.isalnum()):
+        return None
+    return int(revision)
+
+
 class BlobStore(ABC):
     """Bytes by string key, with an optional time to live. Implementations are thread-safe.
 
@@ -82,6 +95,19 @@ class BlobStore(ABC):
         content-addressed, so a lost race writes the same bytes twice, nothing worse.
         """
         if self.exists(key):
+            return False
+        self.put(key, data, ttl_s)
+        return True
+
+    def replace_if(self, key: str, expected: bytes, data: bytes,
+                   ttl_s: float | None = None) -> bool:
+        """Write ``data`` only if the key holds exactly ``expected``; return whether it did.
+
+        Not atomic by default (a read, then a write); the memory, diskcache and Redis
+        backends override it atomically. S3 keeps this default: the S3-compatible servers
+        this project runs do not all honour conditional writes.
+        """
+        if self.get(key) != expected:
             return False
         self.put(key, data, ttl_s)
         return True
@@ -129,6 +155,7 @@ class StoreStats:
     misses: int = 0
     writes: int = 0
     corrupt: int = 0
+    session_conflicts: int = 0  # compare-and-set saves lost to another writer
     errors: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
@@ -213,8 +240,9 @@ class EmbeddingStore:
         return LOGITS_PREFIX + _check_id(handle, "logits handle")
 
     @staticmethod
-    def session_key(session_id: str) -> str:
-        return SESSION_PREFIX + _check_id(session_id, "session id")
+    def session_key(session_id: str, version: str) -> str:
+        """Key of one saved state of a session (``version``: its revision pointer's value)."""
+        return f"{SESSION_PREFIX}{_check_id(session_id, 'session id')}@{version}"
 
     def _record(self, op: str, kind: str, outcome: str, started: float, nbytes: int) -> None:
         self.stats.record(LatencySample(op, kind, outcome, time.perf_counter() - started, nbytes))
@@ -404,54 +432,89 @@ class EmbeddingStore:
     def put_session(self, session_id: str, state: dict[str, Any],
                     tensors: Sequence[tuple[str, torch.Tensor]], tracking: dict[str, Any],
                     revision: int, ttl_s: float | None) -> None:
-        """Store a tracking session (``VideoSession.to_state`` plus the tier's ``tracking``
-        metadata) as one codec entry, then its ``revision``: a reader that sees the new
-        revision finds the new state. Both live ``ttl_s``."""
-        key = self.session_key(session_id)
+        """Save a tracking session (``VideoSession.to_state`` plus the tier's ``tracking``
+        metadata) as ``revision``, which must follow the stored one (1 for a new session).
+
+        Compare-and-set: the state goes under a key of its own, then the revision pointer
+        (``"<revision>.<token>"``) moves from the stored value to this one only if nobody
+        moved it meanwhile. Of two replicas saving revision N+1, one wins and the other gets
+        ``SessionConflictError`` and leaves the winner's state untouched. Both live ``ttl_s``.
+        """
+        revision = int(revision)
+        pointer_key = SESSION_REVISION_PREFIX + _check_id(session_id, "session id")
         started = time.perf_counter()
-        data = codec.encode_session(state, tensors, {**tracking, "revision": int(revision)})
+        version = f"{revision}.{uuid.uuid4().hex}"
+        data = codec.encode_session(state, tensors, {**tracking, "revision": revision})
+        state_key = self.session_key(session_id, version)
         try:
-            self.blobs.put(key, data, ttl_s)
-            self.blobs.put(SESSION_REVISION_PREFIX + session_id, str(int(revision)).encode(),
-                           ttl_s)
+            previous = self.blobs.get(pointer_key) if revision > 1 else None
+            if revision > 1 and _revision_of(previous) != revision - 1:
+                raise self._conflict(session_id, revision)
+            self.blobs.put(state_key, data, ttl_s)
+            moved = (self.blobs.put_if_absent(pointer_key, version.encode(), ttl_s)
+                     if previous is None else
+                     self.blobs.replace_if(pointer_key, previous, version.encode(), ttl_s))
+            if not moved:
+                self.blobs.delete(state_key)
+                raise self._conflict(session_id, revision)
+            if previous is not None:  # the replaced state; a reader holding it retries
+                self.blobs.delete(self.session_key(session_id, previous.decode("ascii")))
         except StoreUnavailableError:
             self._record("put", "session", "error", started, 0)
             raise
         self._record("put", "session", "written", started, len(data))
 
+    def _conflict(self, session_id: str, revision: int) -> SessionConflictError:
+        self.stats.session_conflicts += 1
+        return SessionConflictError(
+            f"tracking session {session_id!r} was changed by another call while this one ran "
+            f"(revision {revision} is taken); send the call again", session_id=session_id)
+
     def session_revision(self, session_id: str) -> int | None:
         """The stored revision of a session, or None (expired, closed, or unreadable)."""
+        return _revision_of(self._session_pointer(session_id))
+
+    def _session_pointer(self, session_id: str) -> bytes | None:
         key = SESSION_REVISION_PREFIX + _check_id(session_id, "session id")
         data = self.blobs.get(key)
-        if data is None:
-            return None
-        text = data.decode("ascii", "replace")
-        if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
+        if data is not None and _revision_of(data) is None:
             logger.warning("corrupt session revision %s in %s: %r", key, self.url, data[:32])
             return None
-        return int(text)
+        return data
 
     def get_session(
         self, session_id: str
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The verified session (state, tensors, tracking metadata), or None on a miss; a
-        damaged entry is counted, logged, deleted and reported as a miss."""
+        """The verified current session (state, tensors, tracking metadata), or None on a
+        miss; a damaged entry is counted, logged, deleted and reported as a miss."""
         def decode(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
             state, tensors, tracking = codec.decode_session(data)
             try:
                 hw = state["video_hw"]
                 if list(hw) != list(tracking["video_hw"]):
                     raise CorruptEntryError("session and tracking metadata disagree on the size")
+                if tracking["revision"] != _revision_of(pointer):
+                    raise CorruptEntryError("session state is not of its revision")
             except (KeyError, TypeError) as exc:
                 raise CorruptEntryError(f"session entry has no video size: {exc!r}") from None
             self.check_image_size(hw, "tracking session")
             return state, tensors, tracking
 
-        return self._get_verified("session", self.session_key(session_id), decode)
+        for _ in range(3):  # a save between reading the pointer and the state: read again
+            pointer = self._session_pointer(session_id)
+            if pointer is None:
+                return None
+            key = self.session_key(session_id, pointer.decode("ascii"))
+            loaded = self._get_verified("session", key, decode)
+            if loaded is not None or self._session_pointer(session_id) == pointer:
+                return loaded
+        return None
 
     def delete_session(self, session_id: str) -> None:
-        self.blobs.delete(self.session_key(session_id))
-        self.blobs.delete(SESSION_REVISION_PREFIX + session_id)
+        pointer = self._session_pointer(session_id)
+        self.blobs.delete(SESSION_REVISION_PREFIX + _check_id(session_id, "session id"))
+        if pointer is not None:
+            self.blobs.delete(self.session_key(session_id, pointer.decode("ascii")))
 
     def ping(self) -> None:
         self.blobs.ping()

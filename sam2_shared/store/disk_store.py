@@ -125,6 +125,17 @@ class DiskBlobStore(BlobStore):
         except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
             raise self.unavailable(f"put {key}", exc) from exc
 
+    def replace_if(self, key: str, expected: bytes, data: bytes,
+                   ttl_s: float | None = None) -> bool:
+        try:
+            with self.cache.transact():  # one SQLite transaction: other processes wait
+                if self.get(key) != expected:
+                    return False
+                self.cache.set(key, bytes(data), expire=ttl_s)
+                return True
+        except (sqlite3.Error, OSError, diskcache.Timeout) as exc:
+            raise self.unavailable(f"replace {key}", exc) from exc
+
     def delete(self, key: str) -> None:
         try:
             self.cache.delete(key)

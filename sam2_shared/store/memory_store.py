@@ -59,6 +59,14 @@ class MemoryBlobStore(BlobStore):
             self._put_locked(key, bytes(data), ttl_s)
             return True
 
+    def replace_if(self, key: str, expected: bytes, data: bytes,
+                   ttl_s: float | None = None) -> bool:
+        with self._lock:
+            if self._live(key) != expected:
+                return False
+            self._put_locked(key, bytes(data), ttl_s)
+            return True
+
     def _put_locked(self, key: str, data: bytes, ttl_s: float | None) -> None:
         if key in self._entries:
             self._remove(key)

@@ -17,6 +17,19 @@ from sam2_shared.store.base import BlobStore, mask_url
 _OWN_PARAMS = ("prefix",)
 
 
+# Compare-and-set in one server-side step: KEYS[1] becomes ARGV[2] (with a PX of ARGV[3]
+# milliseconds, none when 0) only if it holds exactly ARGV[1].
+_REPLACE_IF = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
 class RedisBlobStore(BlobStore):
     """Values as Redis strings; TTL via ``PX``; one connection pool per store.
 
@@ -70,6 +83,14 @@ class RedisBlobStore(BlobStore):
             return bool(self.client.set(self.key_prefix + key, data, px=_ttl_ms(ttl_s), nx=True))
         except redis.RedisError as exc:
             raise self.unavailable(f"SET NX {key}", exc) from exc
+
+    def replace_if(self, key: str, expected: bytes, data: bytes,
+                   ttl_s: float | None = None) -> bool:
+        try:
+            return bool(self.client.eval(_REPLACE_IF, 1, self.key_prefix + key, expected, data,
+                                         _ttl_ms(ttl_s) or 0))
+        except redis.RedisError as exc:
+            raise self.unavailable(f"replace {key}", exc) from exc
 
     def delete(self, key: str) -> None:
         try:

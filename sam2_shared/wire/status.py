@@ -33,6 +33,7 @@ from sam2_shared.errors import (
     ResourceExhaustedError,
     Sam2Error,
     SessionBusyError,
+    SessionConflictError,
     SessionNotFoundError,
     StoreUnavailableError,
     StreamIdleError,
@@ -69,7 +70,7 @@ _TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (InvalidInputError, _Mapping(grpc.StatusCode.INVALID_ARGUMENT, True)),  # + UnknownModel
     (EmbeddingNotFoundError, _Mapping(grpc.StatusCode.NOT_FOUND, True)),  # + Logits, Session
     (UnauthenticatedError, _Mapping(grpc.StatusCode.UNAUTHENTICATED, True)),
-    (SessionBusyError, _Mapping(grpc.StatusCode.ABORTED, True)),
+    (SessionBusyError, _Mapping(grpc.StatusCode.ABORTED, True)),  # + SessionConflict
     (StreamIdleError, _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, True)),
     (ResourceExhaustedError, _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, True, True)),
     (NotReadyError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
@@ -93,6 +94,7 @@ _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
         LogitsNotFoundError,
         SessionNotFoundError,
         SessionBusyError,
+        SessionConflictError,
         UnauthenticatedError,
         ResourceExhaustedError,
         NotReadyError,

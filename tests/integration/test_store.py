@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -20,7 +21,12 @@ import redis
 import torch
 
 from sam2_shared.embedding import ImageEmbedding
-from sam2_shared.errors import CorruptEntryError, InvalidInputError, Sam2Error
+from sam2_shared.errors import (
+    CorruptEntryError,
+    InvalidInputError,
+    Sam2Error,
+    SessionConflictError,
+)
 from sam2_shared.store import (
     EmbeddingStore,
     LatencySample,
@@ -503,3 +509,66 @@ def test_missing_server_binary_names_the_package() -> None:
 
     with pytest.raises(RuntimeError, match="apt-get install -y some-package"):
         find_binary("no-such-binary-sam2-test", "apt-get install -y some-package")
+
+
+# --- tracking sessions: compare-and-set saves ---------------------------------------------
+
+SESSION_STATE = {"model_id": "sam2.1/hiera_tiny", "num_frames": 2, "video_hw": [4, 5],
+                 "objects": []}
+
+
+def _save_session(store: EmbeddingStore, revision: int, writer: str) -> None:
+    tracking = {"model_id": "sam2.1/hiera_tiny", "frame_ids": ["a", "b"], "video_hw": [4, 5],
+                "writer": writer}
+    store.put_session("cas", SESSION_STATE, [("t0", torch.zeros(2))], tracking, revision, 60)
+
+
+def test_two_writers_of_one_revision_one_wins(store_url: str) -> None:
+    with open_store(store_url) as first:
+        second = first if store_url == "memory://" else open_store(store_url)
+        _save_session(first, 1, "first")
+        _save_session(first, 2, "first")
+        with pytest.raises(SessionConflictError) as caught:
+            _save_session(second, 2, "second")  # it had loaded revision 1 too
+        assert caught.value.reason == "SESSION_CONFLICT"
+        _, _, tracking = second.get_session("cas")
+        assert tracking["writer"] == "first" and tracking["revision"] == 2
+        with pytest.raises(SessionConflictError):
+            _save_session(second, 1, "second")  # a new session under a taken id
+        _save_session(second, 3, "second")  # after reloading, the next revision is fine
+        assert first.get_session("cas")[2]["writer"] == "second"
+
+
+@pytest.mark.parametrize("backend", ["memory", "diskcache", "redis"])
+def test_racing_writers_of_one_revision_one_wins(backend: str, request: pytest.FixtureRequest,
+                                                  tmp_path: Path) -> None:
+    # S3 is left out: its compare-and-set is a read then a write (see BlobStore.replace_if).
+    if backend == "memory":
+        url = "memory://"
+    elif backend == "diskcache":
+        url = f"diskcache://{tmp_path}/cache"
+    else:
+        url = request.getfixturevalue("redis_server").url + f"?prefix=r{secrets.token_hex(4)}:"
+    stores = [open_store(url)] * 8 if backend == "memory" else [open_store(url) for _ in range(8)]
+    _save_session(stores[0], 1, "start")
+    barrier = threading.Barrier(len(stores))
+    outcomes: list[str] = []
+
+    def save(index: int) -> None:
+        barrier.wait()
+        try:
+            _save_session(stores[index], 2, f"w{index}")
+            outcomes.append(f"w{index}")
+        except SessionConflictError:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    winners = [o for o in outcomes if o != "conflict"]
+    assert len(outcomes) == len(stores) and len(winners) == 1
+    assert stores[0].get_session("cas")[2]["writer"] == winners[0]
+    for opened in set(stores):
+        opened.close()

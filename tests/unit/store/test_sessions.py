@@ -23,10 +23,12 @@ def tensors() -> list[tuple[str, torch.Tensor]]:
 
 def test_session_round_trip_keeps_values_and_dtypes() -> None:
     store = open_store("memory://")
-    store.put_session("ns:s1", STATE, tensors(), TRACKING, revision=3, ttl_s=60)
+    for revision in (1, 2, 3):
+        store.put_session("ns:s1", STATE, tensors(), TRACKING, revision=revision, ttl_s=60)
     assert store.session_revision("ns:s1") == 3
     state, back, tracking = store.get_session("ns:s1")
     assert state == STATE and tracking == {**TRACKING, "revision": 3}
+    assert len(store.blobs._entries) == 2  # the pointer and the current state only
     for name, tensor in tensors():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
     assert store.stats.hits == 1
@@ -37,7 +39,7 @@ def test_session_round_trip_keeps_values_and_dtypes() -> None:
 def test_damaged_session_or_revision_is_a_miss() -> None:
     store = open_store("memory://")
     store.put_session("s2", STATE, tensors(), TRACKING, revision=1, ttl_s=60)
-    key = store.session_key("s2")
+    key = store.session_key("s2", store.blobs.get("session-rev/s2").decode())
     data = bytearray(store.blobs.get(key))
     data[-3] ^= 0xFF
     store.blobs.put(key, bytes(data))
@@ -50,7 +52,8 @@ def test_damaged_session_or_revision_is_a_miss() -> None:
 def test_an_embedding_entry_is_not_a_session() -> None:
     entry = codec.encode_logits(torch.zeros(1, 256, 256).numpy())
     store = open_store("memory://")
-    store.blobs.put(store.session_key("s3"), entry)
+    store.blobs.put("session-rev/s3", b"1.abc")
+    store.blobs.put(store.session_key("s3", "1.abc"), entry)
     assert store.get_session("s3") is None and store.stats.corrupt == 1
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from decoder_service.tracking import Tracker
+from sam2_shared.embedding import scope_id
 from sam2_shared.errors import InvalidInputError, SessionBusyError, SessionNotFoundError
 from sam2_shared.inference.video import Sam2VideoModel
 from sam2_shared.store import open_store
@@ -88,3 +89,22 @@ def test_video_size_looks_the_session_up(video: tuple[Tracker, list[str]]) -> No
     assert tracker.video_size(session_id) == (64, 80)
     with pytest.raises(SessionNotFoundError):
         tracker.video_size(session_id + "x")
+
+
+def test_a_stored_session_naming_another_tenants_frames_is_refused(
+    video: tuple[Tracker, list[str]],
+) -> None:
+    # Someone with write access to the store saves a session in tenant a's namespace that
+    # points at tenant b's frames; tenant a's calls must not read them through it.
+    tracker, frame_ids = video
+    session_id, _, _ = tracker.start("sam2.1/hiera_tiny", frame_ids)
+    state, tensors, tracking = tracker.store.get_session(session_id)
+    forged_id = scope_id("a", "forged")
+    foreign = [scope_id("b", frame_id) for frame_id in frame_ids]
+    tracker.store.put_session(forged_id, state, sorted(tensors.items()),
+                              {**tracking, "frame_ids": foreign}, 1, 60)
+    refused = tracker.sessions_refused
+    with pytest.raises(SessionNotFoundError):
+        tracker.add_prompt(forged_id, 0, 1, points=np.array([[20.0, 20.0]]),
+                           labels=np.array([1]), namespace="a")
+    assert tracker.sessions_refused == refused + 1
