@@ -279,6 +279,17 @@ def put_nested_metadata(stack: Stack) -> Answer:
         payloads.blob_header(data, MODEL_ID), data))
 
 
+def put_tensor_dtype_a_json_list(stack: Stack) -> Answer:
+    # a well-formed entry whose first tensor's "dtype" is [] (found by test_fuzz.py)
+    entry = zero_entry((120, 160))
+    metadata = codec.read_metadata(entry)
+    payload = entry[metadata.pop("_payload_offset"):]
+    metadata["tensors"][0]["dtype"] = []
+    data = payloads.codec_entry(json.dumps(metadata).encode(), payload)
+    return put_embedding(stack, payloads.put_embedding_messages(
+        payloads.blob_header(data, MODEL_ID), data))
+
+
 def put_huge_original_hw(stack: Stack) -> Answer:
     data = zero_entry((100_000, 100_000))
     return put_embedding(stack, payloads.put_embedding_messages(
@@ -433,6 +444,9 @@ class Hostile:
 ECHO_BUG = ("the error message and ErrorInfo metadata echo the whole {what}, so the trailers "
             "exceed the client's 16 KiB metadata limit and the caller gets RESOURCE_EXHAUSTED "
             "'Stream removed' instead of {expected}")
+DTYPE_BUG = ("a tensor entry whose dtype is a JSON list or object is looked up in a dict: "
+             "TypeError (unhashable), answered INTERNAL instead of INVALID_ARGUMENT "
+             "EMBEDDING_CORRUPT (sam2_shared/store/codec.py _unpack)")
 RLE_BUG = ("AddPrompt decodes a mask of any declared size with no pixel bound: 6 characters of "
            "COCO RLE claiming 16384x16384 (268 M pixels, over --max-image-pixels) are decoded "
            "and resized (OK after 6.7 s, decoder peak RSS +1560 MiB) instead of "
@@ -469,6 +483,9 @@ CASES = [
     # measured: 0.003 s, +0.2 MiB
     Hostile("PutEmbedding: metadata nested 30000 deep", "encoder", put_nested_metadata,
             INVALID, "EMBEDDING_CORRUPT", 2.0, 50),
+    Hostile("PutEmbedding: tensor dtype [] (a JSON list)", "encoder",
+            put_tensor_dtype_a_json_list, INVALID, "EMBEDDING_CORRUPT", 3.0, 100,
+            DTYPE_BUG),
     # measured: 0.027 s, +3 MiB
     Hostile("PutEmbedding: original_hw 100000x100000", "encoder", put_huge_original_hw,
             INVALID, "EMBEDDING_CORRUPT", 3.0, 100),
