@@ -483,6 +483,7 @@ CASES = [
     # measured: 0.003 s, +0.2 MiB
     Hostile("PutEmbedding: metadata nested 30000 deep", "encoder", put_nested_metadata,
             INVALID, "EMBEDDING_CORRUPT", 2.0, 50),
+    # measured: INTERNAL in 0.026 s, +2.5 MiB
     Hostile("PutEmbedding: tensor dtype [] (a JSON list)", "encoder",
             put_tensor_dtype_a_json_list, INVALID, "EMBEDDING_CORRUPT", 3.0, 100,
             DTYPE_BUG),
@@ -511,6 +512,7 @@ CASES = [
     Hostile("Segment: embedding_id of 1 MiB", "decoder", embedding_id_of_a_mebibyte,
             INVALID, "INVALID_ARGUMENT", 2.0, 50,
             ECHO_BUG.format(what="id", expected="INVALID_ARGUMENT")),
+    # measured: 0.013 s, +4 MiB, RESOURCE_EXHAUSTED
     Hostile("Segment: logits handle of 1 MiB", "decoder", logits_handle_of_a_mebibyte,
             NOT_FOUND, "LOGITS_NOT_FOUND", 2.0, 50,
             ECHO_BUG.format(what="handle", expected="NOT_FOUND LOGITS_NOT_FOUND")),
@@ -528,6 +530,7 @@ CASES = [
     # measured: 0.002 s, +0 MiB
     Hostile("AddPrompt: unknown session", "decoder", add_prompt_to_an_unknown_session,
             NOT_FOUND, "SESSION_NOT_FOUND", 2.0, 50),
+    # measured: 0.009 s, +1 MiB, RESOURCE_EXHAUSTED
     Hostile("AddPrompt: session id of 1 MiB", "decoder", add_prompt_to_a_mebibyte_session_id,
             NOT_FOUND, "SESSION_NOT_FOUND", 2.0, 50,
             ECHO_BUG.format(what="session id", expected="NOT_FOUND SESSION_NOT_FOUND")),
