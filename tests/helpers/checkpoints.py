@@ -121,3 +121,13 @@ def make_random_checkpoint(model_id: str, seed: int = DEFAULT_SEED) -> Path:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return path
+
+
+def present_checkpoint(source: Path, target: Path, object_score_shift: float = 1.0) -> Path:
+    """``source`` with the object-score head's output bias raised by ``object_score_shift``,
+    saved as ``target``: random weights judge every object absent (video masks all empty);
+    shifted, objects are present and masks depend on prompts and memories."""
+    blob = torch.load(source, map_location="cpu", weights_only=True)
+    blob["model"]["sam_mask_decoder.pred_obj_score_head.layers.2.bias"] += object_score_shift
+    torch.save(blob, target)
+    return target

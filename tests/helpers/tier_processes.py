@@ -102,6 +102,22 @@ class TierProcess:
         self.process = None
         return code
 
+    def memory_mib(self, field: str = "VmHWM") -> float:
+        """``VmHWM`` (peak resident set since start or ``reset_peak_memory``) or ``VmRSS``
+        (resident now) of the running process, in MiB, from ``/proc/<pid>/status``."""
+        assert self.process is not None and self.process.poll() is None, f"{self.module} died"
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024  # kB
+        raise RuntimeError(f"no {field} in /proc/{self.process.pid}/status")
+
+    def reset_peak_memory(self) -> float:
+        """Set ``VmHWM`` back to the resident set now (``5`` to ``/proc/<pid>/clear_refs``),
+        so the next ``memory_mib()`` is the peak of what happens in between; returns it."""
+        assert self.process is not None
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        return self.memory_mib("VmHWM")
+
     def log_tail(self, nbytes: int = 4000) -> str:
         path = self.workdir / "log"
         return path.read_bytes()[-nbytes:].decode(errors="replace") if path.exists() else ""

@@ -23,6 +23,7 @@ from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
 from sam2_shared.inference.video import FrameResult, Sam2VideoModel
 from sam2_shared.store import open_store
 from sam2_shared.wire.tracking import TrackedFrame
+from tests.helpers.checkpoints import present_checkpoint as present_checkpoint_file
 from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
@@ -47,13 +48,10 @@ def clip() -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def present_checkpoint(random_checkpoint: Callable[..., Path],
                        tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random weights judge every object absent; shift the object-score bias so masks are
-    not empty and depend on the memories (as tests/test_video.py does)."""
-    blob = torch.load(random_checkpoint(MODEL_ID), map_location="cpu", weights_only=True)
-    blob["model"]["sam_mask_decoder.pred_obj_score_head.layers.2.bias"] += 1.0
-    path = tmp_path_factory.mktemp("tracking") / "present.pt"
-    torch.save(blob, path)
-    return path
+    """Random weights judge every object absent; shifted, masks are not empty and depend on
+    the memories."""
+    return present_checkpoint_file(random_checkpoint(MODEL_ID),
+                                   tmp_path_factory.mktemp("tracking") / "present.pt")
 
 
 class Fleet:

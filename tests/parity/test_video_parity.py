@@ -33,6 +33,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.checkpoints import present_checkpoint
 from tests.helpers.reference import config_for
 
 MODEL_IDS = ("sam2.1/hiera_tiny", "sam2/hiera_tiny")
@@ -238,13 +239,6 @@ def run_ours(model: Any, embeddings: list[Any]) -> Outputs:
     return outputs
 
 
-def present_checkpoint(source: Path, target: Path) -> Path:
-    blob = torch.load(source, map_location="cpu", weights_only=True)
-    blob["model"]["sam_mask_decoder.pred_obj_score_head.layers.2.bias"] += OBJECT_SCORE_SHIFT
-    torch.save(blob, target)
-    return target
-
-
 @dataclass
 class VideoRuns:
     model_id: str
@@ -266,7 +260,7 @@ def video_runs(
 
     model_id: str = request.param
     target = tmp_path_factory.mktemp("ckpt") / "present.pt"
-    checkpoint = present_checkpoint(random_checkpoint(model_id), target)
+    checkpoint = present_checkpoint(random_checkpoint(model_id), target, OBJECT_SCORE_SHIFT)
     torch.manual_seed(0)
     start = time.perf_counter()
     reference = run_reference(model_id, checkpoint, clip_dir)

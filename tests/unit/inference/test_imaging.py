@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import cv2
@@ -25,6 +23,7 @@ from sam2_shared.inference.imaging import (
 )
 from sam2_shared.inference.transforms import postprocess_masks, preprocess_images
 from sam2_shared.prompts import Prompt
+from tests.helpers.hostile_payloads import png_header_only
 
 RED_RGB = (200, 10, 30)
 
@@ -239,18 +238,6 @@ def test_pixel_limit_passes_at_the_limit_and_applies_to_arrays() -> None:
         decode_image(np.zeros((100, 50), np.uint8), max_pixels=4999)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height but whose data is tiny: a bomb's header."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + payload))
-        return struct.pack(">I", len(payload)) + kind + payload + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
-    idat = chunk(b"IDAT", zlib.compress(b"\0\0"))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
-
-
 # PIL warns above MAX_IMAGE_PIXELS (~89M) while we read the header; our own check refuses.
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize(
@@ -262,7 +249,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 )
 def test_pixel_limit_on_bomb_headers(width: int, height: int, fragment: str) -> None:
     with pytest.raises(InvalidInputError, match=fragment):
-        decode_image(_png_header_only(width, height))
+        decode_image(png_header_only(width, height))
 
 
 # ----- PIL and other types ----------------------------------------------------------------

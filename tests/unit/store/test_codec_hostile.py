@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 
 import pytest
 import torch
@@ -14,23 +13,19 @@ import torch
 from sam2_shared.embedding import ImageEmbedding
 from sam2_shared.errors import CorruptEntryError
 from sam2_shared.store import codec, open_store
-
-
-def entry_with_metadata(meta: bytes) -> bytes:
-    header = codec.HEADER.pack(codec.MAGIC, codec.FORMAT_VERSION, 0, len(meta), zlib.crc32(meta))
-    return header + meta
+from tests.helpers.hostile_payloads import codec_entry
 
 
 def test_deeply_nested_metadata_is_corrupt_not_a_crash() -> None:
     nested = b"[" * 30_000 + b"]" * 30_000  # within the 64 KiB limit, beyond recursion
     with pytest.raises(CorruptEntryError, match="RecursionError"):
-        codec.read_metadata(entry_with_metadata(nested))
+        codec.read_metadata(codec_entry(nested))
 
 
 def test_non_json_and_wrong_types_are_corrupt() -> None:
     for meta in (b"\xff\xfe", b"[]", json.dumps({"format_version": "1"}).encode()):
         with pytest.raises(CorruptEntryError):
-            codec.read_metadata(entry_with_metadata(meta))
+            codec.read_metadata(codec_entry(meta))
     with pytest.raises(CorruptEntryError):
         codec.read_metadata(struct.pack("<8s", b"SAM2BLOB"))  # shorter than the header
 
