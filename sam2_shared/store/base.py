@@ -444,7 +444,8 @@ class EmbeddingStore:
         pointer_key = SESSION_REVISION_PREFIX + _check_id(session_id, "session id")
         started = time.perf_counter()
         version = f"{revision}.{uuid.uuid4().hex}"
-        data = codec.encode_session(state, tensors, {**tracking, "revision": revision})
+        data = codec.encode_session(
+            state, tensors, {**tracking, "session_id": session_id, "revision": revision})
         state_key = self.session_key(session_id, version)
         try:
             previous = self.blobs.get(pointer_key) if revision > 1 else None
@@ -495,6 +496,8 @@ class EmbeddingStore:
                     raise CorruptEntryError("session and tracking metadata disagree on the size")
                 if tracking["revision"] != _revision_of(pointer):
                     raise CorruptEntryError("session state is not of its revision")
+                if tracking["session_id"] != session_id:  # an entry copied from elsewhere
+                    raise CorruptEntryError("session entry names another session")
             except (KeyError, TypeError) as exc:
                 raise CorruptEntryError(f"session entry has no video size: {exc!r}") from None
             self.check_image_size(hw, "tracking session")

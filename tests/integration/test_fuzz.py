@@ -19,7 +19,7 @@ import cv2
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, Phase, assume, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from sam2_shared.api.v1 import (
@@ -329,18 +329,9 @@ def upload_messages(stack: FuzzStack, plan: dict) -> list[encoder_pb2.PutEmbeddi
     return messages
 
 
-def hits_the_known_dtype_bug(plan: dict) -> bool:
-    """A tensor entry whose dtype is a JSON list or object escapes as INTERNAL today (strict
-    xfail "PutEmbedding: tensor dtype [] (a JSON list)" in test_hostile_inputs.py): left out
-    here, so that the rest of the upload space keeps being checked."""
-    return any(key == "dtype" and isinstance(value, list | dict)
-               for _, key, value in plan["tensor_edits"])
-
-
 @UPLOAD_SETTINGS
 @given(plan=uploads())
 def test_fuzzed_uploads_get_clean_answers(stack: FuzzStack, plan: dict) -> None:
-    assume(plan["source"] != "metadata" or not hits_the_known_dtype_bug(plan))
     messages = upload_messages(stack, plan)
     try:
         response = stack.encoder_stub.PutEmbedding(iter(messages), timeout=30)

@@ -421,6 +421,20 @@ def add_prompt_with_a_huge_rle_mask(stack: Stack) -> Answer:
             client.close_session(session.session_id)
 
 
+def add_prompt_with_a_png_bomb_mask(stack: Stack) -> Answer:
+    # declared at the video's size, but the PNG itself is 12000 x 12000 (a small file)
+    with stack.tracking_client() as client:
+        session = client.start_session(stack.frame_ids)
+        try:
+            request = tracking_pb2.AddPromptRequest(session_id=session.session_id,
+                                                    frame_index=0, object_id=1)
+            request.mask.height_px, request.mask.width_px = session.video_hw
+            request.mask.png_data = payloads.png_bomb(12_000, 12_000)
+            return timed(lambda: stack.tracking_stub.AddPrompt(request, timeout=60))
+        finally:
+            client.close_session(session.session_id)
+
+
 @dataclass(frozen=True)
 class Hostile:
     """One hostile input: what to send to which tier, and the answer it must get.
@@ -441,17 +455,6 @@ class Hostile:
 
 # Bounds: seconds to answer and MiB of peak-RSS growth; "measured" is one run on the 2-core
 # development machine (other jobs running).
-ECHO_BUG = ("the error message and ErrorInfo metadata echo the whole {what}, so the trailers "
-            "exceed the client's 16 KiB metadata limit and the caller gets RESOURCE_EXHAUSTED "
-            "'Stream removed' instead of {expected}")
-DTYPE_BUG = ("a tensor entry whose dtype is a JSON list or object is looked up in a dict: "
-             "TypeError (unhashable), answered INTERNAL instead of INVALID_ARGUMENT "
-             "EMBEDDING_CORRUPT (sam2_shared/store/codec.py _unpack)")
-RLE_BUG = ("AddPrompt decodes a mask of any declared size with no pixel bound: 6 characters of "
-           "COCO RLE claiming 16384x16384 (268 M pixels, over --max-image-pixels) are decoded "
-           "and resized (OK after 6.7 s, decoder peak RSS +1560 MiB) instead of "
-           "INVALID_ARGUMENT before decoding")
-
 CASES = [
     # measured: 0.008 s, +3 MiB
     Hostile("EmbedImages: 33 images (limit 32)", "encoder", too_many_images,
@@ -483,10 +486,9 @@ CASES = [
     # measured: 0.003 s, +0.2 MiB
     Hostile("PutEmbedding: metadata nested 30000 deep", "encoder", put_nested_metadata,
             INVALID, "EMBEDDING_CORRUPT", 2.0, 50),
-    # measured: INTERNAL in 0.026 s, +2.5 MiB
+    # measured before the fix: INTERNAL in 0.026 s, +2.5 MiB
     Hostile("PutEmbedding: tensor dtype [] (a JSON list)", "encoder",
-            put_tensor_dtype_a_json_list, INVALID, "EMBEDDING_CORRUPT", 3.0, 100,
-            DTYPE_BUG),
+            put_tensor_dtype_a_json_list, INVALID, "EMBEDDING_CORRUPT", 3.0, 100),
     # measured: 0.027 s, +3 MiB
     Hostile("PutEmbedding: original_hw 100000x100000", "encoder", put_huge_original_hw,
             INVALID, "EMBEDDING_CORRUPT", 3.0, 100),
@@ -508,14 +510,14 @@ CASES = [
     # measured: 0.002 s, +0 MiB
     Hostile("Segment: logits handle '<id>.\u00b2'", "decoder",
             logits_handle_with_unicode_digits, NOT_FOUND, "LOGITS_NOT_FOUND", 2.0, 50),
-    # measured: 0.018 s, +18 MiB, RESOURCE_EXHAUSTED (the echo below)
+    # Before errors clipped what they quote, these three echoed the whole id into the
+    # trailers, over the client's 16 KiB metadata limit: RESOURCE_EXHAUSTED "Stream removed".
+    # measured before the fix: 0.018 s, +18 MiB, RESOURCE_EXHAUSTED
     Hostile("Segment: embedding_id of 1 MiB", "decoder", embedding_id_of_a_mebibyte,
-            INVALID, "INVALID_ARGUMENT", 2.0, 50,
-            ECHO_BUG.format(what="id", expected="INVALID_ARGUMENT")),
-    # measured: 0.013 s, +4 MiB, RESOURCE_EXHAUSTED
+            INVALID, "INVALID_ARGUMENT", 2.0, 50),
+    # measured before the fix: 0.013 s, +4 MiB, RESOURCE_EXHAUSTED
     Hostile("Segment: logits handle of 1 MiB", "decoder", logits_handle_of_a_mebibyte,
-            NOT_FOUND, "LOGITS_NOT_FOUND", 2.0, 50,
-            ECHO_BUG.format(what="handle", expected="NOT_FOUND LOGITS_NOT_FOUND")),
+            NOT_FOUND, "LOGITS_NOT_FOUND", 2.0, 50),
     # measured: 0.34 s, +0.1 MiB (gRPC refuses by the length prefix; its own status, no
     # ErrorInfo, so the reason is the code's name)
     Hostile("Segment: 64 MiB + 1 byte message", "decoder", message_over_the_size_limit,
@@ -530,18 +532,20 @@ CASES = [
     # measured: 0.002 s, +0 MiB
     Hostile("AddPrompt: unknown session", "decoder", add_prompt_to_an_unknown_session,
             NOT_FOUND, "SESSION_NOT_FOUND", 2.0, 50),
-    # measured: 0.009 s, +1 MiB, RESOURCE_EXHAUSTED
+    # measured before the fix: 0.009 s, +1 MiB, RESOURCE_EXHAUSTED
     Hostile("AddPrompt: session id of 1 MiB", "decoder", add_prompt_to_a_mebibyte_session_id,
-            NOT_FOUND, "SESSION_NOT_FOUND", 2.0, 50,
-            ECHO_BUG.format(what="session id", expected="NOT_FOUND SESSION_NOT_FOUND")),
+            NOT_FOUND, "SESSION_NOT_FOUND", 2.0, 50),
     # measured: refused in 0.002 s; the 64 objects before it +314 MiB (~5 MiB of state each)
     Hostile("AddPrompt: object 65 (limit 64)", "decoder", too_many_objects,
             INVALID, "INVALID_ARGUMENT", 2.0, 500),
     # measured: refused in 0.002 s; the session and its propagation +254 MiB
     Hostile("AddPrompt while Propagate holds the session", "decoder",
             add_prompt_while_propagating, grpc.StatusCode.ABORTED, "SESSION_BUSY", 1.0, 400),
+    # measured before the fix: decoded and resized, OK after 6.7 s, +1560 MiB
     Hostile("AddPrompt: 6-char RLE mask claiming 16384x16384", "decoder",
-            add_prompt_with_a_huge_rle_mask, INVALID, "INVALID_ARGUMENT", 2.0, 100, RLE_BUG),
+            add_prompt_with_a_huge_rle_mask, INVALID, "INVALID_ARGUMENT", 2.0, 100),
+    Hostile("AddPrompt: PNG mask bomb 12000x12000 declared at the video's size", "decoder",
+            add_prompt_with_a_png_bomb_mask, INVALID, "INVALID_ARGUMENT", 2.0, 100),
 ]
 
 

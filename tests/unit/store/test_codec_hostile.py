@@ -64,7 +64,7 @@ def _with_first_tensor_entry(entry_update: dict) -> bytes:
     payload = data[metadata.pop("_payload_offset"):]
     metadata["tensors"][0].update(entry_update)
     meta = json.dumps(metadata).encode()
-    return entry_with_metadata(meta) + payload
+    return codec_entry(meta, bytes(payload))
 
 
 @pytest.mark.parametrize("update", [

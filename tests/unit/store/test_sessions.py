@@ -27,7 +27,7 @@ def test_session_round_trip_keeps_values_and_dtypes() -> None:
         store.put_session("ns:s1", STATE, tensors(), TRACKING, revision=revision, ttl_s=60)
     assert store.session_revision("ns:s1") == 3
     state, back, tracking = store.get_session("ns:s1")
-    assert state == STATE and tracking == {**TRACKING, "revision": 3}
+    assert state == STATE and tracking == {**TRACKING, "session_id": "ns:s1", "revision": 3}
     assert len(store.blobs._entries) == 2  # the pointer and the current state only
     for name, tensor in tensors():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
@@ -68,3 +68,13 @@ def test_sizes_read_back_are_checked_against_the_limit() -> None:
     lying.put_session("s6", STATE, tensors(), {**TRACKING, "video_hw": [400, 500]}, revision=1,
                       ttl_s=60)
     assert lying.get_session("s6") is None  # the two sizes disagree
+
+
+def test_a_session_entry_copied_under_another_id_is_refused() -> None:
+    store = open_store("memory://")
+    store.put_session("mine", STATE, tensors(), TRACKING, revision=1, ttl_s=60)
+    store.put_session("theirs", STATE, tensors(), TRACKING, revision=1, ttl_s=60)
+    pointer = store.blobs.get("session-rev/theirs").decode()
+    mine = store.blobs.get(store.session_key("mine", store.blobs.get("session-rev/mine").decode()))
+    store.blobs.put(store.session_key("theirs", pointer), mine)  # same revision, other id
+    assert store.get_session("theirs") is None and store.stats.corrupt == 1
