@@ -87,6 +87,9 @@ class DecoderSettings(TierSettings):
         64, "most frames one tracked object may have prompts on", minimum=1)
     max_live_sessions: int = setting(16, "most tracking sessions held in memory (others are "
                                      "reloaded from the store)", minimum=1)
+    tracking_memory_budget_mib: int = setting(
+        1024, "most MiB of cached frame features and state live tracking sessions hold; "
+        "beyond, idle sessions leave memory (they reload from the store)", minimum=1)
 
 
 async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -> None:
@@ -195,7 +198,8 @@ def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
                                            with_encoder=False)
     return Tracker(model, store, session_ttl_s=settings.session_ttl_s,
                    max_live_sessions=settings.max_live_sessions,
-                   max_prompted_frames=settings.max_prompted_frames)
+                   max_prompted_frames=settings.max_prompted_frames,
+                   memory_budget_bytes=settings.tracking_memory_budget_mib * MIB)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from sam2_shared.errors import (
     CorruptEntryError,
     EmbeddingNotFoundError,
     InvalidInputError,
+    ResourceExhaustedError,
     SessionBusyError,
     SessionNotFoundError,
     UnknownModelError,
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 MAX_FRAMES = 100_000
 MAX_OBJECTS = 64  # objects per session: each holds ~5.5 MiB of state
 MAX_PROMPTED_FRAMES = 64  # frames with prompts per object: each is a conditioning memory
+MIB = 1024 * 1024
 
 
 @dataclass
@@ -53,6 +55,14 @@ class _LiveSession:
     revision: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Bytes of cached frame features and tracking state, as of the last measure(): only the
+    # lock holder may walk the session (another thread may be changing it).
+    held: int = 0
+
+    def measure(self) -> int:
+        """Measure ``held`` (call with the lock held)."""
+        self.held = self.session.frames.cached_nbytes() + self.session.state_nbytes()
+        return self.held
 
 
 class Propagation:
@@ -105,6 +115,10 @@ class Tracker:
         max_objects: most objects one session tracks.
         max_prompted_frames: most frames one object may have prompts on (every prompted
             frame is kept as a conditioning memory and attended to on every frame).
+        memory_budget_bytes: most bytes (cached frames and state) live sessions hold
+            together; beyond it the least recently used idle sessions leave memory (they
+            are in the store and reload on next use), and a session that alone holds more
+            is refused RESOURCE_EXHAUSTED for prompts and propagation.
     """
 
     def __init__(
@@ -117,6 +131,7 @@ class Tracker:
         frame_cache_size: int = 2,
         max_objects: int = MAX_OBJECTS,
         max_prompted_frames: int = MAX_PROMPTED_FRAMES,
+        memory_budget_bytes: int = 1024 * MIB,
     ) -> None:
         self.model = model
         self.store = store
@@ -125,6 +140,8 @@ class Tracker:
         self.frame_cache_size = max(1, int(frame_cache_size))
         self.max_objects = max(1, int(max_objects))
         self.max_prompted_frames = max(1, int(max_prompted_frames))
+        self.memory_budget_bytes = max(1, int(memory_budget_bytes))
+        self.sessions_evicted = 0  # left memory for the budget (still in the store)
         self._live: OrderedDict[str, _LiveSession] = OrderedDict()
         self._guard = threading.Lock()  # protects _live
         self.sessions_loaded = 0  # sessions continued from the store (moved or evicted)
@@ -161,8 +178,8 @@ class Tracker:
         session = VideoSession(self.model, self._frame_source(ids, first.original_hw))
         live = _LiveSession(session_id, ids, session)
         with live.lock:
+            self._remember(live)
             self._save(live)
-        self._remember(live)
         return session_id, session.num_frames, session.video_hw
 
     def add_prompt(
@@ -186,7 +203,7 @@ class Tracker:
         elif not has_points and box is None:
             raise InvalidInputError("empty prompt: send points, a box or a mask",
                                     reason="EMPTY_PROMPT")
-        live = self._acquire(session_id, namespace)
+        live = self._acquire(session_id, namespace, grows=True)
         try:
             known = live.session.obj_ids
             if obj_id not in known and len(known) >= self.max_objects:
@@ -223,7 +240,7 @@ class Tracker:
                   max_frames: int | None = None, reverse: bool = False,
                   namespace: str = "") -> Propagation:
         """Start tracking; the caller steps it frame by frame and must ``close()`` it."""
-        live = self._acquire(session_id, namespace)
+        live = self._acquire(session_id, namespace, grows=True)
         try:
             frames = live.session.propagate(start_frame_idx, max_frames, reverse)
         except BaseException:
@@ -263,6 +280,11 @@ class Tracker:
         with self._guard:
             return len(self._live)
 
+    def held_bytes(self) -> int:
+        """Bytes the live sessions hold (cached frame features and tracking state)."""
+        with self._guard:
+            return sum(live.held for live in self._live.values())
+
     # ------------------------------------------------------------------ internals
 
     def _check_session_id(self, session_id: str, namespace: str) -> None:
@@ -270,8 +292,10 @@ class Tracker:
             raise SessionNotFoundError(f"no tracking session {session_id!r}; start one",
                                        session_id=session_id)
 
-    def _acquire(self, session_id: str, namespace: str) -> _LiveSession:
-        """The session, current with the store, with its lock held."""
+    def _acquire(self, session_id: str, namespace: str, *, grows: bool = False) -> _LiveSession:
+        """The session, current with the store, with its lock held, within the memory
+        budget (``grows``: the call adds state, so a session over the budget alone is
+        refused; removing, resetting and closing always work)."""
         self._check_session_id(session_id, namespace)
         live = self._lookup(session_id)
         revision = self._stored_revision(session_id)
@@ -290,7 +314,32 @@ class Tracker:
                 f"tracking session {session_id!r} is busy (a propagation is running); cancel "
                 "it or wait for it to finish, then retry", session_id=session_id)
         live.last_used = time.monotonic()
+        try:
+            self._fit_budget(live, refuse=grows)
+        except BaseException:
+            live.lock.release()
+            raise
         return live
+
+    def _fit_budget(self, keep: _LiveSession, refuse: bool) -> None:
+        """Drop least recently used idle sessions until the live ones fit the budget
+        (``keep``, whose lock the caller holds, is measured afresh)."""
+        own = keep.measure()
+        with self._guard:
+            total = sum(v.held for v in self._live.values() if v is not keep) + own
+            for sid in [s for s, v in self._live.items() if v is not keep]:
+                if total <= self.memory_budget_bytes:
+                    break
+                if self._live[sid].lock.locked():  # in use: cannot leave memory now
+                    continue
+                total -= self._live.pop(sid).held
+                self.sessions_evicted += 1
+        if refuse and own > self.memory_budget_bytes:
+            raise ResourceExhaustedError(
+                f"tracking session {keep.session_id!r} holds {own / MIB:.1f} MiB, more than "
+                f"this decoder's tracking memory budget of {self.memory_budget_bytes / MIB:.0f} "
+                "MiB; remove objects or reset the session", session_id=keep.session_id,
+                limit=str(self.memory_budget_bytes))
 
     def _lookup(self, session_id: str) -> _LiveSession | None:
         now = time.monotonic()
@@ -336,6 +385,7 @@ class Tracker:
             self._forget(live.session_id)
             raise
         live.revision += 1
+        self._fit_budget(live, refuse=False)  # it may have grown
 
     def _load(self, session_id: str) -> _LiveSession:
         stored = self.store.get_session(session_id)

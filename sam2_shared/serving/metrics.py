@@ -325,6 +325,11 @@ class Sam2Metrics:
         self.registry.register(ReadingsCollector([
             Reading("sam2_tracking_live_sessions", "tracking sessions held in memory now",
                     "gauge", tracker.live_session_count, *model),
+            Reading("sam2_tracking_held_bytes", "bytes of cached frame features and state "
+                    "the live tracking sessions hold", "gauge", tracker.held_bytes, *model),
+            Reading("sam2_tracking_sessions_evicted", "tracking sessions that left memory "
+                    "for the memory budget (they reload from the store)", "counter",
+                    lambda: tracker.sessions_evicted, *model),
             Reading("sam2_tracking_sessions_loaded", "sessions continued from the store "
                     "(another replica's, or evicted here)", "counter",
                     lambda: tracker.sessions_loaded, *model),

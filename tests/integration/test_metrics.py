@@ -299,8 +299,12 @@ def test_docs_list_every_metric_family() -> None:
 
     class Tracker:
         sessions_loaded = 0
+        sessions_evicted = 0
 
         def live_session_count(self) -> int:
+            return 0
+
+        def held_bytes(self) -> int:
             return 0
 
     class TrackingServicer:

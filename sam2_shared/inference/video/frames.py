@@ -85,6 +85,10 @@ class FrameSource:
         frames = list(embeddings)
         return cls(len(frames), frames[0].original_hw, frames.__getitem__, len(frames))
 
+    def cached_nbytes(self) -> int:
+        """Bytes of the frame features held in the cache now."""
+        return sum(embedding.nbytes for embedding in self._cache.values())
+
     def features(self, frame_idx: int) -> ImageEmbedding:
         if frame_idx in self._cache:
             self._cache.move_to_end(frame_idx)

@@ -13,7 +13,12 @@ import pytest
 
 from decoder_service.tracking import Tracker
 from sam2_shared.embedding import scope_id
-from sam2_shared.errors import InvalidInputError, SessionBusyError, SessionNotFoundError
+from sam2_shared.errors import (
+    InvalidInputError,
+    ResourceExhaustedError,
+    SessionBusyError,
+    SessionNotFoundError,
+)
 from sam2_shared.inference.video import Sam2VideoModel
 from sam2_shared.store import open_store
 from tests.helpers.synthetic_images import synthetic_rgb
@@ -108,3 +113,28 @@ def test_a_stored_session_naming_another_tenants_frames_is_refused(
         tracker.add_prompt(forged_id, 0, 1, points=np.array([[20.0, 20.0]]),
                            labels=np.array([1]), namespace="a")
     assert tracker.sessions_refused == refused + 1
+
+
+def test_live_sessions_fit_the_memory_budget(video: tuple[Tracker, list[str]]) -> None:
+    """Each session holds one 16 MiB frame (float32 features) after a prompt: with a 40 MiB
+    budget the third session pushes the least recently used idle one out of memory; it
+    reloads from the store on its next call. A session that alone exceeds the budget is
+    refused for prompts (RESOURCE_EXHAUSTED, naming the numbers) but can still be reset."""
+    shared, frame_ids = video
+    tracker = Tracker(shared.model, shared.store, memory_budget_bytes=40 * 1024 * 1024)
+    first, second, third = (tracker.start("sam2.1/hiera_tiny", frame_ids)[0] for _ in range(3))
+    for session_id in (first, second, third):
+        click(tracker, session_id, 1)
+    assert tracker.live_session_count() == 2 and tracker.sessions_evicted == 1
+    assert 32 * 1024 * 1024 <= tracker.held_bytes() <= tracker.memory_budget_bytes
+    click(tracker, first, 1)  # back from the store, pushing out the next least recent
+    assert tracker.sessions_loaded == 1 and tracker.sessions_evicted == 2
+    assert tracker.held_bytes() <= tracker.memory_budget_bytes
+
+    small = Tracker(shared.model, shared.store, memory_budget_bytes=10 * 1024 * 1024)
+    session_id, _, _ = small.start("sam2.1/hiera_tiny", frame_ids)
+    click(small, session_id, 1)  # checked before the call: it held nothing yet
+    with pytest.raises(ResourceExhaustedError, match=r"holds 16\.\d MiB.*budget of 10 MiB"):
+        click(small, session_id, 1)
+    small.reset(session_id)
+    assert shared.store.session_revision(second) == shared.store.session_revision(third) == 2
