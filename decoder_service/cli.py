@@ -58,7 +58,9 @@ class DecoderSettings(TierSettings):
         400_000_000, "most full-size mask pixels (candidates x height x width) one request "
         "may produce (bounds its work and response; masks are made one at a time)", minimum=1)
     batching: bool = setting(True, "decode concurrent requests on one image in one forward")
-    max_batch_prompts: int = setting(64, "most prompts in one decoder forward", minimum=1)
+    max_batch_prompts: int = setting(
+        16, "most prompts in one decoder forward (a bigger request is decoded in several; "
+        "each prompt of a forward costs ~25 MiB)", minimum=1)
     batch_wait_ms: float = setting(0.0, "longest a request waits for its batch to fill "
                                    "(0: batch only what queued while the model was busy)",
                                    minimum=0)

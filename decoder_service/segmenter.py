@@ -69,7 +69,7 @@ DEFAULT_MAX_POINTS = 64
 # 64 multimask prompts on a 1080p image (398 M): bounds a request's upsampling work and
 # response size (the masks are made one at a time, so not its memory).
 DEFAULT_MAX_MASK_PIXELS = 400_000_000
-DEFAULT_MAX_BATCH_PROMPTS = 64
+DEFAULT_MAX_BATCH_PROMPTS = 16
 DEFAULT_MAX_BATCH_REQUESTS = 32
 DEFAULT_MAX_QUEUE = 256
 
@@ -170,13 +170,11 @@ class _BatchDecoder:
         if len(jobs) > 1:
             merged = [prompt for job in jobs for prompt in job.prompts]
             try:
-                rows = self._model.decode_prompts(jobs[0].embedding, merged,
-                                                  deferred_masks=True)
+                rows = self._decode(jobs[0].embedding, merged)
             except Exception:
                 logger.warning("merged decode of %d requests failed; retrying one by one",
                                len(jobs))
             else:
-                self._stats.add(model_calls=1, prompts_decoded=len(merged))
                 outcomes: list[list[Sam2BatchedPrediction] | Exception] = []
                 start = 0
                 for job in jobs:
@@ -186,12 +184,23 @@ class _BatchDecoder:
         outcomes = []
         for job in jobs:
             try:
-                outcomes.append(self._model.decode_prompts(job.embedding, job.prompts,
-                                                           deferred_masks=True))
-                self._stats.add(model_calls=1, prompts_decoded=len(job.prompts))
+                outcomes.append(self._decode(job.embedding, job.prompts))
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+
+    def _decode(self, embedding: ImageEmbedding, prompts: list[Prompt]
+                ) -> list[Sam2BatchedPrediction]:
+        """``decode_prompts`` in forwards of at most ``max_batch_prompts`` prompts: the
+        decoder repeats the image features for every prompt of a forward (~25 MiB each at
+        fp32), so one request of 64 prompts in one forward would need ~1.5 GiB."""
+        rows: list[Sam2BatchedPrediction] = []
+        for start in range(0, len(prompts), self._max_batch_prompts):
+            part = prompts[start : start + self._max_batch_prompts]
+            rows.extend(self._model.decode_prompts(embedding, part, deferred_masks=True))
+            self._stats.add(model_calls=1, prompts_decoded=len(part))
+        return rows
 
 
 class Segmenter:

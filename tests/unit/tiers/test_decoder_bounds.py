@@ -82,6 +82,9 @@ def test_merged_decodes_make_no_full_size_mask(model: Sam2Model) -> None:
                           stats=DecoderStats())
     outcomes = batch([_Job(embedding, boxes(1)) for _ in range(5)])
     assert calls == [4, 1]
+    calls.clear()
+    [big] = batch([_Job(embedding, boxes(10))])  # one request over the bound: 3 forwards
+    assert calls == [4, 4, 2] and len(big) == 10  # type: ignore[arg-type]
     rows = [row for outcome in outcomes for row in outcome]  # type: ignore[union-attr]
     assert all(isinstance(row.masks, DeferredMasks) for row in rows)
     assert rows[0].masks.shape == (1, 3, *HW)
