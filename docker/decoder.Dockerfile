@@ -1,17 +1,33 @@
-# syntax=docker/dockerfile:1.7
 # Decoder tier (and the encoder tier on CPU: both entry points are installed). Build from the
 # repository root:
 #   docker build -f docker/decoder.Dockerfile -t ghcr.io/sam2-serving/decoder:0.1.0 .
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-
-# ---- build: a venv with CPU-only torch, the pinned dependencies and this project
-FROM ${PYTHON_IMAGE} AS build
+# Where no image registry is reachable, scripts/build_images.sh builds on a local Debian base
+# (BASE_IMAGE) with torch from a local wheel (docker/pip/, TORCH_INDEX, TORCH_VERSION).
+# No "# syntax=" line: it would pull a frontend image; the stock Dockerfile syntax suffices.
+ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
+
+# ---- build: a venv with CPU-only torch, the pinned dependencies and this project
+FROM ${BASE_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+# The slim Python image has Python; a bare Debian or CUDA base gets it from apt.
+RUN command -v python3 >/dev/null \
+    || (apt-get update \
+        && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*)
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install --index-url ${TORCH_INDEX} torch==${TORCH_VERSION}
+# docker/pip/ (README there): wheels offered beside the index and, where TLS to the
+# index is intercepted, the CA bundle named by PIP_CERT. torch first, on its own, so the
+# project's torch>=2.5 is already satisfied and no resolver step pulls a build of its own.
+COPY docker/pip /pip
+ARG PIP_CERT
+# Declared above FROM: the two Dockerfiles' build stages are then the same text and
+# share their layers when built with the same arguments (scripts/build_images.sh).
+ARG TORCH_VERSION
+ARG TORCH_INDEX
+RUN pip install --find-links /pip --index-url ${TORCH_INDEX} torch==${TORCH_VERSION}
 WORKDIR /src
 COPY docker/constraints.txt ./
 COPY pyproject.toml ./
@@ -20,17 +36,28 @@ COPY encoder_service ./encoder_service
 COPY decoder_service ./decoder_service
 RUN pip install --constraint constraints.txt '.[server]'
 
-# ---- runtime: slim Python and the venv
-FROM ${PYTHON_IMAGE} AS runtime
+# ---- runtime: Python and the venv; no compilers, no pip cache, nothing from /pip
+FROM ${BASE_IMAGE} AS runtime
+ENV DEBIAN_FRONTEND=noninteractive
+RUN command -v python3 >/dev/null \
+    || (apt-get update \
+        && apt-get install -y --no-install-recommends python3 \
+        && rm -rf /var/lib/apt/lists/*)
 RUN groupadd --system --gid 10001 sam2 \
     && useradd --system --uid 10001 --gid sam2 --home-dir /tmp --shell /usr/sbin/nologin sam2 \
     && mkdir -p /var/cache/sam2 && chown sam2:sam2 /var/cache/sam2
 COPY --from=build /opt/venv /opt/venv
+COPY docker/healthcheck.py /opt/healthcheck.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     SAM2_CHECKPOINT_DIR=/var/cache/sam2
+# Read-only root filesystem friendly: only /tmp and /var/cache/sam2 are written.
 USER 10001:10001
 EXPOSE 50052 9102
+# gRPC health of the whole server on its port (SAM2_PORT when set: the image also runs the
+# encoder); plaintext, so with TLS on that port use the orchestrator's probe instead.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD python /opt/healthcheck.py "${SAM2_PORT:-50052}"
 ENTRYPOINT ["sam2-decoder"]

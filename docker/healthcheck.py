@@ -1,6 +1,7 @@
 """Container health check: exit 0 when the gRPC health service reports SERVING.
 
-Usage: python /opt/healthcheck.py PORT [SERVICE]  (compose.yaml mounts this file).
+Usage: python /opt/healthcheck.py PORT [SERVICE]  (both images' HEALTHCHECK; no SERVICE: the
+whole server).
 """
 
 from __future__ import annotations

@@ -39,6 +39,33 @@ elif ((${#APT_PACKAGES[@]})); then
   log "apt packages present: ${APT_PACKAGES[*]}"
 fi
 
+# --- Docker: tests/integration/test_containers.py builds the images and runs them ---------
+# docker.io (daemon 20.10) and debootstrap (the local base image: no image registry is
+# reachable from CI); dockerd is started here when it does not answer (CI: root, no systemd).
+# SAM2_SKIP_CONTAINER_TESTS=<why> leaves Docker out (and those tests skip, saying why).
+if [[ "$PROFILE" == "test" && -z "${SAM2_SKIP_CONTAINER_TESTS:-}" ]]; then
+  docker_missing=()
+  for package in docker.io debootstrap; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+      || docker_missing+=("$package")
+  done
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  if ((${#docker_missing[@]})); then
+    log "apt-get install ${docker_missing[*]}"
+    $SUDO apt-get update
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends \
+      "${docker_missing[@]}"
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd (log: /var/log/sam2-dockerd.log)"
+    $SUDO bash -c 'setsid nohup dockerd >/var/log/sam2-dockerd.log 2>&1 &'
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || log "warning: dockerd does not answer (see the log above);" \
+      "tests/integration/test_containers.py will fail"
+  fi
+fi
+
 # --- virtual environment ----------------------------------------------------------------
 if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating $VENV"

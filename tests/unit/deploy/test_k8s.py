@@ -44,14 +44,19 @@ def env_names(settings: type) -> set[str]:
     return {env_name(f) for f in dataclasses.fields(settings)}
 
 
-@pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict]]:
+def render(overlay: str) -> list[dict]:
+    """The documents ``kubectl kustomize k8s/<overlay>`` prints."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise RuntimeError("kubectl is not installed (kustomize is built in): CI must have it")
-    output = subprocess.run([kubectl, "kustomize", str(K8S / request.param)], check=True,
+    output = subprocess.run([kubectl, "kustomize", str(K8S / overlay)], check=True,
                             capture_output=True, text=True, timeout=60).stdout
-    return request.param, [doc for doc in yaml.safe_load_all(output) if doc]
+    return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict]]:
+    return request.param, render(request.param)
 
 
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -303,3 +308,77 @@ def test_gpu_overlay_puts_the_encoder_on_gpu_nodes() -> None:
     decoder = deployments["sam2-decoder"]["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in decoder["containers"][0]["resources"]["limits"]
     assert "tolerations" not in decoder
+
+
+# --------------------------------------------------------------------------- images, compose
+
+
+def built_images() -> set[str]:
+    """The image names scripts/build_images.sh tags: <REGISTRY>/<tier>:<pyproject version>."""
+    script = (REPO_ROOT / "scripts" / "build_images.sh").read_text()
+    registry = re.search(r'^REGISTRY="([^"]+)"$', script, re.MULTILINE)
+    version = re.search(r'^version = "([^"]+)"$', (REPO_ROOT / "pyproject.toml").read_text(),
+                        re.MULTILINE)
+    assert registry and version and "for tier in encoder decoder; do" in script
+    return {f"{registry.group(1)}/{tier}:{version.group(1)}" for tier in ("encoder", "decoder")}
+
+
+def test_manifests_and_compose_run_the_images_the_build_makes(
+        rendered: tuple[str, list[dict]]) -> None:
+    name, docs = rendered
+    images = {container["image"] for workload, container in containers_of(docs)
+              if workload["metadata"]["name"] in TIERS}
+    assert images and images <= built_images(), name
+    compose = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())
+    assert compose["x-tier"]["image"] in built_images()
+
+
+# Values that differ between the stacks by design: where each finds its neighbours, and how
+# each admits clients (compose: loopback only, no keys; k8s: the API-keys Secret).
+PER_STACK_ENV = {"SAM2_STORE", "SAM2_ENCODER_ADDRESS", "SAM2_ALLOW_UNAUTHENTICATED",
+                 "SAM2_API_KEYS_FILE"}
+
+
+def healthcheck_of(dockerfile: str) -> dict[str, str]:
+    """The runtime stage's HEALTHCHECK options (``--interval`` ...) and its port default."""
+    text = (REPO_ROOT / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    line = re.search(r"^HEALTHCHECK (.*)$", text, re.MULTILINE)
+    assert line, dockerfile
+    options = dict(re.findall(r"--([\w-]+)=(\S+)", line.group(1)))
+    port = re.search(r'CMD python /opt/healthcheck.py "\$\{SAM2_PORT:-(\d+)\}"$', line.group(1))
+    assert port, line.group(1)
+    return {**options, "port": port.group(1)}
+
+
+def seconds(duration: str) -> int:
+    return int(duration.removesuffix("s"))
+
+
+def test_compose_and_the_cpu_manifests_agree_on_ports_env_and_probes() -> None:
+    """compose.yaml is the CPU overlay in one file: same ports, a subset of the same env
+    names with the same values (PER_STACK_ENV aside), and the image's own health check probes
+    the port and within the times the Kubernetes probes use."""
+    docs = render("overlays/cpu")
+    deployments = by_kind(docs, "Deployment")
+    services = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())["services"]
+    for deployment_name in TIERS:
+        tier = deployment_name.removeprefix("sam2-")
+        (container,) = deployments[deployment_name]["spec"]["template"]["spec"]["containers"]
+        k8s_env, compose_env = container_env(docs, container), services[tier]["environment"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert int(compose_env["SAM2_PORT"]) == ports["grpc"]
+        assert int(compose_env["SAM2_METRICS_PORT"]) == ports["metrics"]
+        assert set(compose_env) - set(k8s_env) <= PER_STACK_ENV, tier
+        assert {key: compose_env[key] for key in set(compose_env) - PER_STACK_ENV} == {
+            key: k8s_env[key] for key in set(compose_env) - PER_STACK_ENV}, tier
+        assert "healthcheck" not in services[tier]  # the image's own, checked below
+        # Both images' checks: the tier's port by default, SAM2_PORT (set here) when given.
+        for dockerfile in ("encoder.Dockerfile", "decoder.Dockerfile"):
+            check = healthcheck_of(dockerfile)
+            if dockerfile.startswith(tier):
+                assert int(check["port"]) == ports["grpc"], dockerfile
+            liveness, startup = container["livenessProbe"], container["startupProbe"]
+            assert seconds(check["interval"]) == liveness["periodSeconds"]
+            assert seconds(check["timeout"]) == liveness["timeoutSeconds"]
+            assert seconds(check["start-period"]) <= (startup["periodSeconds"]
+                                                      * startup["failureThreshold"])
