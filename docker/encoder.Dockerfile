@@ -15,7 +15,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=nonintera
 RUN command -v python3 >/dev/null \
     || (apt-get update \
         && apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*)
+        && rm -rf /var/lib/apt/lists/* /var/cache/apt/*)
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # docker/pip/ (README there): wheels offered beside the index and, where TLS to the
@@ -42,7 +42,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN command -v python3 >/dev/null \
     || (apt-get update \
         && apt-get install -y --no-install-recommends python3 \
-        && rm -rf /var/lib/apt/lists/*)
+        && rm -rf /var/lib/apt/lists/* /var/cache/apt/*)
 RUN groupadd --system --gid 10001 sam2 \
     && useradd --system --uid 10001 --gid sam2 --home-dir /tmp --shell /usr/sbin/nologin sam2 \
     && mkdir -p /var/cache/sam2 && chown sam2:sam2 /var/cache/sam2

@@ -141,9 +141,11 @@ class Stack:
         return f"127.0.0.1:{self.ports[f'{service}:{port}']}"
 
     def logs(self) -> str:
-        return "\n".join(
-            f"--- {service}\n" + docker("logs", "--tail", "40", name, check=False).stderr[-3000:]
-            for service, name in self.containers.items())
+        sections = []
+        for service, name in self.containers.items():
+            logs = docker("logs", "--tail", "40", name, check=False)
+            sections.append(f"--- {service}\n{(logs.stdout + logs.stderr)[-3000:]}")
+        return "\n".join(sections)
 
 
 def start(stack: Stack, service: str, image: str, options: list[str], ports: list[int],
