@@ -37,16 +37,14 @@ import yaml
 
 from sam2_shared.client import Sam2Client
 from tests.helpers import REPO_ROOT
+from tests.helpers.container_images import built_image_names
 from tests.helpers.synthetic_images import synthetic_rgb
-
-pytestmark = pytest.mark.timeout(1800)  # a cold build is most of it
 
 SKIP_REASON = os.environ.get("SAM2_SKIP_CONTAINER_TESTS", "")
 if SKIP_REASON:
     pytest.skip(f"SAM2_SKIP_CONTAINER_TESTS: {SKIP_REASON}", allow_module_level=True)
 
-VERSION = "0.1.0"
-IMAGES = {tier: f"ghcr.io/sam2-serving/{tier}:{VERSION}" for tier in ("encoder", "decoder")}
+IMAGES = built_image_names()
 LOCAL_BASE = "local/debian:bookworm"
 # Redis and Prometheus from Debian on the local base: compose.yaml's images cannot be pulled.
 SERVICES_IMAGE = "sam2-ci/services:bookworm"

@@ -21,6 +21,7 @@ from encoder_service.servicer import SERVICE_NAME as ENCODER_SERVICE
 from sam2_shared.serving.auth import check_listener_auth
 from sam2_shared.serving.settings import env_name, load_settings
 from tests.helpers import REPO_ROOT
+from tests.helpers.container_images import built_image_names
 
 K8S = REPO_ROOT / "k8s"
 KUBERNETES_VERSION = "1.30.0"
@@ -313,24 +314,14 @@ def test_gpu_overlay_puts_the_encoder_on_gpu_nodes() -> None:
 # --------------------------------------------------------------------------- images, compose
 
 
-def built_images() -> set[str]:
-    """The image names scripts/build_images.sh tags: <REGISTRY>/<tier>:<pyproject version>."""
-    script = (REPO_ROOT / "scripts" / "build_images.sh").read_text()
-    registry = re.search(r'^REGISTRY="([^"]+)"$', script, re.MULTILINE)
-    version = re.search(r'^version = "([^"]+)"$', (REPO_ROOT / "pyproject.toml").read_text(),
-                        re.MULTILINE)
-    assert registry and version and "for tier in encoder decoder; do" in script
-    return {f"{registry.group(1)}/{tier}:{version.group(1)}" for tier in ("encoder", "decoder")}
-
-
 def test_manifests_and_compose_run_the_images_the_build_makes(
         rendered: tuple[str, list[dict]]) -> None:
     name, docs = rendered
     images = {container["image"] for workload, container in containers_of(docs)
               if workload["metadata"]["name"] in TIERS}
-    assert images and images <= built_images(), name
+    assert images and images <= set(built_image_names().values()), name
     compose = yaml.safe_load((REPO_ROOT / "compose.yaml").read_text())
-    assert compose["x-tier"]["image"] in built_images()
+    assert compose["x-tier"]["image"] in built_image_names().values()
 
 
 # Values that differ between the stacks by design: where each finds its neighbours, and how
