@@ -1,7 +1,8 @@
-"""Container images and the compose stack, checked offline (no Docker daemon here): the
-Dockerfiles parse and are multi-stage, pinned, non-root, expose the code's ports and run
-entry points that pyproject installs; compose.yaml and docker/prometheus.yml agree with the
-settings; the container health check works against a real gRPC server."""
+"""Container images and the compose stack, checked offline (tests/integration/
+test_containers.py builds and runs them): the Dockerfiles parse and are multi-stage, pinned,
+non-root, expose the code's ports, check their own health and run entry points that pyproject
+installs; compose.yaml and docker/prometheus.yml agree with the settings; the container health
+check works against a real gRPC server."""
 
 from __future__ import annotations
 
