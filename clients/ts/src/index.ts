@@ -69,5 +69,5 @@ export function describeError(error: unknown): string {
   const code = Code[connectError.code].replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
   const reason = errorReason(connectError);
   const message = connectError.rawMessage || "no message";
-  return `${code}${reason ? ` (${reason})` : ""}: ${message}`;
+  return `${code}${reason && reason !== code ? ` (${reason})` : ""}: ${message}`;
 }
