@@ -13,7 +13,7 @@ import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -110,8 +110,10 @@ def snapshot(page: Page) -> dict[str, Any]:
     return page.evaluate("() => window.sam2Page.snapshot()")
 
 
-def click_image(page: Page, x: float, y: float, *, background: bool = False) -> dict[str, Any]:
-    """Click at image pixel (x, y); wait for the answer; return the page's state."""
+def click_image(page: Page, x: float, y: float, *, background: bool = False,
+                button: Literal["left", "right"] = "left") -> dict[str, Any]:
+    """Click at image pixel (x, y) (shift-click for ``background``); wait for the answer;
+    return the page's state."""
     answered = snapshot(page)["requests"]
     layer = page.locator("#prompt-layer")
     box = layer.bounding_box()
@@ -119,7 +121,7 @@ def click_image(page: Page, x: float, y: float, *, background: bool = False) -> 
     width, height = page.evaluate("() => { const c = document.getElementById('prompt-layer');"
                                   " return [c.width, c.height]; }")
     position = {"x": x * box["width"] / width, "y": y * box["height"] / height}
-    layer.click(position=position, modifiers=["Shift"] if background else [])
+    layer.click(position=position, button=button, modifiers=["Shift"] if background else [])
     page.wait_for_function(f"() => window.sam2Page.snapshot().requests > {answered}")
     return snapshot(page)
 
@@ -202,6 +204,27 @@ def test_clicks_overlay_the_masks_the_api_returns(page: Page, tiers: Tiers,
     np.testing.assert_array_equal(overlay(page), api.masks[0, other])
     page.click("#clear")
     assert not overlay(page).any()
+
+    # A drag is a box prompt (one candidate), a right click a background point with it.
+    layer = page.locator("#prompt-layer").bounding_box()
+    assert layer is not None
+    scale = layer["width"] / 1280
+    page.mouse.move(layer["x"] + 560 * scale, layer["y"] + 300 * scale)
+    page.mouse.down()
+    page.mouse.move(layer["x"] + 760 * scale, layer["y"] + 500 * scale, steps=5)
+    page.mouse.up()
+    page.wait_for_function("() => window.sam2Page.snapshot().steps.length === 1")
+    [boxed] = snapshot(page)["steps"]
+    assert boxed["points"] == [] and len(boxed["candidates"]) == 1
+    box = boxed["box"]
+    assert box["xMin"] == pytest.approx(560, abs=2) and box["yMax"] == pytest.approx(500, abs=2)
+    box_rows, _ = python_client.segment_prompts(second["embeddingId"], [Prompt(
+        box=np.array([box["xMin"], box["yMin"], box["xMax"], box["yMax"]], dtype=np.float32),
+        multimask_output=False)])
+    np.testing.assert_array_equal(overlay(page), box_rows[0].masks[0, 0])
+    state = click_image(page, 600.5, 320.5, button="right")
+    assert [p["foreground"] for p in state["steps"][1]["points"]] == [False]
+    assert state["steps"][1]["box"] == box
 
 
 @pytest.mark.parametrize("protocol", ["connect-json", "grpc-web"])
