@@ -81,6 +81,20 @@ if [[ "$(installed_version sam2)" != "$SAM2_VERSION" ]]; then
   SAM2_BUILD_CUDA=0 "${PIP[@]}" install --no-build-isolation --no-deps "sam2==$SAM2_VERSION"
 fi
 
+# npm tools at package-lock.json's pins into ./node_modules (buf for the proto checks).
+if ! command -v npm >/dev/null; then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  log "apt-get install nodejs npm"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends nodejs npm
+fi
+if [[ ! -f node_modules/.installed ]] || [[ package-lock.json -nt node_modules/.installed ]]; then
+  log "npm ci (package-lock.json)"
+  npm ci --no-audit --no-fund
+  touch node_modules/.installed
+fi
+
 if "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   log "error: torchvision is installed in $VENV; it must not be (remove it)" >&2
   exit 1
