@@ -227,7 +227,8 @@ class HttpServer:
             return await self._preflight(request, writer, cors)
         if request.method == "POST" and request.path.count("/") == 2:
             return await self._rpc(request, reader, writer, cors)
-        if "content-length" in request.headers or "transfer-encoding" in request.headers:
+        if request.headers.get("content-length", "0") != "0" or (
+                "transfer-encoding" in request.headers):
             raise _BadRequest(400, "only RPCs (POST /<package>.<Service>/<Method>) take a body")
         if request.method in ("GET", "HEAD"):
             status, content_type, body = self._static(request.path)
