@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sam2_shared.serving.auth import auth_interceptor
@@ -31,6 +32,9 @@ from sam2_shared.serving.settings import (
 )
 
 logger = logging.getLogger("decoder_service")
+
+# The click-to-segment page, served at / of the HTTP port.
+WEB_STATIC_DIR = Path(__file__).resolve().parent / "web" / "static"
 
 
 
@@ -114,6 +118,7 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
         [servicer.register, tracking_servicer.register],
         [SERVICE_NAME, TRACKING_SERVICE_NAME],
         interceptors=[metrics.interceptor(), auth],
+        static_dir=WEB_STATIC_DIR,
         **settings.server_options(),
     )
     server.add_close_callback(store.close)
@@ -134,6 +139,8 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
         server.add_close_callback(encoder_client.close)
     await server.start()
     print(f"SAM2_LISTENING port={port}", flush=True)
+    if server.http_port:
+        print(f"SAM2_HTTP_LISTENING port={server.http_port}", flush=True)
     try:
         started = time.perf_counter()
         decoder = await asyncio.to_thread(_load_decoder, settings, store, encoder_client)

@@ -65,6 +65,8 @@ async def serve(settings: EncoderSettings, metrics: Sam2Metrics | None = None) -
     server.add_close_callback(store.close)
     await server.start()
     print(f"SAM2_LISTENING port={port}", flush=True)
+    if server.http_port:
+        print(f"SAM2_HTTP_LISTENING port={server.http_port}", flush=True)
     try:
         started = time.perf_counter()
         encoder = await asyncio.to_thread(_load_encoder, settings, store)

@@ -17,6 +17,7 @@ VENV="${VENV:-.venv}"
 TORCH_VERSION="2.13.0"
 SAM2_VERSION="1.1.0"
 APT_PACKAGES=(redis-server prometheus)
+APT_PACKAGES+=(chromium)  # the browser test (tests/integration/test_browser.py), via Playwright
 PROFILE="test"
 if [[ "${1:-}" == "--runtime" ]]; then PROFILE="runtime"; fi
 
@@ -106,6 +107,28 @@ log "pip install -e .[server,test] with requirements-dev.txt"
 if [[ "$(installed_version sam2)" != "$SAM2_VERSION" ]]; then
   log "pip install sam2==$SAM2_VERSION (reference, no CUDA extension, no deps)"
   SAM2_BUILD_CUDA=0 "${PIP[@]}" install --no-build-isolation --no-deps "sam2==$SAM2_VERSION"
+fi
+
+# --- npm tools at package-lock.json's pins into ./node_modules -----------------------------
+# buf (proto checks and generation), the TypeScript client's generator, the page's bundler.
+# The generated client (clients/ts/src/gen) and the page's bundle
+# (decoder_service/web/static/app.js) are committed; tests/unit/test_ts_client.py checks them
+# against these tools. protoc-gen-es needs Node.js 20 or newer (Debian 12's own is 18).
+if ! command -v npm >/dev/null; then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  log "apt-get install nodejs npm"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends nodejs npm
+fi
+if (( $(node -p 'process.versions.node.split(".")[0]') < 20 )); then
+  log "error: Node.js $(node --version) is too old for the npm tools; install 20 or newer" >&2
+  exit 1
+fi
+if [[ ! -f node_modules/.installed ]] || [[ package-lock.json -nt node_modules/.installed ]]; then
+  log "npm ci (package-lock.json)"
+  npm ci --no-audit --no-fund
+  touch node_modules/.installed
 fi
 
 if "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then

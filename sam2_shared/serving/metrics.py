@@ -82,7 +82,8 @@ class RpcMetrics:
     """Request counts, latency and in-flight requests per RPC and status code."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        labels = ("grpc_service", "grpc_method", "grpc_type")
+        # protocol: "grpc" on the gRPC port; "connect" or "grpc_web" on the HTTP port.
+        labels = ("grpc_service", "grpc_method", "grpc_type", "protocol")
         self.started = Counter(
             "sam2_grpc_server_started_total", "RPCs started on the server", labels,
             registry=registry,
@@ -126,26 +127,28 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         service, method = _split_method(handler_call_details.method)
+        # The HTTP gateway's call details name their protocol; gRPC's have none.
+        protocol = getattr(handler_call_details, "protocol", "grpc")
         if handler.unary_unary:
             return handler._replace(unary_unary=self._wrap_call(
-                handler.unary_unary, (service, method, "unary")))
+                handler.unary_unary, (service, method, "unary", protocol)))
         if handler.stream_unary:
             return handler._replace(stream_unary=self._wrap_call(
-                handler.stream_unary, (service, method, "client_stream")))
+                handler.stream_unary, (service, method, "client_stream", protocol)))
         if handler.unary_stream:
             return handler._replace(unary_stream=self._wrap_stream(
-                handler.unary_stream, (service, method, "server_stream")))
+                handler.unary_stream, (service, method, "server_stream", protocol)))
         if handler.stream_stream:
             return handler._replace(stream_stream=self._wrap_stream(
-                handler.stream_stream, (service, method, "bidi_stream")))
+                handler.stream_stream, (service, method, "bidi_stream", protocol)))
         return handler
 
-    def _begin(self, labels: tuple[str, str, str]) -> float:
+    def _begin(self, labels: tuple[str, ...]) -> float:
         self.metrics.started.labels(*labels).inc()
         self.metrics.in_flight.labels(*labels).inc()
         return time.perf_counter()
 
-    def _end(self, labels: tuple[str, str, str], started: float, code: str) -> None:
+    def _end(self, labels: tuple[str, ...], started: float, code: str) -> None:
         elapsed = time.perf_counter() - started
         self.metrics.in_flight.labels(*labels).dec()
         self.metrics.handled.labels(*labels, code).inc()
@@ -161,7 +164,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return code
 
     def _wrap_call(self, behavior: Callable[..., Any],
-                   labels: tuple[str, str, str]) -> Callable[..., Any]:
+                   labels: tuple[str, ...]) -> Callable[..., Any]:
         async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             started = self._begin(labels)
             failure: BaseException | None = None
@@ -177,7 +180,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[..., Any],
-                     labels: tuple[str, str, str]) -> Callable[..., Any]:
+                     labels: tuple[str, ...]) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(behavior):
             # A coroutine writing with context.write (health Watch): grpc.aio refuses
             # writes from inside an async generator, so keep it a coroutine.

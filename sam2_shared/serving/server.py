@@ -29,12 +29,15 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sam2_shared.serving.connect import HandlerTable, RpcGateway
+from sam2_shared.serving.http_server import HttpServer
 from sam2_shared.serving.interceptors import ErrorMappingInterceptor
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 12 MP JPEG is several MB; raw pixels more
@@ -46,7 +49,8 @@ DEFAULT_MAX_CONCURRENT_RPCS = 256
 HEALTH_MAX_MESSAGE_BYTES = 4096
 HEALTH_MAX_CONCURRENT_RPCS = 32
 
-Registrar = Callable[[grpc.aio.Server], None]
+# Adds a servicer to a grpc.aio.Server (or to the HTTP gateway's HandlerTable).
+Registrar = Callable[[Any], None]
 CloseCallback = Callable[[], "Awaitable[None] | None"]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,8 @@ class Sam2Server:
         grace_s: float,
         health_server: grpc.aio.Server | None = None,
         health_port: int = 0,
+        http_server: HttpServer | None = None,
+        http_address: tuple[str, int] = ("", 0),
     ) -> None:
         self.grpc_server = grpc_server
         self.health = health_servicer
@@ -75,6 +81,9 @@ class Sam2Server:
         self.grace_s = grace_s
         self.health_server = health_server  # the plaintext health-only listener, if any
         self.health_port = health_port
+        self.http_server = http_server  # Connect / gRPC-Web / static files, if any
+        self._http_address = http_address
+        self.http_port = 0  # bound by start()
         self._close_callbacks: list[CloseCallback] = []
         self._stopped: asyncio.Event | None = None
         self._stopping = False
@@ -98,6 +107,9 @@ class Sam2Server:
         if self.health_server is not None:
             await self.health_server.start()
             logger.info("gRPC health only, plaintext, on port %d", self.health_port)
+        if self.http_server is not None:
+            self.http_port = await self.http_server.start(*self._http_address)
+            logger.info("HTTP (Connect, gRPC-Web) on port %d", self.http_port)
 
     async def mark_serving(self) -> None:
         """Report SERVING (overall and per service): the model is loaded and warm."""
@@ -118,7 +130,10 @@ class Sam2Server:
         try:
             await self.health.enter_graceful_shutdown()
             logger.info("stopping gRPC server (grace %.1f s)", grace)
-            await self.grpc_server.stop(grace)
+            if self.http_server is not None:
+                await asyncio.gather(self.grpc_server.stop(grace), self.http_server.stop(grace))
+            else:
+                await self.grpc_server.stop(grace)
             if self.health_server is not None:
                 await self.health_server.stop(0)
         finally:
@@ -191,6 +206,9 @@ def build_server(
     server_credentials: grpc.ServerCredentials | None = None,
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     health_port: int = 0,
+    http_port: int | None = None,
+    http_cors_origins: Sequence[str] = (),
+    static_dir: Path | None = None,
 ) -> tuple[Sam2Server, int]:
     """Build (not start) a ``grpc.aio`` server for one tier; call inside the event loop.
 
@@ -212,6 +230,11 @@ def build_server(
         max_concurrent_rpcs: most RPCs in progress at once (0: no limit); beyond, gRPC
             answers RESOURCE_EXHAUSTED.
         health_port: a plaintext port on ``host`` serving only gRPC health (0: none).
+        http_port: an HTTP/1.1 port on ``host`` serving the same services (and health) over
+            Connect and gRPC-Web, through the same interceptors (None: none; 0 picks one,
+            ``Sam2Server.http_port`` after ``start``). Plaintext: put TLS in front.
+        http_cors_origins: origins browsers may call the HTTP port from (``*``: any).
+        static_dir: folder the HTTP port serves at ``/`` (the decoder's page).
 
     Returns:
         ``(server, bound_port)``.
@@ -245,8 +268,18 @@ def build_server(
             maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         _bind(health_server, host, health_port, None)
+    http_server = None
+    if http_port is not None:
+        table = HandlerTable()  # the same servicer objects, registered a second time
+        for register in registrars:
+            register(table)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, table)
+        gateway = RpcGateway(table, (*interceptors, ErrorMappingInterceptor()),
+                             max_concurrent_calls=max_concurrent_rpcs)
+        http_server = HttpServer(gateway, max_body_bytes=max_message_bytes,
+                                 cors_origins=tuple(http_cors_origins), static_dir=static_dir)
     sam2_server = Sam2Server(server, health_servicer, service_names, bound_port, grace_s,
-                             health_server, health_port)
+                             health_server, health_port, http_server, (host, http_port or 0))
     return sam2_server, bound_port
 
 

@@ -242,6 +242,13 @@ class TierSettings:
         0, "plaintext port on --host serving only gRPC health, for probes that cannot speak "
         "TLS (the kubelet's); 0: none", minimum=0)
     metrics_port: int = setting(0, "Prometheus metrics port (0 disables)", minimum=0)
+    http_port: int | None = setting(
+        None, "HTTP/1.1 port on --host serving the same API over Connect (JSON or binary) and "
+        "gRPC-Web, through the same API keys and limits (0 picks a free one); unset: none",
+        minimum=0)
+    http_cors_origins: str = setting(
+        "", "comma-separated origins browsers may call the HTTP port from "
+        "(https://app.example.com; * for any); empty: none")
     device: str = setting("auto", "torch device: auto, cpu, cuda, cuda:1 ...")
     precision: str = setting("auto", "model precision", choices=PRECISIONS)
     max_message_mb: int = setting(64, "largest gRPC message in MiB", minimum=1)
@@ -283,4 +290,7 @@ class TierSettings:
                                                       self.tls_client_ca),
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
             "health_port": self.health_port,
+            "http_port": self.http_port,
+            "http_cors_origins": tuple(
+                origin.strip() for origin in self.http_cors_origins.split(",") if origin.strip()),
         }

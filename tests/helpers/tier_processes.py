@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.helpers import REPO_ROOT
 
 _LISTENING = re.compile(rb"SAM2_LISTENING port=(\d+)")
+_HTTP_LISTENING = re.compile(rb"SAM2_HTTP_LISTENING port=(\d+)")
 
 
 class TierProcess:
@@ -41,10 +42,16 @@ class TierProcess:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{module}-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.http_port = 0  # with --http-port: the HTTP (Connect, gRPC-Web) port
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.http_port, f"{self.module} was started without --http-port"
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> TierProcess:
         env = dict(os.environ)
@@ -72,6 +79,9 @@ class TierProcess:
                 try:
                     reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        # Printed right after the gRPC line, long before SERVING.
+                        found = _HTTP_LISTENING.search((self.workdir / "stdout").read_bytes())
+                        self.http_port = int(found.group(1)) if found else 0
                         return self
                 except grpc.RpcError:
                     pass

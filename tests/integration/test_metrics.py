@@ -119,7 +119,7 @@ def test_interceptor_counts_every_rpc_kind_by_status_code() -> None:
             for _ in range(100):  # the server finishes the cancelled Watch on its own time
                 if value(metrics, "sam2_grpc_server_in_flight_requests",
                          grpc_service="grpc.health.v1.Health", grpc_method="Watch",
-                         grpc_type="server_stream") == 0:
+                         grpc_type="server_stream", protocol="grpc") == 0:
                     break
                 await asyncio.sleep(0.02)
         finally:
@@ -127,21 +127,21 @@ def test_interceptor_counts_every_rpc_kind_by_status_code() -> None:
 
     asyncio.run(main())
     health = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check",
-              "grpc_type": "unary"}
+              "grpc_type": "unary", "protocol": "grpc"}
     assert value(metrics, "sam2_grpc_server_handled_total", **health, grpc_code="OK") == 2
     assert value(metrics, "sam2_grpc_server_handled_total", **health, grpc_code="NOT_FOUND") == 1
     assert value(metrics, "sam2_grpc_server_started_total", **health) == 3
     assert value(metrics, "sam2_grpc_server_handling_seconds_count", **health,
                  grpc_code="OK") == 2
     watch = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Watch",
-             "grpc_type": "server_stream"}
+             "grpc_type": "server_stream", "protocol": "grpc"}
     assert value(metrics, "sam2_grpc_server_handled_total", **watch, grpc_code="CANCELLED") == 1
     assert value(metrics, "sam2_grpc_server_in_flight_requests", **watch) == 0
     stream = {"grpc_service": "test.Numbers", "grpc_method": "Count",
-              "grpc_type": "server_stream"}
+              "grpc_type": "server_stream", "protocol": "grpc"}
     assert value(metrics, "sam2_grpc_server_handled_total", **stream, grpc_code="NOT_FOUND") == 1
     bidi = {"grpc_service": "grpc.reflection.v1alpha.ServerReflection",
-            "grpc_method": "ServerReflectionInfo", "grpc_type": "bidi_stream"}
+            "grpc_method": "ServerReflectionInfo", "grpc_type": "bidi_stream", "protocol": "grpc"}
     assert value(metrics, "sam2_grpc_server_handled_total", **bidi, grpc_code="OK") == 1
 
 
@@ -419,7 +419,7 @@ def test_decoder_tier_exports_its_metrics(tiny_checkpoint: Path, tmp_path: Path)
         # The client has its status before the server's interceptor records the call (gRPC
         # sends an abort's status first): wait for the observation, never assume it is there.
         not_found = ('sam2_grpc_server_handled_total{grpc_code="NOT_FOUND",grpc_method="Segment",'
-                     'grpc_service="sam2.v1.DecoderService",grpc_type="unary"} 1.0')
+                     'grpc_service="sam2.v1.DecoderService",grpc_type="unary",protocol="grpc"} 1.0')
         text = scrape_until(metrics_port, not_found)
     assert not_found in text
     assert 'sam2_cache_misses_total{kind="embedding",tier="store"} 1.0' in text

@@ -65,7 +65,7 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _NOT_RUN = re.compile(r"<!-- not run by tests/integration/test_readme.py: (.+?) -->\s*$")
 STARTS_TIERS = "sam2-encoder --model"
 README_STORE = "diskcache:///tmp/sam2-embeddings"
-TIER_PORTS = (50051, 50052)
+TIER_PORTS = (50051, 50052)  # gRPC; the start-up block also opens HTTP on 8051 / 8052
 
 
 def readme_blocks() -> list[tuple[str, str, str | None]]:
@@ -165,3 +165,7 @@ def test_readme_blocks_run(scratch: tuple[Path, dict[str, str]]) -> None:
     candidates = clicked["results"][0]["candidates"]
     assert len(candidates) == 3
     assert all(c["mask"]["coco_rle_counts"] and c["logits_handle"] for c in candidates)
+    # The curl walkthrough (HTTP/JSON, lowerCamelCase names) got the same masks.
+    over_http = json.loads((folder / "clicked-http.json").read_text())["results"][0]
+    assert [c["mask"]["cocoRleCounts"] for c in over_http["candidates"]] == [
+        c["mask"]["coco_rle_counts"] for c in candidates]

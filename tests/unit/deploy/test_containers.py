@@ -256,7 +256,7 @@ def test_compose_services_ports_and_env_match_the_settings() -> None:
         assert (port, metrics_port) == (default(settings, "port"),
                                         default(settings, "metrics_port"))
         published = {int(p.rsplit(":", 1)[1]) for p in service["ports"]}
-        assert published == {port, metrics_port}
+        assert published == {port, metrics_port, int(environment["SAM2_HTTP_PORT"])}
         assert service["entrypoint"] == [info["script"]]
         assert service["user"].split(":")[0] != "0" and service["read_only"] is True
         assert service["cap_drop"] == ["ALL"]

@@ -119,9 +119,12 @@ def test_ports_probes_and_commands_match_the_code(rendered: tuple[str, list[dict
         settings = tier["settings"]
         (container,) = deployments[deployment_name]["spec"]["template"]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": default(settings, "port"),
-                         "metrics": default(settings, "metrics_port")}, deployment_name
         env = container_env(docs, container)
+        # HTTP is off by default in the code and on in the manifests.
+        assert default(settings, "http_port") is None
+        assert ports == {"grpc": default(settings, "port"),
+                         "metrics": default(settings, "metrics_port"),
+                         "http": int(env["SAM2_HTTP_PORT"])}, deployment_name
         assert int(env["SAM2_PORT"]) == ports["grpc"]
         assert int(env["SAM2_METRICS_PORT"]) == ports["metrics"]
         assert container["command"] == [tier["command"]]
@@ -270,6 +273,9 @@ def test_network_policies_isolate_encoder_and_store(rendered: tuple[str, list[di
     assert {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "decoder"}}} \
         in encoder_from
     assert all("sam2.io/client" in str(peer) or "decoder" in str(peer) for peer in encoder_from)
+    for tier in ("encoder", "decoder"):  # the gRPC port and the same API over HTTP
+        ports = policies[f"sam2-{tier}-ingress"]["spec"]["ingress"][0]["ports"]
+        assert [p["port"] for p in ports] == ["grpc", "http"]
     redis_from = policies["sam2-redis-ingress"]["spec"]["ingress"][0]["from"]
     assert redis_from == [{"podSelector": {"matchExpressions": [
         {"key": "app.kubernetes.io/component", "operator": "In",
