@@ -38,6 +38,7 @@ from sam2_shared.serving.connect import (
     Protocol,
     ProtocolError,
     RpcGateway,
+    decompress,
     envelope,
     parse_timeout_s,
     protocol_of,
@@ -57,9 +58,13 @@ _NOT_METADATA = frozenset({
     "host", "connection", "content-length", "content-type", "accept", "accept-encoding",
     "user-agent", "origin", "referer", "expect", "te", "keep-alive", "connect-timeout-ms",
     "connect-protocol-version", "grpc-timeout", "x-grpc-web", "x-user-agent",
+    "content-encoding", "connect-content-encoding", "connect-accept-encoding", "grpc-encoding",
+    "grpc-accept-encoding",
 })
 CORS_ALLOWED_HEADERS = ("authorization, content-type, x-api-key, connect-protocol-version, "
-                        "connect-timeout-ms, grpc-timeout, x-grpc-web, x-user-agent")
+                        "connect-timeout-ms, connect-content-encoding, connect-accept-encoding, "
+                        "grpc-timeout, grpc-encoding, grpc-accept-encoding, x-grpc-web, "
+                        "x-user-agent")
 CORS_EXPOSED_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin"
 CORS_MAX_AGE_S = 7200
 
@@ -299,7 +304,13 @@ class HttpServer:
             timeout_s = parse_timeout_s(request.headers)
             if protocol.text:
                 body = _base64_body(body)
-            messages = split_envelopes(body) if protocol.enveloped else [body]
+            if protocol.enveloped:
+                encoding = request.headers.get("connect-content-encoding" if protocol.name ==
+                                               "connect" else "grpc-encoding", "identity")
+                messages = split_envelopes(body, encoding.lower(), self.max_body_bytes)
+            else:
+                messages = [decompress(body, request.headers.get(
+                    "content-encoding", "identity").lower(), self.max_body_bytes)]
             metadata = tuple((name, value) for name, value in request.headers.items()
                              if name not in _NOT_METADATA)
             status = await self.gateway.call(request.path, protocol, messages, metadata,
