@@ -323,9 +323,18 @@ def test_bad_requests_are_answered_and_the_server_goes_on() -> None:
             assert (await raw(server, b"GET / HTTP/1.1\r\n" + b"x-a: b\r\n" * 2000 + b"\r\n")
                     ).startswith(b"HTTP/1.1 431")
             assert (await raw(server, b"GARBAGE\r\n\r\n")).startswith(b"HTTP/1.1 400")
-            assert (await raw(server, b"POST /a.B/C HTTP/1.1\r\ncontent-type: application/json"
-                              b"\r\ntransfer-encoding: chunked\r\n\r\n")).startswith(
-                b"HTTP/1.1 411")
+            chunked = (b"POST " + SEGMENT.encode() + b" HTTP/1.1\r\ncontent-type: application/"
+                       b"proto\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+            payload = segment_request("chunked").SerializeToString()
+            answer = await raw(server, chunked + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload),
+                                                                               payload))
+            assert answer.startswith(b"HTTP/1.1 200") and b"chunked" in answer
+            too_long = await raw(server,
+                                 chunked + b"10001\r\n" + b"x" * 65537 + b"\r\n0\r\n\r\n")
+            assert too_long.startswith(b"HTTP/1.1 429") and b"MESSAGE_TOO_LARGE" in too_long
+            assert (await raw(server, chunked + b"zz\r\n")).startswith(b"HTTP/1.1 400")
+            assert (await raw(server, chunked.replace(b"chunked", b"gzip"))).startswith(
+                b"HTTP/1.1 501")
             still = await call(server, lambda c: c.connect_json(SEGMENT, segment_request()))
             assert still.status == 200
 
