@@ -199,7 +199,8 @@ class HttpServer:
         try:
             while not self._closing:
                 try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+                    async with asyncio.timeout(HEAD_TIMEOUT_S):  # no task per request
+                        head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, TimeoutError):
                     break  # the client closed the connection, or left it idle
                 except asyncio.LimitOverrunError:
@@ -341,8 +342,10 @@ class HttpServer:
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not chunked:
-            return await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
-        body = await asyncio.wait_for(self._read_chunks(reader), BODY_TIMEOUT_S)
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                return await reader.readexactly(length)
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await self._read_chunks(reader)
         if body is None:
             return await self._refuse_body(writer, protocol, cors,
                                            f"over {self.max_body_bytes} bytes")
