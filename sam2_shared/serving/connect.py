@@ -15,7 +15,8 @@ objects, registered a second time into a ``HandlerTable``) through the same inte
 
 Client-streaming and bidirectional methods read the whole request body first (HTTP/1.1 is
 half-duplex), so over HTTP ``SegmentStream`` answers once the client has sent everything.
-Compressed messages are refused (UNIMPLEMENTED): masks are RLE-compressed already.
+Requests may be gzip-compressed (Connect clients such as connect-python compress by default),
+decompressed up to the message limit; answers are not compressed (masks are RLE already).
 The HTTP server around this (connections, limits, CORS, static files) is ``http_server``.
 """
 
@@ -27,6 +28,7 @@ import inspect
 import json
 import struct
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -151,8 +153,8 @@ def envelope(flags: int, data: bytes) -> bytes:
     return _ENVELOPE_HEADER.pack(flags, len(data)) + data
 
 
-def split_envelopes(body: bytes) -> list[bytes]:
-    """The messages of an enveloped request body (no compression, no trailing bytes)."""
+def split_envelopes(body: bytes, encoding: str, max_bytes: int) -> list[bytes]:
+    """The messages of an enveloped request body, compressed ones decompressed."""
     messages, offset = [], 0
     while offset < len(body):
         if len(body) - offset < _ENVELOPE_HEADER.size:
@@ -160,17 +162,40 @@ def split_envelopes(body: bytes) -> list[bytes]:
                                     reason="INVALID_REQUEST_BODY")
         flags, length = _ENVELOPE_HEADER.unpack_from(body, offset)
         offset += _ENVELOPE_HEADER.size
-        if flags & _FLAG_COMPRESSED:
-            raise ProtocolError(CallStatus(grpc.StatusCode.UNIMPLEMENTED,
-                                           "compressed messages are not supported: send them "
-                                           "uncompressed (identity)"))
         if length > len(body) - offset:
             raise InvalidInputError(f"an envelope declares {length} bytes but only "
                                     f"{len(body) - offset} follow", reason="INVALID_REQUEST_BODY")
+        data = body[offset:offset + length]
+        if flags & _FLAG_COMPRESSED:
+            data = decompress(data, encoding or "gzip", max_bytes)
         if not flags & (_FLAG_CONNECT_END | _FLAG_GRPC_WEB_TRAILERS):
-            messages.append(body[offset:offset + length])
+            messages.append(data)
         offset += length
     return messages
+
+
+def decompress(data: bytes, encoding: str, max_bytes: int) -> bytes:
+    """``data`` in ``encoding`` (identity or gzip, what Connect clients send) decompressed,
+    at most ``max_bytes`` of it (a small gzip body can expand a thousandfold)."""
+    if encoding in ("", "identity"):
+        return data
+    if encoding != "gzip":
+        raise ProtocolError(CallStatus(grpc.StatusCode.UNIMPLEMENTED,
+                                       f"{encoding!r} compression is not supported: send gzip "
+                                       "or identity"))
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidInputError(f"the request is not valid gzip: {exc}",
+                                reason="INVALID_REQUEST_BODY") from None
+    if len(out) > max_bytes:
+        raise ResourceExhaustedError(
+            f"the request decompresses to more than the {max_bytes} bytes this server accepts "
+            "(--max-message-mb)", reason="MESSAGE_TOO_LARGE", limit=str(max_bytes))
+    if not inflater.eof:
+        raise InvalidInputError("the gzip request ends early", reason="INVALID_REQUEST_BODY")
+    return out
 
 
 # --- the final status of a call -------------------------------------------------------

@@ -1,9 +1,9 @@
 """A small HTTP/1.1 server in the tier's own event loop: RPCs over Connect and gRPC-Web
 (``connect.RpcGateway``), CORS, and static files (the decoder's click-to-segment page).
 
-Deliberately minimal (no dependency): keep-alive, ``Content-Length`` request bodies
-(``Transfer-Encoding`` is refused with 411; browsers and curl send a length), chunked
-responses for streams, ``Expect: 100-continue``. Every input is bounded before it costs
+Deliberately minimal (no dependency): keep-alive, request bodies with ``Content-Length`` or
+chunked (streaming clients send those), chunked responses for streams,
+``Expect: 100-continue``. Every input is bounded before it costs
 anything: the request head (``MAX_HEAD_BYTES``, ``MAX_HEADERS``), the body (the gRPC
 message limit; a bigger one is refused unread and the connection closed), the time to
 send a head or a body, open connections and calls in progress. A request the server
@@ -38,6 +38,7 @@ from sam2_shared.serving.connect import (
     Protocol,
     ProtocolError,
     RpcGateway,
+    decompress,
     envelope,
     parse_timeout_s,
     protocol_of,
@@ -57,9 +58,13 @@ _NOT_METADATA = frozenset({
     "host", "connection", "content-length", "content-type", "accept", "accept-encoding",
     "user-agent", "origin", "referer", "expect", "te", "keep-alive", "connect-timeout-ms",
     "connect-protocol-version", "grpc-timeout", "x-grpc-web", "x-user-agent",
+    "content-encoding", "connect-content-encoding", "connect-accept-encoding", "grpc-encoding",
+    "grpc-accept-encoding",
 })
 CORS_ALLOWED_HEADERS = ("authorization, content-type, x-api-key, connect-protocol-version, "
-                        "connect-timeout-ms, grpc-timeout, x-grpc-web, x-user-agent")
+                        "connect-timeout-ms, connect-content-encoding, connect-accept-encoding, "
+                        "grpc-timeout, grpc-encoding, grpc-accept-encoding, x-grpc-web, "
+                        "x-user-agent")
 CORS_EXPOSED_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin"
 CORS_MAX_AGE_S = 7200
 
@@ -194,7 +199,8 @@ class HttpServer:
         try:
             while not self._closing:
                 try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+                    async with asyncio.timeout(HEAD_TIMEOUT_S):  # no task per request
+                        head = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, TimeoutError):
                     break  # the client closed the connection, or left it idle
                 except asyncio.LimitOverrunError:
@@ -228,7 +234,7 @@ class HttpServer:
         if request.method == "POST" and request.path.count("/") == 2:
             return await self._rpc(request, reader, writer, cors)
         if request.headers.get("content-length", "0") != "0" or (
-                "transfer-encoding" in request.headers):
+                "transfer-encoding" in request.headers):  # not read: the connection closes
             raise _BadRequest(400, "only RPCs (POST /<package>.<Service>/<Method>) take a body")
         if request.method in ("GET", "HEAD"):
             status, content_type, body = self._static(request.path)
@@ -299,7 +305,13 @@ class HttpServer:
             timeout_s = parse_timeout_s(request.headers)
             if protocol.text:
                 body = _base64_body(body)
-            messages = split_envelopes(body) if protocol.enveloped else [body]
+            if protocol.enveloped:
+                encoding = request.headers.get("connect-content-encoding" if protocol.name ==
+                                               "connect" else "grpc-encoding", "identity")
+                messages = split_envelopes(body, encoding.lower(), self.max_body_bytes)
+            else:
+                messages = [decompress(body, request.headers.get(
+                    "content-encoding", "identity").lower(), self.max_body_bytes)]
             metadata = tuple((name, value) for name, value in request.headers.items()
                              if name not in _NOT_METADATA)
             status = await self.gateway.call(request.path, protocol, messages, metadata,
@@ -317,25 +329,63 @@ class HttpServer:
                                    writer: asyncio.StreamWriter, protocol: Protocol | None,
                                    cors: dict[str, str] | None = None) -> bytes | None:
         """The request body, or None after refusing it (too big; the connection closes)."""
-        if "transfer-encoding" in request.headers:
-            raise _BadRequest(411, "send the body with a Content-Length")
+        chunked = request.headers.get("transfer-encoding", "").lower()
+        if chunked not in ("", "chunked"):
+            raise _BadRequest(501, f"Transfer-Encoding {chunked!r} is not supported")
         text = request.headers.get("content-length", "0")
-        if not text.isdigit() or len(text) > 15:
+        if not text.isdigit() or len(text) > 15 or (chunked and "content-length" in
+                                                     request.headers):
             raise _BadRequest(400, f"Content-Length must be a number, got {text!r}")
         length = int(text)
         if length > self.max_body_bytes:
-            if protocol is None:
-                return None
-            error = ResourceExhaustedError(
-                f"the request body is {length} bytes, more than the {self.max_body_bytes} "
-                "this server accepts (--max-message-mb)", reason="MESSAGE_TOO_LARGE",
-                limit=str(self.max_body_bytes))
-            await _Responder(self, writer, protocol, cors or {}, False).finish(
-                CallStatus.of_exception(error))
-            return None
+            return await self._refuse_body(writer, protocol, cors, f"{length} bytes")
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await asyncio.wait_for(reader.readexactly(length), BODY_TIMEOUT_S)
+        if not chunked:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                return await reader.readexactly(length)
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await self._read_chunks(reader)
+        if body is None:
+            return await self._refuse_body(writer, protocol, cors,
+                                           f"over {self.max_body_bytes} bytes")
+        return body
+
+    async def _read_chunks(self, reader: asyncio.StreamReader) -> bytes | None:
+        """A chunked body (what streaming clients send); None once it passes the limit."""
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size_line = (await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip()
+            if not size_line or len(size_line) > 8 or not all(
+                    c in b"0123456789abcdefABCDEF" for c in size_line):
+                raise _BadRequest(400, "malformed chunk size")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            total += size
+            if total > self.max_body_bytes:
+                return None
+            parts.append(await reader.readexactly(size))
+            if await reader.readexactly(2) != b"\r\n":
+                raise _BadRequest(400, "a chunk does not end with CRLF")
+        for _ in range(MAX_HEADERS + 1):  # trailers, ignored, up to the blank line
+            if await reader.readuntil(b"\r\n") == b"\r\n":
+                return b"".join(parts)
+        raise _BadRequest(431, f"more than {MAX_HEADERS} trailers")
+
+    async def _refuse_body(self, writer: asyncio.StreamWriter, protocol: Protocol | None,
+                           cors: dict[str, str] | None, size: str) -> None:
+        """Answer MESSAGE_TOO_LARGE in the request's protocol (the connection then closes)."""
+        if protocol is None:
+            return None
+        error = ResourceExhaustedError(
+            f"the request body is {size}, more than the {self.max_body_bytes} bytes this "
+            "server accepts (--max-message-mb)", reason="MESSAGE_TOO_LARGE",
+            limit=str(self.max_body_bytes))
+        await _Responder(self, writer, protocol, cors or {}, False).finish(
+            CallStatus.of_exception(error))
+        return None
 
     # --- writing ------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import secrets
 import socket
@@ -39,6 +40,7 @@ from tests.helpers.http_rpc import (
     HttpRpcClient,
     detail_of_connect_error,
     envelope,
+    split_frames,
     status_of_trailers,
 )
 
@@ -148,6 +150,27 @@ def test_connect_unary_json_and_proto_call_the_servicer() -> None:
         labels = {"grpc_service": "sam2.v1.DecoderService", "grpc_method": "Segment",
                   "grpc_type": "unary", "protocol": "connect", "grpc_code": "OK"}
         assert metrics.registry.get_sample_value("sam2_grpc_server_handled_total", labels) == 2
+
+    run(scenario())
+
+
+def test_gzip_requests_are_decompressed() -> None:
+    async def scenario() -> None:
+        async with running() as (server, _, _metrics):
+            packed = gzip.compress(segment_request("zipped").SerializeToString())
+            unary = await call(server, lambda c: c.post(SEGMENT, packed, "application/proto",
+                                                        {"content-encoding": "gzip"}))
+            assert decoder_pb2.SegmentResponse.FromString(unary.body).embedding.embedding_id \
+                == "zipped"
+            streamed = await call(server, lambda c: c.post(
+                SEGMENT, envelope(1, packed), "application/connect+proto",
+                {"connect-content-encoding": "gzip"}))
+            frames = split_frames(streamed.body)
+            assert decoder_pb2.SegmentResponse.FromString(frames[0][1]).embedding.embedding_id \
+                == "zipped"
+            broken = await call(server, lambda c: c.post(SEGMENT, packed[:-8], "application/proto",
+                                                         {"content-encoding": "gzip"}))
+            assert broken.status == 400
 
     run(scenario())
 
@@ -288,15 +311,30 @@ def test_bad_requests_are_answered_and_the_server_goes_on() -> None:
             unsupported = await call(server, lambda c: c.post(SEGMENT, b"{}", "text/plain"))
             assert unsupported.status == 415 and "application/json" in unsupported.headers[
                 "accept-post"]
-            compressed = await call(server, lambda c: c.post(
-                SEGMENT, envelope(1, b"x"), "application/connect+proto"))
-            assert json.loads(compressed.body[5:])["error"]["code"] == "unimplemented"
+            brotli = await call(server, lambda c: c.post(
+                SEGMENT, envelope(1, b"x"), "application/connect+proto",
+                {"connect-content-encoding": "br"}))
+            assert json.loads(brotli.body[5:])["error"]["code"] == "unimplemented"
+            bomb = gzip.compress(b"\0" * (1 << 20))  # 1 KiB that inflates to 1 MiB
+            inflated = await call(server, lambda c: c.post(
+                SEGMENT, bomb, "application/proto", {"content-encoding": "gzip"}))
+            assert inflated.status == 429 and detail_of_connect_error(
+                inflated.json(), error_details_pb2.ErrorInfo).reason == "MESSAGE_TOO_LARGE"
             assert (await raw(server, b"GET / HTTP/1.1\r\n" + b"x-a: b\r\n" * 2000 + b"\r\n")
                     ).startswith(b"HTTP/1.1 431")
             assert (await raw(server, b"GARBAGE\r\n\r\n")).startswith(b"HTTP/1.1 400")
-            assert (await raw(server, b"POST /a.B/C HTTP/1.1\r\ncontent-type: application/json"
-                              b"\r\ntransfer-encoding: chunked\r\n\r\n")).startswith(
-                b"HTTP/1.1 411")
+            chunked = (b"POST " + SEGMENT.encode() + b" HTTP/1.1\r\ncontent-type: application/"
+                       b"proto\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+            payload = segment_request("chunked").SerializeToString()
+            answer = await raw(server, chunked + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload),
+                                                                               payload))
+            assert answer.startswith(b"HTTP/1.1 200") and b"chunked" in answer
+            too_long = await raw(server,
+                                 chunked + b"10001\r\n" + b"x" * 65537 + b"\r\n0\r\n\r\n")
+            assert too_long.startswith(b"HTTP/1.1 429") and b"MESSAGE_TOO_LARGE" in too_long
+            assert (await raw(server, chunked + b"zz\r\n")).startswith(b"HTTP/1.1 400")
+            assert (await raw(server, chunked.replace(b"chunked", b"gzip"))).startswith(
+                b"HTTP/1.1 501")
             still = await call(server, lambda c: c.connect_json(SEGMENT, segment_request()))
             assert still.status == 200
 
