@@ -38,13 +38,13 @@ from sam2_shared.errors import (
 )
 from sam2_shared.inference.video import FrameResult, FrameSource, Sam2VideoModel, VideoSession
 from sam2_shared.store import EmbeddingStore
+from sam2_shared.units import MIB
 
 logger = logging.getLogger(__name__)
 
 MAX_FRAMES = 100_000
 MAX_OBJECTS = 64  # objects per session: each holds ~5.5 MiB of state
 MAX_PROMPTED_FRAMES = 64  # frames with prompts per object: each is a conditioning memory
-MIB = 1024 * 1024
 
 
 @dataclass

@@ -48,6 +48,14 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         call = functools.partial(function, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def _close_propagation(self, propagation: Any) -> None:
+        """Save and free the session, also when the pool has already stopped (a stream the
+        shutdown's grace period cut off ends after the pool's shutdown)."""
+        try:
+            await self._run(propagation.close)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            await asyncio.to_thread(propagation.close)
+
     async def close(self) -> None:
         """Stop the worker threads once the server no longer takes calls."""
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
@@ -110,7 +118,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 self.propagations_cancelled += 1
                 logger.info("propagation of %s stopped after %d frames (cancelled)",
                             request.session_id, propagation.frames_done)
-            await self._run(propagation.close)
+            await self._close_propagation(propagation)
 
     async def RemoveObject(self, request, context) -> tracking_pb2.RemoveObjectResponse:
         remaining = await self._run(
