@@ -96,6 +96,12 @@ class DecoderSettings(TierSettings):
     tracking_memory_budget_mib: int = setting(
         1024, "most MiB of cached frame features and state live tracking sessions hold; "
         "beyond, idle sessions leave memory (they reload from the store)", minimum=1)
+    max_video_frames: int = setting(
+        2000, "most frames of a video sent to StartSession (its frames are embedded by the "
+        "encoder; a video's frame size is bounded by --max-image-pixels)", minimum=1)
+    max_video_uploads: int = setting(
+        4, "most videos whose frames are being embedded at once; beyond, RESOURCE_EXHAUSTED",
+        minimum=1)
 
 
 async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -> None:
@@ -110,7 +116,8 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     store = open_store(settings.store, max_image_pixels=settings.max_image_pixels)
     metrics.watch_store(store)
     servicer = DecoderServicer(stream_idle_timeout_s=settings.stream_idle_timeout_s)
-    tracking_servicer = TrackingServicer(workers=settings.tracking_workers)
+    tracking_servicer = TrackingServicer(workers=settings.tracking_workers,
+                                         max_video_uploads=settings.max_video_uploads)
     auth = auth_interceptor(settings.api_keys_file,
                             max_streams_per_key=settings.max_sessions_per_key)
     metrics.watch_auth(auth)
@@ -137,6 +144,7 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
             tls_client_key=settings.encoder_tls_key,
         )
         server.add_close_callback(encoder_client.close)
+        tracking_servicer.encoder_client = encoder_client
     await server.start()
     print(f"SAM2_LISTENING port={port}", flush=True)
     if server.http_port:
@@ -208,7 +216,9 @@ def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
     return Tracker(model, store, session_ttl_s=settings.session_ttl_s,
                    max_live_sessions=settings.max_live_sessions,
                    max_prompted_frames=settings.max_prompted_frames,
-                   memory_budget_bytes=settings.tracking_memory_budget_mib * MIB)
+                   memory_budget_bytes=settings.tracking_memory_budget_mib * MIB,
+                   max_video_frames=settings.max_video_frames,
+                   max_video_pixels=settings.max_image_pixels)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from decoder_service.video_upload import (
+    DEFAULT_MAX_VIDEO_FRAMES,
+    FrameUpload,
+    VideoFile,
+    read_frame_ids,
+)
 from sam2_shared.embedding import ImageEmbedding, check_id_namespace, namespace_of_id, scope_id
 from sam2_shared.errors import (
     CorruptEntryError,
@@ -38,13 +44,13 @@ from sam2_shared.errors import (
 )
 from sam2_shared.inference.video import FrameResult, FrameSource, Sam2VideoModel, VideoSession
 from sam2_shared.store import EmbeddingStore
+from sam2_shared.units import MIB
 
 logger = logging.getLogger(__name__)
 
 MAX_FRAMES = 100_000
 MAX_OBJECTS = 64  # objects per session: each holds ~5.5 MiB of state
 MAX_PROMPTED_FRAMES = 64  # frames with prompts per object: each is a conditioning memory
-MIB = 1024 * 1024
 
 
 @dataclass
@@ -132,6 +138,8 @@ class Tracker:
         max_objects: int = MAX_OBJECTS,
         max_prompted_frames: int = MAX_PROMPTED_FRAMES,
         memory_budget_bytes: int = 1024 * MIB,
+        max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES,
+        max_video_pixels: int = 100_000_000,
     ) -> None:
         self.model = model
         self.store = store
@@ -146,6 +154,10 @@ class Tracker:
         self._guard = threading.Lock()  # protects _live
         self.sessions_loaded = 0  # sessions continued from the store (moved or evicted)
         self.sessions_refused = 0  # stored sessions naming frames outside their namespace
+        self.max_video_frames = max(1, int(max_video_frames))
+        self.max_video_pixels = max(1, int(max_video_pixels))
+        # Sessions over uploaded videos whose frames are still being embedded (or failed to).
+        self._uploads: dict[str, FrameUpload] = {}
 
     @property
     def model_id(self) -> str:
@@ -156,14 +168,10 @@ class Tracker:
     def start(self, model_id: str, frame_ids: Sequence[str], namespace: str = ""
               ) -> tuple[str, int, tuple[int, int]]:
         """A new session; returns its id, frame count and (H, W)."""
-        if model_id != self.model_id:
-            raise UnknownModelError(
-                f"this decoder tracks with {self.model_id!r}, not {model_id or '(empty)'!r}",
-                served_model_id=self.model_id,
-            )
+        self._check_model(model_id)
         ids = [str(i) for i in frame_ids]
         if not ids:
-            raise InvalidInputError("no frames: send at least one frame embedding id")
+            raise InvalidInputError("no frames: send frame embedding ids or a video")
         if len(ids) > MAX_FRAMES:
             raise InvalidInputError(f"{len(ids)} frames; at most {MAX_FRAMES} per session")
         for frame_id in ids:
@@ -174,8 +182,45 @@ class Tracker:
                 raise EmbeddingNotFoundError(
                     f"frame {index}: embedding {frame_id!r} is not stored; embed the frame "
                     "with video_frame set first", embedding_id=frame_id)
+        return self._new_session(ids, first.original_hw, namespace)
+
+    def start_video(self, model_id: str, data: bytes, namespace: str = ""
+                    ) -> tuple[str, int, tuple[int, int], VideoFile, FrameUpload]:
+        """A new session over an encoded video whose frames are not embedded yet.
+
+        Reads the video once (bounded) for its frames' ids; the caller then has the encoder
+        embed them (``video_upload.embed_frames`` with the returned file and upload), and
+        tracking waits for frames not stored yet. Returns the session's id, frame count,
+        (H, W), the video file and the upload.
+        """
+        self._check_model(model_id)
+        video = VideoFile(data, max_frames=min(self.max_video_frames, MAX_FRAMES),
+                          max_pixels=self.max_video_pixels)
+        try:
+            ids, video_hw = read_frame_ids(video, model_id, namespace)
+            upload = FrameUpload(ids)
+            session_id, count, video_hw = self._new_session(ids, video_hw, namespace, upload)
+        except BaseException:
+            video.close()
+            raise
+        return session_id, count, video_hw, video, upload
+
+    def _check_model(self, model_id: str) -> None:
+        if model_id != self.model_id:
+            raise UnknownModelError(
+                f"this decoder tracks with {self.model_id!r}, not {model_id or '(empty)'!r}",
+                served_model_id=self.model_id,
+            )
+
+    def _new_session(self, ids: list[str], video_hw: tuple[int, int], namespace: str,
+                     upload: FrameUpload | None = None) -> tuple[str, int, tuple[int, int]]:
         session_id = scope_id(namespace, uuid.uuid4().hex)
-        session = VideoSession(self.model, self._frame_source(ids, first.original_hw))
+        if upload is not None:
+            with self._guard:
+                for done in [k for k, u in self._uploads.items() if u.finished and not u.failed]:
+                    del self._uploads[done]  # every frame is in the store now
+                self._uploads[session_id] = upload
+        session = VideoSession(self.model, self._frame_source(session_id, ids, video_hw))
         live = _LiveSession(session_id, ids, session)
         with live.lock:
             self._remember(live)
@@ -272,6 +317,7 @@ class Tracker:
         try:
             with self._guard:
                 self._live.pop(session_id, None)
+                self._uploads.pop(session_id, None)
             self.store.delete_session(session_id)
         finally:
             live.lock.release()
@@ -408,17 +454,24 @@ class Tracker:
                            session_id)
             raise SessionNotFoundError(f"tracking session {session_id!r} is unknown or expired",
                                        session_id=session_id)
-        frames = self._frame_source(frame_ids, (height, width))
+        frames = self._frame_source(session_id, frame_ids, (height, width))
         session = VideoSession.from_state(self.model, frames, state, tensors)
         self.sessions_loaded += 1
         logger.info("tracking session %s loaded from the store (revision %d)", session_id,
                     revision)
         return _LiveSession(session_id, frame_ids, session, revision=revision)
 
-    def _frame_source(self, frame_ids: Sequence[str], video_hw: tuple[int, int]) -> FrameSource:
+    def _frame_source(self, session_id: str, frame_ids: Sequence[str],
+                      video_hw: tuple[int, int]) -> FrameSource:
         ids = list(frame_ids)
-        return FrameSource(len(ids), video_hw, lambda i: self._load_frame(ids[i]),
-                           cache_size=self.frame_cache_size)
+
+        def load(index: int) -> ImageEmbedding:
+            upload = self._uploads.get(session_id)
+            if upload is not None:
+                upload.wait(index)  # the frame may still be on its way to the store
+            return self._load_frame(ids[index])
+
+        return FrameSource(len(ids), video_hw, load, cache_size=self.frame_cache_size)
 
     def _load_frame(self, frame_id: str) -> ImageEmbedding:
         embedding = self.store.get_embedding(frame_id, self.model_id)

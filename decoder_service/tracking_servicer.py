@@ -13,17 +13,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 
 from decoder_service.tracking import Tracker
+from decoder_service.video_upload import embed_frames
 from sam2_shared import wire
 from sam2_shared.api.v1 import tracking_pb2, tracking_pb2_grpc
-from sam2_shared.errors import NotReadyError
-from sam2_shared.serving.auth import current_namespace
+from sam2_shared.errors import (
+    FailedPreconditionError,
+    InvalidInputError,
+    NotReadyError,
+    ResourceExhaustedError,
+)
+from sam2_shared.serving.auth import current_namespace, outlive_the_call
+from sam2_shared.serving.encoder_client import AsyncEncoderClient
 from sam2_shared.wire.tracking import frame_to_proto, tracking_prompt_from_proto
 
 SERVICE_NAME = tracking_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name
@@ -36,11 +43,17 @@ _Result = TypeVar("_Result")
 class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     """Serves ``tracker`` once it is set (the model loads after the server starts)."""
 
-    def __init__(self, tracker: Tracker | None = None, workers: int = 2) -> None:
+    def __init__(self, tracker: Tracker | None = None, workers: int = 2,
+                 encoder_client: AsyncEncoderClient | None = None,
+                 max_video_uploads: int = 4, upload_window: int = 2) -> None:
         self.tracker = tracker
+        self.encoder_client = encoder_client
+        self.max_video_uploads = max(1, int(max_video_uploads))
+        self.upload_window = max(1, int(upload_window))
         self.propagations_cancelled = 0
         self._executor = ThreadPoolExecutor(max(1, int(workers)),
                                             thread_name_prefix="tracking")
+        self._uploads: set[asyncio.Task[None]] = set()  # videos being embedded
 
     async def _run(self, function: Callable[..., _Result], *args: Any, **kwargs: Any
                    ) -> _Result:
@@ -48,8 +61,19 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         call = functools.partial(function, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def _close_propagation(self, propagation: Any) -> None:
+        """Save and free the session, also when the pool has already stopped (a stream the
+        shutdown's grace period cut off ends after the pool's shutdown)."""
+        try:
+            await self._run(propagation.close)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            await asyncio.to_thread(propagation.close)
+
     async def close(self) -> None:
-        """Stop the worker threads once the server no longer takes calls."""
+        """Stop the uploads and the worker threads once the server no longer takes calls."""
+        for task in list(self._uploads):
+            task.cancel()
+        await asyncio.gather(*self._uploads, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -62,12 +86,52 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
     async def StartSession(self, request, context) -> tracking_pb2.StartSessionResponse:
         tracker = self._ready()
+        if request.video:
+            return await self._start_video(tracker, request)
+        ids = list(request.frame_embedding_ids)
         session_id, frame_count, (height, width) = await self._run(
-            tracker.start, request.model_id, list(request.frame_embedding_ids),
-            current_namespace(),
+            tracker.start, request.model_id, ids, current_namespace(),
         )
         return tracking_pb2.StartSessionResponse(
-            session_id=session_id, frame_count=frame_count, height_px=height, width_px=width
+            session_id=session_id, frame_count=frame_count, height_px=height, width_px=width,
+            frame_embedding_ids=ids,
+        )
+
+    async def _start_video(self, tracker: Tracker, request: Any
+                           ) -> tracking_pb2.StartSessionResponse:
+        """A session over an uploaded video; its frames go to the encoder in the background."""
+        if request.frame_embedding_ids:
+            raise InvalidInputError("send either frame_embedding_ids or a video, not both")
+        if self.encoder_client is None:
+            raise FailedPreconditionError(
+                "this decoder has no encoder (--encoder-address) to embed a video's frames; "
+                "embed them with EmbedImages (video_frame set) and send their ids")
+        if len(self._uploads) >= self.max_video_uploads:
+            raise ResourceExhaustedError(
+                f"{len(self._uploads)} videos are being embedded here, the most at once; "
+                "retry shortly", limit=str(self.max_video_uploads))
+        session_id, frame_count, (height, width), video, upload = await self._run(
+            tracker.start_video, request.model_id, request.video, current_namespace())
+        encoder, model_id = self.encoder_client, request.model_id
+
+        async def embed(rgb: Any) -> str:
+            return await encoder.embed_image(rgb, "rgb", model_id, video_frame=True)
+
+        async def next_frame(frames: Iterator[Any]) -> Any:
+            return await self._run(next, frames, None)
+
+        async def upload_frames() -> None:
+            outlive_the_call()  # the frames are embedded after StartSession has answered
+            await embed_frames(video, upload, embed, next_frame, self.upload_window)
+            logger.info("video of session %s: %d/%d frames embedded%s", session_id,
+                        upload.frames_stored, frame_count, " (failed)" if upload.failed else "")
+
+        task = asyncio.create_task(upload_frames())
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+        return tracking_pb2.StartSessionResponse(
+            session_id=session_id, frame_count=frame_count, height_px=height, width_px=width,
+            frame_embedding_ids=upload.ids,
         )
 
     async def AddPrompt(self, request, context) -> tracking_pb2.AddPromptResponse:
@@ -110,7 +174,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 self.propagations_cancelled += 1
                 logger.info("propagation of %s stopped after %d frames (cancelled)",
                             request.session_id, propagation.frames_done)
-            await self._run(propagation.close)
+            await self._close_propagation(propagation)
 
     async def RemoveObject(self, request, context) -> tracking_pb2.RemoveObjectResponse:
         remaining = await self._run(

@@ -23,9 +23,8 @@ from sam2_shared.embedding import (
     EmbeddingRef,
     ImageEmbedding,
     check_id_namespace,
-    content_id,
     namespaced_content_id,
-    scope_id,
+    video_frame_id,
 )
 from sam2_shared.errors import (
     CorruptEntryError,
@@ -34,7 +33,7 @@ from sam2_shared.errors import (
     UnknownModelError,
 )
 from sam2_shared.inference.sam2_model import Sam2Model
-from sam2_shared.inference.video import VIDEO_PREPROCESS_VERSION, encode_video_frames
+from sam2_shared.inference.video import encode_video_frames
 from sam2_shared.serving.batching import MicroBatcher
 from sam2_shared.store import EmbeddingStore, codec
 
@@ -127,9 +126,7 @@ class Encoder:
                 video_frame: bool = False) -> tuple[np.ndarray, str]:
         rgb = self.model.decode_image(image, color_format)
         if video_frame:
-            local = content_id(rgb, self.model_id, namespace=namespace,
-                               preprocess_version=VIDEO_PREPROCESS_VERSION)
-            return rgb, scope_id(namespace, local)
+            return rgb, video_frame_id(rgb, self.model_id, namespace)
         return rgb, namespaced_content_id(rgb, self.model_id, namespace)
 
     async def embed(self, image: Any, color_format: str = "rgb", namespace: str = "",

@@ -18,6 +18,9 @@ import numpy as np
 
 from sam2_shared.errors import EmbeddingNotFoundError, LogitsNotFoundError
 
+# Part of video frame ids: PIL bicubic resize, see transforms.preprocess_video_frames.
+VIDEO_PREPROCESS_VERSION = "sam2-video-v1"
+
 if TYPE_CHECKING:
     import torch
 
@@ -123,6 +126,15 @@ def namespaced_content_id(rgb: Any, model_id: str, namespace: str = "") -> str:
     (which includes the namespace) prefixed by the namespace. Both tiers and the client
     compute ids with this, so they agree."""
     return scope_id(namespace, content_id(rgb, model_id, namespace=namespace))
+
+
+def video_frame_id(rgb: Any, model_id: str, namespace: str = "") -> str:
+    """Embedding id of a decoded RGB video frame for a caller of ``namespace``: like
+    ``namespaced_content_id`` with the video preprocessing's version in the hash (a frame is
+    resized differently from an image, so its id differs)."""
+    local = content_id(rgb, model_id, namespace=namespace,
+                       preprocess_version=VIDEO_PREPROCESS_VERSION)
+    return scope_id(namespace, local)
 
 
 def check_id_namespace(scoped_id: str, namespace: str, *, what: str = "embedding") -> None:

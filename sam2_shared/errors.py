@@ -70,6 +70,13 @@ class NotReadyError(Sam2Error):
     reason = "NOT_READY"
 
 
+class FailedPreconditionError(Sam2Error):
+    """The request is valid but this server is not set up for it (e.g. a video sent to a
+    decoder that has no encoder to embed its frames)."""
+
+    reason = "FAILED_PRECONDITION"
+
+
 class UnauthenticatedError(Sam2Error):
     """No key, or a key that is not configured (UNAUTHENTICATED)."""
 

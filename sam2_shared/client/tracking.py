@@ -3,9 +3,11 @@ tier with video preprocessing, sessions in the decoder tier's ``sam2.v1.Tracking
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,6 +32,7 @@ class TrackingSession:
     session_id: str
     frame_count: int
     video_hw: tuple[int, int]
+    frame_embedding_ids: tuple[str, ...] = ()
 
 
 # A busy session (a propagation still finishing its frame, e.g. right after a cancel) answers
@@ -132,13 +135,24 @@ class Sam2TrackingClient(Sam2Client):
                 ids.append(result.embedding.embedding_id)
         return ids
 
-    def start_session(self, frame_embedding_ids: Sequence[str]) -> TrackingSession:
-        """A new session over embedded frames (``embed_frames``), in video order."""
+    def start_session(self, frame_embedding_ids: Sequence[str] | None = None, *,
+                      video: str | os.PathLike | bytes | None = None) -> TrackingSession:
+        """A new session over embedded frames (``embed_frames``), in video order, or over a
+        ``video`` file (a path or its bytes: MP4, WebM, MOV ...) that the decoder has its
+        encoder embed in the background (prompts and propagation wait for frames not
+        embedded yet). The session's ``frame_embedding_ids`` can start later sessions."""
 
-        response = self._once(self._tracking.StartSession, tracking_pb2.StartSessionRequest(
-            model_id=self.model_id, frame_embedding_ids=list(frame_embedding_ids)))
+        if (frame_embedding_ids is None) == (video is None):
+            raise ValueError("pass either frame_embedding_ids or video")
+        request = tracking_pb2.StartSessionRequest(model_id=self.model_id)
+        if video is None:
+            request.frame_embedding_ids.extend(frame_embedding_ids or ())
+        else:
+            request.video = video if isinstance(video, bytes) else Path(video).read_bytes()
+        response = self._once(self._tracking.StartSession, request)
         return TrackingSession(response.session_id, response.frame_count,
-                               (response.height_px, response.width_px))
+                               (response.height_px, response.width_px),
+                               tuple(response.frame_embedding_ids))
 
     def add_prompt(
         self,

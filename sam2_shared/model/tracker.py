@@ -17,7 +17,7 @@ Everything runs with batch 1 (one object), like Meta's per-object video predicto
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,10 +63,10 @@ class FrameOutput:
 
 @dataclass
 class HeadsOutput:
-    low_res_masks: torch.Tensor  # [1, 1, 256, 256] float32 best mask logits
-    high_res_masks: torch.Tensor  # [1, 1, 1024, 1024] float32
-    obj_ptr: torch.Tensor  # [1, 256]
-    object_score_logits: torch.Tensor  # [1, 1]
+    low_res_masks: torch.Tensor  # [B, 1, 256, 256] float32 best mask logits
+    high_res_masks: torch.Tensor  # [B, 1, 1024, 1024] float32
+    obj_ptr: torch.Tensor  # [B, 256]
+    object_score_logits: torch.Tensor  # [B, 1]
 
 
 def sine_pe_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -180,46 +180,66 @@ class Sam2TrackerPart(nn.Module):
 
     # ------------------------------------------------------------------ memory
 
-    def condition_on_memory(
+    def memory_layout(
         self,
         frame_idx: int,
-        raw: torch.Tensor,
         cond_outputs: Mapping[int, FrameOutput],
         non_cond_outputs: Mapping[int, FrameOutput],
         num_frames: int,
         reverse: bool,
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(temporal slots of the memories, distances of the pointers) an object attends to
+        on ``frame_idx``: objects with equal layouts have memories of the same shape and
+        positional encodings, so they are conditioned in one batch."""
+        slots = tuple(t_pos for t_pos, _ in memory_frames(
+            frame_idx, cond_outputs, non_cond_outputs, reverse, self.num_maskmem))
+        distances = tuple(distance for distance, _ in pointer_frames(
+            frame_idx, cond_outputs, non_cond_outputs, reverse, num_frames,
+            signed=self.config.use_signed_tpos_enc_to_obj_ptrs, max_obj_ptrs=self.max_obj_ptrs))
+        return slots, distances
+
+    def condition_on_memory(
+        self,
+        frame_idx: int,
+        raw: torch.Tensor,
+        banks: Sequence[tuple[Mapping[int, FrameOutput], Mapping[int, FrameOutput]]],
+        num_frames: int,
+        reverse: bool,
     ) -> torch.Tensor:
-        """Raw features [1, C, 64, 64] + memory bank -> memory-conditioned [1, C, 64, 64]."""
-        if not cond_outputs:
+        """Raw features [1, C, 64, 64] + the memory banks (conditioning, non-conditioning
+        outputs) of B objects with equal ``memory_layout`` -> conditioned [B, C, 64, 64]."""
+        if any(not cond for cond, _ in banks):
             raise ValueError("an object needs a conditioning frame before it can be tracked")
-        b, c, h, w = raw.shape
+        _, c, h, w = raw.shape
+        batch = len(banks)
         device = raw.device
         mem_pos = self.memory_encoder.memory_pos_enc(h, w, device).flatten(2).transpose(1, 2)
+        chosen = [memory_frames(frame_idx, cond, non_cond, reverse, self.num_maskmem)
+                  for cond, non_cond in banks]
         memories, memory_pos = [], []
-        for t_pos, out in memory_frames(
-            frame_idx, cond_outputs, non_cond_outputs, reverse, self.num_maskmem
-        ):
-            if out.maskmem_features is None:
+        for slot, t_pos in enumerate(t for t, _ in chosen[0]):
+            outs = [per_object[slot][1] for per_object in chosen]
+            if any(out.maskmem_features is None for out in outs):
                 raise ValueError("conditioning frame without memory features")
-            feats = out.maskmem_features.to(device=device, dtype=raw.dtype)
-            memories.append(feats.flatten(2).transpose(1, 2))  # [1, HW, 64]
+            feats = torch.cat([out.maskmem_features for out in outs]).to(device, raw.dtype)
+            memories.append(feats.flatten(2).transpose(1, 2))  # [B, HW, 64]
             tpos = self.maskmem_tpos_enc[self.num_maskmem - t_pos - 1].reshape(1, 1, -1)
-            memory_pos.append((mem_pos + tpos).to(raw.dtype))
+            memory_pos.append((mem_pos + tpos).to(raw.dtype).expand(batch, -1, -1))
 
-        pointers = pointer_frames(
-            frame_idx,
-            cond_outputs,
-            non_cond_outputs,
-            reverse,
-            num_frames,
-            signed=self.config.use_signed_tpos_enc_to_obj_ptrs,
-            max_obj_ptrs=self.max_obj_ptrs,
-        )
+        pointers = [
+            pointer_frames(frame_idx, cond, non_cond, reverse, num_frames,
+                           signed=self.config.use_signed_tpos_enc_to_obj_ptrs,
+                           max_obj_ptrs=self.max_obj_ptrs)
+            for cond, non_cond in banks
+        ]
         num_ptr_tokens = 0
-        if pointers:
-            distances, ptrs = zip(*pointers)
-            obj_ptrs = torch.cat([p.to(device=device, dtype=raw.dtype) for p in ptrs])  # [P, C]
-            num_ptrs = obj_ptrs.shape[0]
+        if pointers[0]:
+            distances = [distance for distance, _ in pointers[0]]
+            obj_ptrs = torch.stack([
+                torch.cat([p.to(device=device, dtype=raw.dtype) for _, p in per_object])
+                for per_object in pointers
+            ])  # [B, P, C]
+            num_ptrs = obj_ptrs.shape[1]
             if self.config.add_tpos_enc_to_obj_ptrs:
                 t_diff_max = min(num_frames, self.max_obj_ptrs) - 1
                 positions = torch.tensor(distances, device=device) / t_diff_max
@@ -231,16 +251,17 @@ class Sam2TrackerPart(nn.Module):
                 ptr_pos = obj_ptrs.new_zeros(num_ptrs, MEM_DIM)
             # Each 256-d pointer becomes 4 tokens of 64 (pointer-major), sharing its PE.
             split = c // MEM_DIM
-            memories.append(obj_ptrs.reshape(1, num_ptrs * split, MEM_DIM))
-            memory_pos.append(ptr_pos.to(raw.dtype).repeat_interleave(split, dim=0)[None])
+            memories.append(obj_ptrs.reshape(batch, num_ptrs * split, MEM_DIM))
+            memory_pos.append(ptr_pos.to(raw.dtype).repeat_interleave(split, dim=0)[None]
+                              .expand(batch, -1, -1))
             num_ptr_tokens = num_ptrs * split
 
         memory = torch.cat(memories, dim=1)
         memory_pos_all = torch.cat(memory_pos, dim=1)
-        curr = raw.flatten(2).transpose(1, 2)
-        curr_pos = self.feature_pos_enc(raw).flatten(2).transpose(1, 2)
+        curr = raw.flatten(2).transpose(1, 2).expand(batch, -1, -1)
+        curr_pos = self.feature_pos_enc(raw).flatten(2).transpose(1, 2).expand(batch, -1, -1)
         out = self.memory_attention(curr, curr_pos, memory, memory_pos_all, num_ptr_tokens)
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        return out.transpose(1, 2).reshape(batch, c, h, w)
 
     def encode_memory(
         self,
@@ -284,11 +305,13 @@ class Sam2TrackerPart(nn.Module):
         mask_logits: torch.Tensor | None,
         multimask_output: bool,
     ) -> HeadsOutput:
-        """Meta's ``_forward_sam_heads`` for one object (occlusion gating included)."""
+        """Meta's ``_forward_sam_heads`` (occlusion gating included) for the B objects of
+        ``features`` [B, C, 64, 64]; prompts, if any, are one object's (B = 1)."""
+        batch = features.shape[0]
         if point_coords is None:
             # Without clicks the video model still sends one padding point.
-            point_coords = features.new_zeros(1, 1, 2)
-            point_labels = torch.full((1, 1), -1, dtype=torch.int32, device=features.device)
+            point_coords = features.new_zeros(batch, 1, 2)
+            point_labels = torch.full((batch, 1), -1, dtype=torch.int32, device=features.device)
         if mask_logits is not None and mask_logits.shape[-2:] != (256, 256):
             mask_logits = F.interpolate(
                 mask_logits.float(), size=(256, 256), mode="bilinear",
@@ -296,15 +319,16 @@ class Sam2TrackerPart(nn.Module):
             )
         out = decoder(
             features, high_res_feats, point_coords, point_labels, mask_logits,
-            multimask_output=multimask_output, batch_size=1,
+            multimask_output=multimask_output, batch_size=batch,
         )
-        present = out.object_score_logits > 0  # [1, 1]
+        present = out.object_score_logits > 0  # [B, 1]
         masks = torch.where(present[:, :, None, None], out.masks, NO_OBJ_SCORE).float()
         token = out.sam_tokens[:, 0]
         if multimask_output:
-            best = int(out.iou_scores[0].argmax())
-            masks = masks[:, best : best + 1]
-            token = out.sam_tokens[:, best]
+            rows = torch.arange(batch, device=masks.device)
+            best = out.iou_scores.argmax(dim=1)
+            masks = masks[rows, best].unsqueeze(1)
+            token = out.sam_tokens[rows, best]
         high_res = F.interpolate(
             masks, size=(self.config.image_size,) * 2, mode="bilinear", align_corners=False
         )
@@ -374,7 +398,7 @@ class Sam2TrackerPart(nn.Module):
                 features = image_embed
             else:
                 features = self.condition_on_memory(
-                    frame_idx, raw, cond_outputs, non_cond_outputs, num_frames, reverse
+                    frame_idx, raw, [(cond_outputs, non_cond_outputs)], num_frames, reverse
                 )
             num_points = 0 if point_labels is None else point_labels.shape[1]
             # multimask for 0 or 1 points (every released config; tracking included).
@@ -389,6 +413,32 @@ class Sam2TrackerPart(nn.Module):
                 binarize=point_coords is not None,
             ).to(torch.bfloat16)
         return FrameOutput(maskmem, heads.low_res_masks, heads.obj_ptr, heads.object_score_logits)
+
+    def track_objects(
+        self,
+        decoder: Sam2DecoderPart,
+        frame_idx: int,
+        image_embed: torch.Tensor,
+        high_res_feats: tuple[torch.Tensor, torch.Tensor],
+        banks: Sequence[tuple[Mapping[int, FrameOutput], Mapping[int, FrameOutput]]],
+        *,
+        num_frames: int,
+        reverse: bool = False,
+    ) -> list[FrameOutput]:
+        """Track B objects without prompts on this frame in one batch: ``track_step`` of
+        each, with their (conditioning, non-conditioning) memory banks, which must have equal
+        ``memory_layout``s."""
+        raw = self.raw_features(image_embed)
+        features = self.condition_on_memory(frame_idx, raw, banks, num_frames, reverse)
+        heads = self.sam_heads(decoder, features, high_res_feats, None, None, None,
+                               multimask_output=True)
+        maskmem = self.encode_memory(raw, heads.high_res_masks, heads.object_score_logits,
+                                     binarize=False).to(torch.bfloat16)
+        return [
+            FrameOutput(maskmem[i : i + 1], heads.low_res_masks[i : i + 1],
+                        heads.obj_ptr[i : i + 1], heads.object_score_logits[i : i + 1])
+            for i in range(len(banks))
+        ]
 
     def memory_for_output(
         self, image_embed: torch.Tensor, output: FrameOutput

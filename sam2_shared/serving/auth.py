@@ -284,6 +284,14 @@ def current_caller() -> Caller:
     return _current_caller.get()
 
 
+def outlive_the_call() -> None:
+    """In a task an RPC started that runs on after it (a video's frames embedded in the
+    background): keep the caller's key and namespace, drop the call's deadline. Sets the
+    task's own copy of the context, not the RPC's."""
+    caller = _current_caller.get()
+    _current_caller.set(Caller(caller.api_key, caller.namespace, None))
+
+
 def current_namespace() -> str:
     return _current_caller.get().namespace
 

@@ -64,11 +64,14 @@ class AsyncEncoderClient:
         return timeout, auth_metadata(caller.api_key or self.api_key)
 
     async def embed_image(
-        self, image: bytes | np.ndarray, input_color_format: str, model_id: str
+        self, image: bytes | np.ndarray, input_color_format: str, model_id: str,
+        video_frame: bool = False,
     ) -> str:
-        """Have the encoder compute and store ``image``'s embedding; return its id."""
+        """Have the encoder compute and store ``image``'s embedding (with the video
+        preprocessing for a ``video_frame``); return its id."""
         request = encoder_pb2.EmbedImagesRequest(
-            model_id=model_id, images=[image_to_proto(image, input_color_format)]
+            model_id=model_id, images=[image_to_proto(image, input_color_format)],
+            video_frame=video_frame,
         )
         timeout, metadata = self._call_settings()
         try:

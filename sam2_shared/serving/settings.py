@@ -37,6 +37,7 @@ from sam2_shared.model.config import canonical_model_id
 from sam2_shared.serving.server import DEFAULT_GRACE_S, DEFAULT_MAX_CONCURRENT_RPCS
 from sam2_shared.serving.tls import tls_server_settings
 from sam2_shared.store.base import mask_url
+from sam2_shared.units import MIB
 
 ENV_PREFIX = "SAM2_"
 _TRUE = ("1", "true", "yes", "on")
@@ -218,7 +219,6 @@ def describe_settings(settings: Any) -> str:
 
 DEFAULT_STORE = "diskcache://" + os.path.join(tempfile.gettempdir(), "sam2-embeddings")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from sam2_shared.errors import (
     CheckpointError,
     CorruptEntryError,
     EmbeddingNotFoundError,
+    FailedPreconditionError,
     InvalidInputError,
     LogitsNotFoundError,
     NotReadyError,
@@ -74,6 +75,7 @@ _TABLE: tuple[tuple[type[BaseException], _Mapping], ...] = (
     (StreamIdleError, _Mapping(grpc.StatusCode.DEADLINE_EXCEEDED, True)),
     (ResourceExhaustedError, _Mapping(grpc.StatusCode.RESOURCE_EXHAUSTED, True, True)),
     (NotReadyError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
+    (FailedPreconditionError, _Mapping(grpc.StatusCode.FAILED_PRECONDITION, True)),
     (StoreUnavailableError, _Mapping(grpc.StatusCode.UNAVAILABLE, True, True)),
     (CorruptEntryError, _Mapping(grpc.StatusCode.INTERNAL, False)),
     (CheckpointError, _Mapping(grpc.StatusCode.INTERNAL, False)),
@@ -98,6 +100,7 @@ _CLASS_OF_REASON: dict[str, type[Sam2Error]] = {
         UnauthenticatedError,
         ResourceExhaustedError,
         NotReadyError,
+        FailedPreconditionError,
         StoreUnavailableError,
         StreamIdleError,
         CorruptEntryError,
@@ -111,6 +114,7 @@ _CLASS_OF_CODE: dict[int, type[Sam2Error]] = {
     code_pb2.NOT_FOUND: EmbeddingNotFoundError,
     code_pb2.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     code_pb2.UNAVAILABLE: NotReadyError,
+    code_pb2.FAILED_PRECONDITION: FailedPreconditionError,
     code_pb2.UNAUTHENTICATED: UnauthenticatedError,
 }
 

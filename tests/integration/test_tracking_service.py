@@ -13,13 +13,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from sam2_shared.client.tracking import Sam2TrackingClient
 from sam2_shared.embedding import content_id
-from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError
+from sam2_shared.errors import (
+    EmbeddingNotFoundError,
+    FailedPreconditionError,
+    InvalidInputError,
+)
 from sam2_shared.inference.video import FrameResult, Sam2VideoModel
 from sam2_shared.store import open_store
 from sam2_shared.wire.tracking import TrackedFrame
@@ -29,6 +34,30 @@ from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_p
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH, NUM_FRAMES = 160, 200, 6
 MAX_FLIPPED = 0.002  # fraction of pixels allowed to differ from the in-process masks
+MAX_VIDEO_FRAMES = 8  # replica A's --max-video-frames
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    """RGB frames as an MP4 (MPEG-4 part 2 through OpenCV's FFmpeg): lossy, as users' are."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    assert writer.isOpened(), "OpenCV cannot write MP4 here"
+    for rgb in frames:
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    frames = []
+    while True:
+        ok, bgr = capture.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    capture.release()
+    return frames
 
 
 def clip() -> list[np.ndarray]:
@@ -72,10 +101,16 @@ def fleet(present_checkpoint: Path) -> Iterator[Fleet]:
     try:
         encoder = encoder_process(present_checkpoint, store, "--store-dtype", "float32")
         processes.append(encoder)
-        replicas = [decoder_process(present_checkpoint, store, "--session-ttl-s", "600")
-                    for _ in range(2)]
+        encoder.start()
+        # Replica A can embed uploaded videos' frames (it has the encoder); B cannot.
+        replicas = [
+            decoder_process(present_checkpoint, store, "--session-ttl-s", "600",
+                            "--encoder-address", encoder.address,
+                            "--max-video-frames", str(MAX_VIDEO_FRAMES)),
+            decoder_process(present_checkpoint, store, "--session-ttl-s", "600"),
+        ]
         processes += replicas
-        for process in processes:
+        for process in replicas:
             process.start()
         yield Fleet(store, encoder, *replicas)
     finally:
@@ -242,3 +277,51 @@ def test_bad_input(fleet: Fleet, frame_ids: list[str]) -> None:
         with pytest.raises(EmbeddingNotFoundError) as closed:
             client.reset_session(sid)
         assert closed.value.reason == "SESSION_NOT_FOUND"
+
+
+def test_a_video_file_is_tracked_like_its_embedded_frames(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """StartSession with the MP4 itself: the decoder has the encoder embed its frames in the
+    background while the client already prompts and propagates; the ids and every mask
+    equal a session over the same decoded frames embedded by the client."""
+    path = write_video(tmp_path / "clip.mp4", clip())
+    decoded = read_video(path)
+    assert len(decoded) == NUM_FRAMES
+    with fleet.client(fleet.replica_a) as client:
+        uploaded = client.start_session(video=path)
+        assert (uploaded.frame_count, uploaded.video_hw) == (NUM_FRAMES, (HEIGHT, WIDTH))
+        # Prompt and propagate at once: frames still on their way are waited for.
+        first = client.add_prompt(uploaded.session_id, 0, 1, points=[[55.0, 80.0]], labels=[1])
+        tracked = list(client.propagate(uploaded.session_id))
+
+        ids = client.embed_frames(decoded)  # what a client that embeds first would send
+        assert list(uploaded.frame_embedding_ids) == ids
+        session = client.start_session(ids)
+        assert list(session.frame_embedding_ids) == ids
+        expected_first = client.add_prompt(session.session_id, 0, 1, points=[[55.0, 80.0]],
+                                           labels=[1])
+        expected = list(client.propagate(session.session_id))
+    np.testing.assert_array_equal(first.masks, expected_first.masks)
+    assert [f.frame_index for f in tracked] == list(range(NUM_FRAMES))
+    for got, want in zip(tracked, expected, strict=True):
+        np.testing.assert_array_equal(got.masks, want.masks)
+        np.testing.assert_allclose(got.object_score_logits, want.object_score_logits,
+                                   atol=1e-5)
+
+
+def test_bad_videos_are_refused(fleet: Fleet, tmp_path: Path) -> None:
+    too_long = write_video(tmp_path / "long.mp4", clip() + clip())  # 12 > 8 frames
+    with fleet.client(fleet.replica_a) as client:
+        with pytest.raises(InvalidInputError) as garbage:
+            client.start_session(video=b"\x00\x00\x00\x18ftypmp42" + b"\x07" * 5000)
+        assert garbage.value.reason == "VIDEO_UNREADABLE"
+        with pytest.raises(InvalidInputError) as long_video:
+            client.start_session(video=too_long)
+        assert long_video.value.reason == "VIDEO_TOO_LONG"
+        assert long_video.value.metadata.get("limit") == str(MAX_VIDEO_FRAMES)
+        with pytest.raises(InvalidInputError):
+            client.start_session(video=b"")  # empty bytes: neither ids nor a video
+    with fleet.client(fleet.replica_b) as client:
+        with pytest.raises(FailedPreconditionError, match="--encoder-address"):
+            client.start_session(video=write_video(tmp_path / "ok.mp4", clip()))
+    assert fleet.replica_a.process.poll() is None and fleet.replica_b.process.poll() is None

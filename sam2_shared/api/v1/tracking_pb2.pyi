@@ -9,24 +9,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartSessionRequest(_message.Message):
-    __slots__ = ("model_id", "frame_embedding_ids")
+    __slots__ = ("model_id", "frame_embedding_ids", "video")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_EMBEDDING_IDS_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     frame_embedding_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., frame_embedding_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    video: bytes
+    def __init__(self, model_id: _Optional[str] = ..., frame_embedding_ids: _Optional[_Iterable[str]] = ..., video: _Optional[bytes] = ...) -> None: ...
 
 class StartSessionResponse(_message.Message):
-    __slots__ = ("session_id", "frame_count", "height_px", "width_px")
+    __slots__ = ("session_id", "frame_count", "height_px", "width_px", "frame_embedding_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
     WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
+    FRAME_EMBEDDING_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     frame_count: int
     height_px: int
     width_px: int
-    def __init__(self, session_id: _Optional[str] = ..., frame_count: _Optional[int] = ..., height_px: _Optional[int] = ..., width_px: _Optional[int] = ...) -> None: ...
+    frame_embedding_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., frame_count: _Optional[int] = ..., height_px: _Optional[int] = ..., width_px: _Optional[int] = ..., frame_embedding_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddPromptRequest(_message.Message):
     __slots__ = ("session_id", "frame_index", "object_id", "points", "box", "keep_old_points", "mask", "mask_format")

@@ -72,8 +72,11 @@ class TrackingServiceServicer:
     """
 
     def StartSession(self, request, context):
-        """Starts a session over stored frame embeddings. NOT_FOUND (reason
-        EMBEDDING_NOT_FOUND) when a frame is not stored.
+        """Starts a session over stored frame embeddings, or over a video file whose
+        frames the encoder tier embeds in the background. NOT_FOUND (reason
+        EMBEDDING_NOT_FOUND) when a frame is not stored; INVALID_ARGUMENT for a
+        video that cannot be decoded or has too many frames or pixels;
+        FAILED_PRECONDITION when a video is sent to a decoder without an encoder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

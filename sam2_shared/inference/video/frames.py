@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from sam2_shared.embedding import ImageEmbedding, content_id
+from sam2_shared.embedding import (
+    VIDEO_PREPROCESS_VERSION,  # noqa: F401 (re-exported)
+    ImageEmbedding,
+    video_frame_id,
+)
 from sam2_shared.errors import InvalidInputError
 from sam2_shared.inference import transforms
-
-# Part of video frame ids: PIL bicubic resize, see transforms.preprocess_video_frames.
-VIDEO_PREPROCESS_VERSION = "sam2-video-v1"
-
 
 
 @dataclass
@@ -123,8 +123,7 @@ def encode_video_frames(
     batch = transforms.preprocess_video_frames(rgbs).to(device, dtype)
     image_embed, feat_s0, feat_s1 = encoder(batch)
     if ids is None:
-        ids = [content_id(rgb, model_id, preprocess_version=VIDEO_PREPROCESS_VERSION)
-               for rgb in rgbs]
+        ids = [video_frame_id(rgb, model_id) for rgb in rgbs]
     return [
         ImageEmbedding(
             image_embed=image_embed[i : i + 1].float(),

@@ -44,6 +44,11 @@ from sam2_shared.inference.video.model import Sam2VideoModel
 from sam2_shared.inference.video.state import ObjectState, output_tensors
 from sam2_shared.model.tracker import MAX_OBJ_PTRS, NO_OBJ_SCORE, NUM_MASKMEM, FrameOutput
 
+# Objects tracked in one pass: each adds ~30 MiB of activations (its 1024x1024 mask for the
+# memory encoder, the decoder's upscaled maps, attention), so a session's 64 objects go in
+# batches of 8 rather than all at once.
+MAX_OBJECTS_PER_PASS = 8
+
 
 class VideoSession:
     """Tracking state of one video: objects, prompts and bounded memory banks."""
@@ -321,25 +326,32 @@ class VideoSession:
         tracker, decoder = self.model.tracker, self.model.decoder
         for frame_idx in order:
             with torch.inference_mode():
-                embedding = None
+                tracked: dict[int, FrameOutput] = {}
+                # Objects without a prompt here, grouped by memory layout: each group is
+                # tracked in batches of up to MAX_OBJECTS_PER_PASS (one memory-attention and
+                # decoder pass), not one pass per object.
+                groups: dict[tuple, list[ObjectState]] = {}
+                for obj in self._objects.values():
+                    if frame_idx not in obj.cond:
+                        layout = tracker.memory_layout(frame_idx, obj.cond, obj.memory_bank(),
+                                                       self.num_frames, reverse)
+                        groups.setdefault(layout, []).append(obj)
+                embedding = self._features(frame_idx) if groups else None
+                for objs in groups.values():
+                    for first in range(0, len(objs), MAX_OBJECTS_PER_PASS):
+                        batch = objs[first : first + MAX_OBJECTS_PER_PASS]
+                        outs = tracker.track_objects(
+                            decoder, frame_idx, embedding.image_embed,
+                            embedding.high_res_feats,
+                            [(obj.cond, obj.memory_bank()) for obj in batch],
+                            num_frames=self.num_frames, reverse=reverse,
+                        )
+                        for obj, out in zip(batch, outs, strict=True):
+                            obj.non_cond[frame_idx] = out
+                            tracked[obj.obj_id] = out
                 low_res, scores = [], []
                 for obj in self._objects.values():
-                    out = obj.cond.get(frame_idx)
-                    if out is None:
-                        if embedding is None:
-                            embedding = self._features(frame_idx)
-                        out = tracker.track_step(
-                            decoder,
-                            frame_idx,
-                            embedding.image_embed,
-                            embedding.high_res_feats,
-                            is_init_cond_frame=False,
-                            cond_outputs=obj.cond,
-                            non_cond_outputs=obj.memory_bank(),
-                            num_frames=self.num_frames,
-                            reverse=reverse,
-                        )
-                        obj.non_cond[frame_idx] = out
+                    out = obj.cond[frame_idx] if frame_idx in obj.cond else tracked[obj.obj_id]
                     obj.tracked[frame_idx] = True
                     obj.tracked_reverse[frame_idx] = reverse
                     self._evict(obj, frame_idx, reverse)

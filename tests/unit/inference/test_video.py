@@ -257,3 +257,44 @@ def test_bad_input(model: Sam2VideoModel) -> None:
 def _resized(embedding: ImageEmbedding) -> ImageEmbedding:
     embedding.original_hw = (HEIGHT + 1, WIDTH)
     return embedding
+
+
+def test_objects_are_tracked_in_batches_like_one_by_one(
+    model: Sam2VideoModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects whose memories have the same layout share one pass per frame (objects 1-3,
+    prompted on frame 0); object 4, prompted on frame 2, has its own. The masks equal
+    tracking every object alone."""
+    from sam2_shared.inference.video import session as session_module
+
+    batch_sizes: list[int] = []
+    track_objects = model.tracker.track_objects
+
+    def counted(*args, **kwargs):
+        batch_sizes.append(len(args[4]))
+        return track_objects(*args, **kwargs)
+
+    monkeypatch.setattr(model.tracker, "track_objects", counted)
+
+    def run(per_pass: int) -> list:
+        monkeypatch.setattr(session_module, "MAX_OBJECTS_PER_PASS", per_pass)
+        session = model.start_session(frames(5))
+        for obj_id, (x, y) in enumerate([(40.0, 30.0), (10.0, 10.0), (70.0, 50.0)], start=1):
+            session.add_points(0, obj_id, points=[[x, y]], labels=[1])
+        session.add_points(2, 4, box=[5.0, 5.0, 30.0, 40.0])
+        return list(session.propagate())
+
+    alone = run(1)
+    assert set(batch_sizes) == {1}
+    batch_sizes.clear()
+    batched = run(8)
+    # Frame 0: object 4 only (1-3 are prompted there); frame 2: objects 1-3; elsewhere two
+    # passes: objects 1-3 together and object 4.
+    assert sorted(batch_sizes) == sorted([1, 3, 3, 1, 3, 1, 3, 1])
+    for one, many in zip(alone, batched, strict=True):
+        assert one.obj_ids == many.obj_ids == [1, 2, 3, 4]
+        np.testing.assert_allclose(many.logits, one.logits, atol=1e-4)
+        np.testing.assert_allclose(many.object_score_logits, one.object_score_logits,
+                                   atol=1e-5)
+        assert np.mean(many.masks != one.masks) < 1e-4
+    assert any(f.masks[3].any() for f in batched)  # object 4's masks are not empty

@@ -1,6 +1,7 @@
 // Video object tracking in the decoder tier. Frames are embedded by the
-// encoder tier first (EmbedImages with video_frame set) and referenced by
-// their embedding ids; a session's state lives in the shared store after
+// encoder tier (EmbedImages with video_frame set) and referenced by their
+// embedding ids: either the client embeds them first, or it sends the video
+// file and the decoder has the encoder embed its frames; a session's state lives in the shared store after
 // every change, so any decoder replica can continue it. Sessions expire after
 // an idle timeout.
 
@@ -19,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sam2/v1/tracking.proto.
  */
 export const file_sam2_v1_tracking: GenFile = /*@__PURE__*/
-  fileDesc("ChZzYW0yL3YxL3RyYWNraW5nLnByb3RvEgdzYW0yLnYxIlAKE1N0YXJ0U2Vzc2lvblJlcXVlc3QSFgoIbW9kZWxfaWQYASABKAlCBOJBAQISIQoTZnJhbWVfZW1iZWRkaW5nX2lkcxgCIAMoCUIE4kEBAiJ8ChRTdGFydFNlc3Npb25SZXNwb25zZRIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQEDEhkKC2ZyYW1lX2NvdW50GAIgASgFQgTiQQEDEhcKCWhlaWdodF9weBgDIAEoBUIE4kEBAxIWCgh3aWR0aF9weBgEIAEoBUIE4kEBAyKgAgoQQWRkUHJvbXB0UmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECEhkKC2ZyYW1lX2luZGV4GAIgASgFQgTiQQECEhcKCW9iamVjdF9pZBgDIAEoBUIE4kEBAhIkCgZwb2ludHMYBCADKAsyDi5zYW0yLnYxLlBvaW50QgTiQQEBEh8KA2JveBgFIAEoCzIMLnNhbTIudjEuQm94QgTiQQEBEh0KD2tlZXBfb2xkX3BvaW50cxgGIAEoCEIE4kEBARIoCgRtYXNrGAcgASgLMhQuc2FtMi52MS5FbmNvZGVkTWFza0IE4kEBARIuCgttYXNrX2Zvcm1hdBgIIAEoDjITLnNhbTIudjEuTWFza0Zvcm1hdEIE4kEBASI9ChFBZGRQcm9tcHRSZXNwb25zZRIoCgVmcmFtZRgBIAEoCzITLnNhbTIudjEuRnJhbWVNYXNrc0IE4kEBAyJTCgpGcmFtZU1hc2tzEhkKC2ZyYW1lX2luZGV4GAEgASgFQgTiQQEDEioKB29iamVjdHMYAiADKAsyEy5zYW0yLnYxLk9iamVjdE1hc2tCBOJBAQMicQoKT2JqZWN0TWFzaxIXCglvYmplY3RfaWQYASABKAVCBOJBAQMSKAoEbWFzaxgCIAEoCzIULnNhbTIudjEuRW5jb2RlZE1hc2tCBOJBAQMSIAoSb2JqZWN0X3Njb3JlX2xvZ2l0GAMgASgCQgTiQQEDIt0BChBQcm9wYWdhdGVSZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQISJAoRc3RhcnRfZnJhbWVfaW5kZXgYAiABKAVCBOJBAQFIAIgBARIVCgdyZXZlcnNlGAMgASgIQgTiQQEBEh0KCm1heF9mcmFtZXMYBCABKAVCBOJBAQFIAYgBARIuCgttYXNrX2Zvcm1hdBgFIAEoDjITLnNhbTIudjEuTWFza0Zvcm1hdEIE4kEBAUIUChJfc3RhcnRfZnJhbWVfaW5kZXhCDQoLX21heF9mcmFtZXMiPQoRUHJvcGFnYXRlUmVzcG9uc2USKAoFZnJhbWUYASABKAsyEy5zYW0yLnYxLkZyYW1lTWFza3NCBOJBAQMiSAoTUmVtb3ZlT2JqZWN0UmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECEhcKCW9iamVjdF9pZBgCIAEoBUIE4kEBAiI6ChRSZW1vdmVPYmplY3RSZXNwb25zZRIiChRyZW1haW5pbmdfb2JqZWN0X2lkcxgBIAMoBUIE4kEBAyIvChNSZXNldFNlc3Npb25SZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQIiFgoUUmVzZXRTZXNzaW9uUmVzcG9uc2UiLwoTQ2xvc2VTZXNzaW9uUmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECIhYKFENsb3NlU2Vzc2lvblJlc3BvbnNlMs8DCg9UcmFja2luZ1NlcnZpY2USSwoMU3RhcnRTZXNzaW9uEhwuc2FtMi52MS5TdGFydFNlc3Npb25SZXF1ZXN0Gh0uc2FtMi52MS5TdGFydFNlc3Npb25SZXNwb25zZRJCCglBZGRQcm9tcHQSGS5zYW0yLnYxLkFkZFByb21wdFJlcXVlc3QaGi5zYW0yLnYxLkFkZFByb21wdFJlc3BvbnNlEkQKCVByb3BhZ2F0ZRIZLnNhbTIudjEuUHJvcGFnYXRlUmVxdWVzdBoaLnNhbTIudjEuUHJvcGFnYXRlUmVzcG9uc2UwARJLCgxSZW1vdmVPYmplY3QSHC5zYW0yLnYxLlJlbW92ZU9iamVjdFJlcXVlc3QaHS5zYW0yLnYxLlJlbW92ZU9iamVjdFJlc3BvbnNlEksKDFJlc2V0U2Vzc2lvbhIcLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBodLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USSwoMQ2xvc2VTZXNzaW9uEhwuc2FtMi52MS5DbG9zZVNlc3Npb25SZXF1ZXN0Gh0uc2FtMi52MS5DbG9zZVNlc3Npb25SZXNwb25zZUKRAQodaW8uZ2l0aHViLnNhbTJzZXJ2aW5nLnNhbTIudjFCDVRyYWNraW5nUHJvdG9QAVo6Z2l0aHViLmNvbS9zYW0yLXNlcnZpbmcvc2FtMi1zZXJ2aW5nL2dlbi9nby9zYW0yL3YxO3NhbTJ2MaICA1NBTaoCB1NhbTIuVjHKAgdTYW0yXFYx6gIIU2FtMjo6VjFiBnByb3RvMw", [file_google_api_field_behavior, file_sam2_v1_common]);
+  fileDesc("ChZzYW0yL3YxL3RyYWNraW5nLnByb3RvEgdzYW0yLnYxImUKE1N0YXJ0U2Vzc2lvblJlcXVlc3QSFgoIbW9kZWxfaWQYASABKAlCBOJBAQISIQoTZnJhbWVfZW1iZWRkaW5nX2lkcxgCIAMoCUIE4kEBARITCgV2aWRlbxgDIAEoDEIE4kEBASKfAQoUU3RhcnRTZXNzaW9uUmVzcG9uc2USGAoKc2Vzc2lvbl9pZBgBIAEoCUIE4kEBAxIZCgtmcmFtZV9jb3VudBgCIAEoBUIE4kEBAxIXCgloZWlnaHRfcHgYAyABKAVCBOJBAQMSFgoId2lkdGhfcHgYBCABKAVCBOJBAQMSIQoTZnJhbWVfZW1iZWRkaW5nX2lkcxgFIAMoCUIE4kEBAyKgAgoQQWRkUHJvbXB0UmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECEhkKC2ZyYW1lX2luZGV4GAIgASgFQgTiQQECEhcKCW9iamVjdF9pZBgDIAEoBUIE4kEBAhIkCgZwb2ludHMYBCADKAsyDi5zYW0yLnYxLlBvaW50QgTiQQEBEh8KA2JveBgFIAEoCzIMLnNhbTIudjEuQm94QgTiQQEBEh0KD2tlZXBfb2xkX3BvaW50cxgGIAEoCEIE4kEBARIoCgRtYXNrGAcgASgLMhQuc2FtMi52MS5FbmNvZGVkTWFza0IE4kEBARIuCgttYXNrX2Zvcm1hdBgIIAEoDjITLnNhbTIudjEuTWFza0Zvcm1hdEIE4kEBASI9ChFBZGRQcm9tcHRSZXNwb25zZRIoCgVmcmFtZRgBIAEoCzITLnNhbTIudjEuRnJhbWVNYXNrc0IE4kEBAyJTCgpGcmFtZU1hc2tzEhkKC2ZyYW1lX2luZGV4GAEgASgFQgTiQQEDEioKB29iamVjdHMYAiADKAsyEy5zYW0yLnYxLk9iamVjdE1hc2tCBOJBAQMicQoKT2JqZWN0TWFzaxIXCglvYmplY3RfaWQYASABKAVCBOJBAQMSKAoEbWFzaxgCIAEoCzIULnNhbTIudjEuRW5jb2RlZE1hc2tCBOJBAQMSIAoSb2JqZWN0X3Njb3JlX2xvZ2l0GAMgASgCQgTiQQEDIt0BChBQcm9wYWdhdGVSZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQISJAoRc3RhcnRfZnJhbWVfaW5kZXgYAiABKAVCBOJBAQFIAIgBARIVCgdyZXZlcnNlGAMgASgIQgTiQQEBEh0KCm1heF9mcmFtZXMYBCABKAVCBOJBAQFIAYgBARIuCgttYXNrX2Zvcm1hdBgFIAEoDjITLnNhbTIudjEuTWFza0Zvcm1hdEIE4kEBAUIUChJfc3RhcnRfZnJhbWVfaW5kZXhCDQoLX21heF9mcmFtZXMiPQoRUHJvcGFnYXRlUmVzcG9uc2USKAoFZnJhbWUYASABKAsyEy5zYW0yLnYxLkZyYW1lTWFza3NCBOJBAQMiSAoTUmVtb3ZlT2JqZWN0UmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECEhcKCW9iamVjdF9pZBgCIAEoBUIE4kEBAiI6ChRSZW1vdmVPYmplY3RSZXNwb25zZRIiChRyZW1haW5pbmdfb2JqZWN0X2lkcxgBIAMoBUIE4kEBAyIvChNSZXNldFNlc3Npb25SZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQIiFgoUUmVzZXRTZXNzaW9uUmVzcG9uc2UiLwoTQ2xvc2VTZXNzaW9uUmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECIhYKFENsb3NlU2Vzc2lvblJlc3BvbnNlMs8DCg9UcmFja2luZ1NlcnZpY2USSwoMU3RhcnRTZXNzaW9uEhwuc2FtMi52MS5TdGFydFNlc3Npb25SZXF1ZXN0Gh0uc2FtMi52MS5TdGFydFNlc3Npb25SZXNwb25zZRJCCglBZGRQcm9tcHQSGS5zYW0yLnYxLkFkZFByb21wdFJlcXVlc3QaGi5zYW0yLnYxLkFkZFByb21wdFJlc3BvbnNlEkQKCVByb3BhZ2F0ZRIZLnNhbTIudjEuUHJvcGFnYXRlUmVxdWVzdBoaLnNhbTIudjEuUHJvcGFnYXRlUmVzcG9uc2UwARJLCgxSZW1vdmVPYmplY3QSHC5zYW0yLnYxLlJlbW92ZU9iamVjdFJlcXVlc3QaHS5zYW0yLnYxLlJlbW92ZU9iamVjdFJlc3BvbnNlEksKDFJlc2V0U2Vzc2lvbhIcLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBodLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USSwoMQ2xvc2VTZXNzaW9uEhwuc2FtMi52MS5DbG9zZVNlc3Npb25SZXF1ZXN0Gh0uc2FtMi52MS5DbG9zZVNlc3Npb25SZXNwb25zZUKRAQodaW8uZ2l0aHViLnNhbTJzZXJ2aW5nLnNhbTIudjFCDVRyYWNraW5nUHJvdG9QAVo6Z2l0aHViLmNvbS9zYW0yLXNlcnZpbmcvc2FtMi1zZXJ2aW5nL2dlbi9nby9zYW0yL3YxO3NhbTJ2MaICA1NBTaoCB1NhbTIuVjHKAgdTYW0yXFYx6gIIU2FtMjo6VjFiBnByb3RvMw", [file_google_api_field_behavior, file_sam2_v1_common]);
 
 /**
  * Request of StartSession.
@@ -37,11 +38,23 @@ export type StartSessionRequest = Message<"sam2.v1.StartSessionRequest"> & {
 
   /**
    * Embedding ids of the frames in video order, as EmbedImages with
-   * video_frame set returned them. At least one.
+   * video_frame set returned them. At least one, unless video is set.
    *
    * @generated from field: repeated string frame_embedding_ids = 2;
    */
   frameEmbeddingIds: string[];
+
+  /**
+   * The video itself instead of frame_embedding_ids: an encoded file (MP4,
+   * WebM, MOV, ... whatever OpenCV's FFmpeg backend reads), at most the
+   * server's message size limit. The decoder decodes it (bounded by frame
+   * count and pixels per frame) and has the encoder tier embed the frames in
+   * order, a few at a time, in the background: prompts and propagation may
+   * start at once and wait for frames not yet embedded.
+   *
+   * @generated from field: bytes video = 3;
+   */
+  video: Uint8Array;
 };
 
 /**
@@ -84,6 +97,14 @@ export type StartSessionResponse = Message<"sam2.v1.StartSessionResponse"> & {
    * @generated from field: int32 width_px = 4;
    */
   widthPx: number;
+
+  /**
+   * Embedding ids of the frames in video order (for a video: the ids its
+   * frames are being stored under, so a later session can reuse them).
+   *
+   * @generated from field: repeated string frame_embedding_ids = 5;
+   */
+  frameEmbeddingIds: string[];
 };
 
 /**
@@ -447,8 +468,11 @@ export const CloseSessionResponseSchema: GenMessage<CloseSessionResponse> = /*@_
  */
 export const TrackingService: GenService<{
   /**
-   * Starts a session over stored frame embeddings. NOT_FOUND (reason
-   * EMBEDDING_NOT_FOUND) when a frame is not stored.
+   * Starts a session over stored frame embeddings, or over a video file whose
+   * frames the encoder tier embeds in the background. NOT_FOUND (reason
+   * EMBEDDING_NOT_FOUND) when a frame is not stored; INVALID_ARGUMENT for a
+   * video that cannot be decoded or has too many frames or pixels;
+   * FAILED_PRECONDITION when a video is sent to a decoder without an encoder.
    *
    * @generated from rpc sam2.v1.TrackingService.StartSession
    */
