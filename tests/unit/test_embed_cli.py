@@ -18,6 +18,8 @@ from sam2_shared.client.embed_cli import (
     SKIPPED,
     ManifestEntry,
     ManifestWriter,
+    Progress,
+    Summary,
     build_parser,
     done_paths,
     main,
@@ -260,3 +262,18 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_parser_defaults() -> None:
     args = build_parser().parse_args(["a", "--encoder", "h:1"])
     assert (args.concurrency, args.model, args.json) == (4, MODEL_ID, False)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
+    summary = Summary(ok=3, skipped=1, failed=1, found=10, seconds=2.0)
+    entry = _entry("a", OK)
+    terminal = io.StringIO()
+    bar = Progress(terminal, every_s=60, tty=True)
+    bar(summary, entry)
+    bar.close()
+    assert "ok=3" in terminal.getvalue() and "skipped=1" in terminal.getvalue()
+    plain = io.StringIO()
+    lines = Progress(plain, every_s=0, tty=False)
+    lines(summary, entry)
+    assert plain.getvalue() == ("sam2-embed: 5/10 found so far, 3 ok, 1 skipped, 1 failed, "
+                                "2.50 images/s, ETA 2 s\n")
