@@ -44,6 +44,7 @@ from typing import IO, Any
 from sam2_shared.client.channels import DEFAULT_MAX_MESSAGE_BYTES
 from sam2_shared.client.embed_sources import STDIN_SOURCE, SourceItem, iter_sources
 from sam2_shared.client.retry import RetryPolicy
+from sam2_shared.counters import Counters
 from sam2_shared.embedding import EmbeddingRef
 from sam2_shared.errors import Sam2Error
 
@@ -124,8 +125,9 @@ class ManifestWriter:
 
 
 @dataclass
-class Summary:
-    """Counts of a run; ``resumed``: paths the manifest already had done (not redone)."""
+class Summary(Counters):
+    """Counts of a run (the listing thread counts ``found`` and ``resumed``: paths the
+    manifest already had done, not redone)."""
 
     ok: int = 0
     skipped: int = 0
@@ -143,9 +145,6 @@ class Summary:
     @property
     def images_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-    def count(self, status: str) -> None:
-        setattr(self, status, getattr(self, status) + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "skipped": self.skipped, "failed": self.failed,
@@ -215,9 +214,9 @@ def run_embedding(
         try:
             for item in items:
                 if item.path in skip_paths:
-                    summary.resumed += 1
+                    summary.add(resumed=1)
                     continue
-                summary.found += 1
+                summary.add(found=1)
                 if not put(item):
                     return
         except Exception as exc:  # an expansion bug ends the listing, not the finished work
@@ -247,7 +246,7 @@ def run_embedding(
 
     def record(entry: ManifestEntry) -> None:
         manifest.write(entry)
-        summary.count(entry.status)
+        summary.add(**{entry.status: 1})
         if entry.status == FAILED:
             summary.failures.append(f"{entry.path}: {entry.error}")
         summary.seconds = time.monotonic() - started
@@ -319,7 +318,7 @@ class Progress:
             remaining = summary.found - summary.processed
             rate = summary.images_per_s
             eta = f"{remaining / rate:.0f} s" if rate > 0 else "?"
-            print(f"sam2-embed: {summary.processed}/{summary.found} found so far, "
+            print(f"sam2-embed: {summary.processed} done of {summary.found} listed so far, "
                   f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed, "
                   f"{rate:.2f} images/s, ETA {eta}", file=self.stream, flush=True)
 

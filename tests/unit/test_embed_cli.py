@@ -275,5 +275,5 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
     plain = io.StringIO()
     lines = Progress(plain, every_s=0, tty=False)
     lines(summary, entry)
-    assert plain.getvalue() == ("sam2-embed: 5/10 found so far, 3 ok, 1 skipped, 1 failed, "
-                                "2.50 images/s, ETA 2 s\n")
+    assert plain.getvalue() == ("sam2-embed: 5 done of 10 listed so far, 3 ok, 1 skipped, "
+                                "1 failed, 2.50 images/s, ETA 2 s\n")
