@@ -7,8 +7,8 @@ Each image goes to ``EncoderService.EmbedImages`` through ``Sam2Client`` (which 
 and computes its content id locally first, so a corrupt, unsupported or too large image fails
 here without a call). The encoder checks its store before computing: an image already stored
 costs its upload and one store lookup, no forward, and is ``skipped``. ``RESOURCE_EXHAUSTED``
-and ``UNAVAILABLE`` are retried with backoff, honouring the server's retry hint
-(``client.retry``).
+and ``UNAVAILABLE`` (of the call, or of the image inside its response: a full encoder queue)
+are retried with backoff, never sooner than the server's retry hint, until ``--timeout-s``.
 
 Memory is bounded: one thread lists the sources into a queue of ``2 * concurrency`` items
 (it blocks when the queue is full: back-pressure) and ``concurrency`` workers each read and
@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import queue
+import random
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ from sam2_shared.client.retry import RetryPolicy
 from sam2_shared.counters import Counters
 from sam2_shared.embedding import EmbeddingRef
 from sam2_shared.errors import Sam2Error
+from sam2_shared.wire.status import is_retryable_error
 
 logger = logging.getLogger("sam2_embed")
 
@@ -56,8 +58,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MIB = 1 << 20
 # Room for the request's other fields next to the image bytes in one gRPC message.
 REQUEST_OVERHEAD_BYTES = 64 << 10
-# A bulk job waits out a busy encoder longer than an interactive click would.
-BULK_RETRY = RetryPolicy(max_attempts=8, initial_backoff_s=0.2, max_backoff_s=10.0)
+# A bulk job waits out a busy encoder for as long as --timeout-s allows, not a few attempts.
+BULK_RETRY = RetryPolicy(max_attempts=1000, initial_backoff_s=0.2, max_backoff_s=10.0)
 
 EmbedOne = Callable[[bytes], EmbeddingRef]
 
@@ -155,6 +157,36 @@ class Summary(Counters):
         return (f"{self.processed} images in {self.seconds:.1f} s ({self.images_per_s:.2f}/s): "
                 f"{self.ok} ok, {self.skipped} skipped (already stored), {self.failed} failed, "
                 f"{self.resumed} done by an earlier run")
+
+
+def _hint_s(error: Sam2Error) -> float | None:
+    try:
+        return float(error.metadata["retry_delay_s"])
+    except (KeyError, ValueError):
+        return None
+
+
+def embed_retrying(embed: EmbedOne, data: bytes, *, timeout_s: float,
+                   policy: RetryPolicy = BULK_RETRY, rng: random.Random | None = None,
+                   sleep: Callable[[float], None] = time.sleep) -> EmbeddingRef:
+    """``embed(data)``, retried while the encoder answers this image with a retryable error
+    (queue full, not ready: inside an OK ``EmbedImages`` response, so not retried by the
+    call's own retries), waiting at least the server's ``retry_delay_s`` hint, for at most
+    ``timeout_s`` in all."""
+    rng = rng or random.Random()
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        try:
+            return embed(data)
+        except Sam2Error as error:
+            if not is_retryable_error(error) or attempt + 1 >= policy.max_attempts:
+                raise
+            wait = policy.backoff_s(attempt, _hint_s(error), rng)
+            if time.monotonic() + wait >= deadline:
+                raise
+        sleep(wait)
+        attempt += 1
 
 
 def embed_item(item: SourceItem, embed: EmbedOne, model_id: str, max_bytes: int
@@ -405,7 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdin = sys.stdin if STDIN_SOURCE in args.sources else None
     try:
         summary = run_embedding(
-            iter_sources(args.sources, stdin), lambda data: client.embed_images(data)[0],
+            iter_sources(args.sources, stdin),
+            lambda data: embed_retrying(lambda d: client.embed_images(d)[0], data,
+                                        timeout_s=args.timeout_s),
             model_id=model_id, concurrency=args.concurrency, manifest=manifest,
             skip_paths=skip, max_bytes=max_bytes, on_progress=progress)
     finally:

@@ -34,17 +34,22 @@ MAX_PIXELS = 10_000  # above 64 x 48; the "too large" image is bigger
 def encoder(tiny_checkpoint: Path) -> Iterator[tuple[TierProcess, int]]:
     store = "diskcache://" + tempfile.mkdtemp(prefix="sam2-embed-test-")
     metrics_port = free_port()
+    # A tiny queue: concurrent uploads get QUEUE_FULL (RESOURCE_EXHAUSTED) and must retry.
     with encoder_process(tiny_checkpoint, store, "--metrics-port", str(metrics_port),
-                         "--max-batch-size", "4") as process:
+                         "--max-batch-size", "2", "--max-queue", "1") as process:
         yield process, metrics_port
 
 
-def embedded_total(metrics_port: int) -> float:
-    """Images the encoder computed (``outcome="embedded"``), from its /metrics."""
+def metric(metrics_port: int, pattern: bytes) -> float:
+    """The value of the first sample of the encoder's /metrics matching ``pattern``."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
-    found = re.search(rb'^sam2_encoder_images_total\{[^}]*outcome="embedded"[^}]*\} (\S+)$',
-                      text, re.MULTILINE)
+    found = re.search(rb"^" + pattern + rb" (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+def embedded_total(metrics_port: int) -> float:
+    """Images the encoder computed (not found stored)."""
+    return metric(metrics_port, rb'sam2_encoder_images_total\{[^}]*outcome="embedded"[^}]*\}')
 
 
 def png(seed: int, height: int = HEIGHT, width: int = WIDTH) -> bytes:
@@ -109,10 +114,12 @@ def test_folder_with_corrupt_files_then_a_second_run_skips_everything(
     before = embedded_total(metrics_port)
 
     code, summary, stderr = run_embed(process, str(folder), "--manifest", str(manifest),
-                                      "--concurrency", "4")
+                                      "--concurrency", "6")
 
     assert code == 1, stderr  # some failed
     assert (summary["ok"], summary["skipped"], summary["failed"]) == (20, 0, 5)
+    # The encoder's queue was full along the way; those images were retried, not failed.
+    assert metric(metrics_port, rb"sam2_encoder\w*_queue_rejected_total\{[^}]*\}") > 0
     assert summary["images_per_s"] > 0 and summary["seconds"] > 0
     assert embedded_total(metrics_port) - before == 20
     entries = {Path(e["path"]).name: e for e in manifest_lines(manifest)}

@@ -22,12 +22,13 @@ from sam2_shared.client.embed_cli import (
     Summary,
     build_parser,
     done_paths,
+    embed_retrying,
     main,
     run_embedding,
 )
 from sam2_shared.client.embed_sources import S3Location, SourceError, SourceItem, iter_sources
 from sam2_shared.embedding import EmbeddingRef
-from sam2_shared.errors import InvalidInputError
+from sam2_shared.errors import InvalidInputError, ResourceExhaustedError
 
 MODEL_ID = "sam2.1/hiera_tiny"
 
@@ -277,3 +278,43 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
     lines(summary, entry)
     assert plain.getvalue() == ("sam2-embed: 5 done of 10 listed so far, 3 ok, 1 skipped, "
                                 "1 failed, 2.50 images/s, ETA 2 s\n")
+
+
+def test_a_busy_encoder_is_waited_out_no_sooner_than_its_hint() -> None:
+    answers: list[Exception | EmbeddingRef] = [
+        ResourceExhaustedError("encoder queue is full", reason="QUEUE_FULL",
+                               retry_delay_s="0.5"),
+        ResourceExhaustedError("encoder queue is full", reason="QUEUE_FULL",
+                               retry_delay_s="0.5"),
+        EmbeddingRef("id", MODEL_ID, (3, 4)),
+    ]
+    waits: list[float] = []
+
+    def embed(data: bytes) -> EmbeddingRef:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    ref = embed_retrying(embed, b"x", timeout_s=60, sleep=waits.append)
+    assert ref.embedding_id == "id"
+    assert len(waits) == 2 and min(waits) >= 0.5
+
+
+def test_a_bad_image_is_not_retried_and_the_deadline_bounds_retries() -> None:
+    calls = 0
+
+    def bad(data: bytes) -> EmbeddingRef:
+        nonlocal calls
+        calls += 1
+        raise InvalidInputError("not an image")
+
+    with pytest.raises(InvalidInputError):
+        embed_retrying(bad, b"x", timeout_s=60, sleep=lambda s: None)
+    assert calls == 1
+
+    def busy(data: bytes) -> EmbeddingRef:
+        raise ResourceExhaustedError("full", retry_delay_s="5")
+
+    with pytest.raises(ResourceExhaustedError):
+        embed_retrying(busy, b"x", timeout_s=1, sleep=lambda s: None)  # 5 s hint > 1 s left
