@@ -20,7 +20,9 @@ Manifest (``--manifest``, JSON lines, appended and flushed per image, in complet
      "width": 640, "height": 480, "status": "ok", "reason": null, "error": null}
 
 ``status``: ``ok`` (embedded now), ``skipped`` (already stored), ``failed`` (``reason`` and
-``error`` say why). A rerun with the same manifest does not redo paths already ``ok`` or
+``error`` say why: the server's ErrorInfo reason, e.g. ``INVALID_ARGUMENT`` for a corrupt or
+unsupported image, or ``TOO_LARGE`` / ``NOT_FOUND`` / ``UNREADABLE`` from reading it). A
+rerun with the same manifest does not redo paths already ``ok`` or
 ``skipped`` for the same model (failed ones are retried), so an interrupted run resumes.
 
 Exit code: 0 when no image failed, 1 when some did, 2 for a usage error, 130 when interrupted.
@@ -43,7 +45,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from sam2_shared.client.channels import DEFAULT_MAX_MESSAGE_BYTES
-from sam2_shared.client.embed_sources import STDIN_SOURCE, SourceItem, iter_sources
+from sam2_shared.client.embed_sources import (
+    STDIN_SOURCE,
+    SourceError,
+    SourceItem,
+    iter_sources,
+)
 from sam2_shared.client.retry import RetryPolicy
 from sam2_shared.counters import Counters
 from sam2_shared.embedding import EmbeddingRef
@@ -60,6 +67,9 @@ MIB = 1 << 20
 REQUEST_OVERHEAD_BYTES = 64 << 10
 # A bulk job waits out a busy encoder for as long as --timeout-s allows, not a few attempts.
 BULK_RETRY = RetryPolicy(max_attempts=1000, initial_backoff_s=0.2, max_backoff_s=10.0)
+
+# How long Ctrl-C waits for the images in flight, so that their lines reach the manifest.
+INTERRUPT_GRACE_S = 30.0
 
 EmbedOne = Callable[[bytes], EmbeddingRef]
 
@@ -196,8 +206,8 @@ def embed_item(item: SourceItem, embed: EmbedOne, model_id: str, max_bytes: int
         ref = embed(item.read(max_bytes))
     except Sam2Error as exc:
         return ManifestEntry(item.path, None, model_id, None, None, FAILED, exc.reason, str(exc))
-    except OSError as exc:
-        return ManifestEntry(item.path, None, model_id, None, None, FAILED, "UNREADABLE",
+    except SourceError as exc:
+        return ManifestEntry(item.path, None, model_id, None, None, FAILED, exc.reason,
                              str(exc))
     except Exception as exc:  # one image's surprise must not end a dataset's run
         return ManifestEntry(item.path, None, model_id, None, None, FAILED, "INTERNAL",
@@ -302,9 +312,10 @@ def run_embedding(
         stop.set()
     if stop.is_set():
         summary.interrupted = True
-        # Workers finish the image in hand; what they finish is still recorded.
+        # Workers finish the image in hand (for a while); what they finish is recorded.
+        give_up_at = time.monotonic() + INTERRUPT_GRACE_S
         for thread in threads[1:]:
-            thread.join(timeout=60)
+            thread.join(timeout=max(0.0, give_up_at - time.monotonic()))
         while True:
             try:
                 entry = results.get_nowait()

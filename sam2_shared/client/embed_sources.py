@@ -34,7 +34,12 @@ _GLOB_CHARACTERS = frozenset("*?[")
 
 
 class SourceError(OSError):
-    """A file or object could not be read, or is too large to send."""
+    """A file or object is missing (``NOT_FOUND``), unreadable (``UNREADABLE``) or too large
+    to send (``TOO_LARGE``); ``reason`` goes to the manifest."""
+
+    def __init__(self, message: str, reason: str = "UNREADABLE") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ def has_image_extension(name: str) -> bool:
 
 def _too_large(path: str, size: int, max_bytes: int) -> SourceError:
     return SourceError(f"{path} has {size} bytes; the limit is {max_bytes} "
-                       "(--max-image-mb): downscale it or raise the limit")
+                       "(--max-image-mb): downscale it or raise the limit", "TOO_LARGE")
 
 
 def _file_item(path: str) -> SourceItem:
@@ -77,9 +82,9 @@ def _file_item(path: str) -> SourceItem:
     return SourceItem(path, read)
 
 
-def _failed_item(path: str, message: str) -> SourceItem:
+def _failed_item(path: str, message: str, reason: str = "NOT_FOUND") -> SourceItem:
     def read(max_bytes: int) -> bytes:
-        raise SourceError(message)
+        raise SourceError(message, reason)
 
     return SourceItem(path, read)
 
@@ -196,7 +201,7 @@ def _s3(url: str, client_factory: S3ClientFactory) -> Iterator[SourceItem]:
         if not found:
             yield _failed_item(url, f"no image under {url}")
     except Exception as exc:  # a listing that fails is reported like a bad file, not a crash
-        yield _failed_item(url, f"cannot list {url}: {exc}")
+        yield _failed_item(url, f"cannot list {url}: {exc}", "UNREADABLE")
 
 
 def iter_sources(sources: Iterable[str], stdin: TextIO | None = None,

@@ -76,16 +76,18 @@ def test_stdin_lists_sources_one_per_line(tree: Path) -> None:
 def test_missing_sources_become_items_that_fail_when_read(tmp_path: Path) -> None:
     items = list(iter_sources([str(tmp_path / "nope.png"), f"{tmp_path}/*.jpg"]))
     assert _paths(items) == [str(tmp_path / "nope.png"), f"{tmp_path}/*.jpg"]
-    with pytest.raises(SourceError, match="no such file"):
+    with pytest.raises(SourceError, match="no such file") as raised:
         items[0].read(100)
+    assert raised.value.reason == "NOT_FOUND"
     with pytest.raises(SourceError, match="matches no file"):
         items[1].read(100)
 
 
 def test_a_file_over_the_byte_limit_fails_before_it_is_read(tmp_path: Path) -> None:
     [item] = iter_sources([str(_touch(tmp_path / "big.png", b"0" * 101))])
-    with pytest.raises(SourceError, match="101 bytes; the limit is 100"):
+    with pytest.raises(SourceError, match="101 bytes; the limit is 100") as raised:
         item.read(100)
+    assert raised.value.reason == "TOO_LARGE"
     assert item.read(101) == b"0" * 101
 
 
@@ -190,15 +192,17 @@ def _fake_embed(data: bytes) -> EmbeddingRef:
 
 def test_bad_images_are_recorded_and_do_not_stop_the_run(tmp_path: Path) -> None:
     manifest = tmp_path / "m.jsonl"
+    missing = next(iter_sources([str(tmp_path / "gone.png")]))
     items = [_item("1", b"new1"), _item("2", b"bad"), _item("3", b"old3"), _item("4", b"boom"),
-             _item("5", b"new5"), _item("done", b"new6")]
+             _item("5", b"new5"), _item("done", b"new6"), missing]
     writer = ManifestWriter(manifest)
     summary = run_embedding(items, _fake_embed, model_id=MODEL_ID, concurrency=2,
                             manifest=writer, skip_paths={"done"})
     writer.close()
-    assert (summary.ok, summary.skipped, summary.failed, summary.resumed) == (2, 1, 2, 1)
+    assert (summary.ok, summary.skipped, summary.failed, summary.resumed) == (2, 1, 3, 1)
     lines = {e["path"]: e for e in map(json.loads, manifest.read_text().splitlines())}
-    assert set(lines) == {"1", "2", "3", "4", "5"}
+    assert set(lines) == {"1", "2", "3", "4", "5", missing.path}
+    assert lines[missing.path]["reason"] == "NOT_FOUND"
     assert lines["1"] == {"path": "1", "embedding_id": "id-new1", "model_id": MODEL_ID,
                           "width": 4, "height": 3, "status": "ok", "reason": None,
                           "error": None}
