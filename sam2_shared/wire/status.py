@@ -126,6 +126,12 @@ def _mapping_of(exc: BaseException) -> _Mapping:
     return _UNEXPECTED
 
 
+def is_retryable_error(exc: BaseException) -> bool:
+    """Whether the table marks ``exc`` as worth retrying (busy or briefly unavailable), e.g.
+    for a per-image error inside a successful ``EmbedImages`` response."""
+    return _mapping_of(exc).retryable
+
+
 def _clip(text: str, limit: int) -> str:
     """``text`` cut to about ``limit`` characters, saying how much was left out."""
     if len(text) <= limit:

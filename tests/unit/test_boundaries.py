@@ -79,6 +79,11 @@ FOLDER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
 ALLOWED = {
     # tensors out of Sam2Client where torch is installed (numpy otherwise), imported on demand
     ("sam2_shared/client/__init__.py", "torch"),
+    # sam2-embed's s3:// sources list and read a bucket, imported only for such a source
+    ("sam2_shared/client/embed_sources.py", "boto3"),
+    ("sam2_shared/client/embed_sources.py", "botocore"),
+    ("sam2_shared/client/embed_sources.py", "botocore.config"),
+    ("sam2_shared/client/embed_sources.py", "botocore.config.Config"),
 }
 
 
