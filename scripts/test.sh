@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+# The venv first on PATH: its tools (and node/npm/npx where setup_env.sh put them there).
+export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest -q -ra "$@"
