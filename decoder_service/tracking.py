@@ -59,6 +59,7 @@ class _LiveSession:
     frame_ids: list[str]
     session: VideoSession
     revision: int = 0
+    stored_bytes: int = 0  # tensor bytes of the last saved state
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Bytes of cached frame features and tracking state, as of the last measure(): only the
@@ -326,6 +327,11 @@ class Tracker:
         with self._guard:
             return len(self._live)
 
+    def stored_bytes(self) -> int:
+        """Bytes of the live sessions' tracking state as last saved to the store."""
+        with self._guard:
+            return sum(live.stored_bytes for live in self._live.values())
+
     def held_bytes(self) -> int:
         """Bytes the live sessions hold (cached frame features and tracking state)."""
         with self._guard:
@@ -431,6 +437,7 @@ class Tracker:
             self._forget(live.session_id)
             raise
         live.revision += 1
+        live.stored_bytes = sum(t.numel() * t.element_size() for _, t in tensors)
         self._fit_budget(live, refuse=False)  # it may have grown
 
     def _load(self, session_id: str) -> _LiveSession:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -51,6 +52,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self.max_video_uploads = max(1, int(max_video_uploads))
         self.upload_window = max(1, int(upload_window))
         self.propagations_cancelled = 0
+        self.frames_tracked = 0  # frames answered by Propagate
+        self.frame_seconds = 0.0  # their tracking time (the step, not the answer's encoding)
+        self.video_frames_embedded = 0  # uploaded videos' frames the encoder stored
         self._executor = ThreadPoolExecutor(max(1, int(workers)),
                                             thread_name_prefix="tracking")
         self._uploads: set[asyncio.Task[None]] = set()  # videos being embedded
@@ -75,6 +79,9 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
             task.cancel()
         await asyncio.gather(*self._uploads, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
+    def uploads_in_progress(self) -> int:
+        return len(self._uploads)
 
     def register(self, server: grpc.aio.Server) -> None:
         tracking_pb2_grpc.add_TrackingServiceServicer_to_server(self, server)
@@ -122,7 +129,10 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
         async def upload_frames() -> None:
             outlive_the_call()  # the frames are embedded after StartSession has answered
-            await embed_frames(video, upload, embed, next_frame, self.upload_window)
+            try:
+                await embed_frames(video, upload, embed, next_frame, self.upload_window)
+            finally:
+                self.video_frames_embedded += upload.frames_stored
             logger.info("video of session %s: %d/%d frames embedded%s", session_id,
                         upload.frames_stored, frame_count, " (failed)" if upload.failed else "")
 
@@ -163,10 +173,13 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         finished = False
         try:
             while True:
+                started = time.perf_counter()
                 result = await self._run(propagation.step)
                 if result is None:
                     finished = True
                     return
+                self.frames_tracked += 1
+                self.frame_seconds += time.perf_counter() - started
                 frame = await self._run(frame_to_proto, result, encoding)
                 yield tracking_pb2.PropagateResponse(frame=frame)
         finally:

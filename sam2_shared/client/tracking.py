@@ -136,14 +136,23 @@ class Sam2TrackingClient(Sam2Client):
         return ids
 
     def start_session(self, frame_embedding_ids: Sequence[str] | None = None, *,
-                      video: str | os.PathLike | bytes | None = None) -> TrackingSession:
-        """A new session over embedded frames (``embed_frames``), in video order, or over a
-        ``video`` file (a path or its bytes: MP4, WebM, MOV ...) that the decoder has its
-        encoder embed in the background (prompts and propagation wait for frames not
-        embedded yet). The session's ``frame_embedding_ids`` can start later sessions."""
+                      video: str | os.PathLike | bytes | None = None,
+                      frames: Sequence[np.ndarray] | None = None) -> TrackingSession:
+        """A new session over one of:
 
-        if (frame_embedding_ids is None) == (video is None):
-            raise ValueError("pass either frame_embedding_ids or video")
+        - ``frame_embedding_ids``: frames already embedded (``embed_frames``), in video order;
+        - ``video``: a video file (a path or its bytes: MP4, WebM, MOV ...) that the decoder
+          has its encoder embed in the background (prompts and propagation wait for frames
+          not embedded yet);
+        - ``frames``: HxWx3 uint8 RGB frames, embedded here first through the encoder
+          (``embed_frames``: a few frames per call, already stored ones cost nothing).
+
+        The session's ``frame_embedding_ids`` can start later sessions."""
+
+        if sum(source is not None for source in (frame_embedding_ids, video, frames)) != 1:
+            raise ValueError("pass exactly one of frame_embedding_ids, video or frames")
+        if frames is not None:
+            frame_embedding_ids = self.embed_frames(frames)
         request = tracking_pb2.StartSessionRequest(model_id=self.model_id)
         if video is None:
             request.frame_embedding_ids.extend(frame_embedding_ids or ())

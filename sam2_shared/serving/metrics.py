@@ -338,6 +338,17 @@ class Sam2Metrics:
                     lambda: tracker.sessions_loaded, *model),
             Reading("sam2_tracking_propagations_cancelled", "propagations stopped early by "
                     "the client", "counter", lambda: servicer.propagations_cancelled, *model),
+            Reading("sam2_tracking_frames", "frames answered by Propagate (rate: frames "
+                    "tracked per second)", "counter", lambda: servicer.frames_tracked, *model),
+            Reading("sam2_tracking_frame_seconds", "time spent tracking those frames (divided "
+                    "by sam2_tracking_frames_total: latency per frame)", "counter",
+                    lambda: servicer.frame_seconds, *model),
+            Reading("sam2_tracking_stored_bytes", "bytes of the live sessions' tracking state "
+                    "as last saved to the store", "gauge", tracker.stored_bytes, *model),
+            Reading("sam2_tracking_video_uploads", "uploaded videos whose frames are being "
+                    "embedded now", "gauge", servicer.uploads_in_progress, *model),
+            Reading("sam2_tracking_video_frames_embedded", "frames of uploaded videos the "
+                    "encoder stored", "counter", lambda: servicer.video_frames_embedded, *model),
         ]))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

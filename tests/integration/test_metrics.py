@@ -307,8 +307,15 @@ def test_docs_list_every_metric_family() -> None:
         def held_bytes(self) -> int:
             return 0
 
+        def stored_bytes(self) -> int:
+            return 0
+
     class TrackingServicer:
-        propagations_cancelled = 0
+        propagations_cancelled = frames_tracked = video_frames_embedded = 0
+        frame_seconds = 0.0
+
+        def uploads_in_progress(self) -> int:
+            return 0
 
     metrics.watch_tracking(MODEL_ID, Tracker(), TrackingServicer())
     metrics.watch_auth(AuthInterceptor(None))

@@ -56,3 +56,4 @@ def test_a_stream_cut_off_after_the_pool_stopped_still_closes_its_propagation(
     asyncio.run(scenario())
     assert tracker.propagation.closed
     assert servicer.propagations_cancelled == 1
+    assert servicer.frames_tracked == 1 and servicer.frame_seconds > 0
