@@ -39,6 +39,7 @@ class TrackingSession:
 # at once with ABORTED SESSION_BUSY; the client asks again, every BUSY_RETRY_S, within its
 # deadline. Nothing was applied by a refused call, so asking again is safe.
 BUSY_RETRY_S = 0.1
+PROPAGATE_TIMEOUT_S = 3600.0  # a whole Propagate stream (cancel() ends it sooner)
 
 
 class PropagationStream:
@@ -185,16 +186,19 @@ class Sam2TrackingClient(Sam2Client):
         return tracked_frame_from_proto(self._once(self._tracking.AddPrompt, request).frame)
 
     def propagate(self, session_id: str, start_frame_index: int | None = None,
-                  reverse: bool = False, max_frames: int | None = None) -> PropagationStream:
+                  reverse: bool = False, max_frames: int | None = None,
+                  timeout_s: float | None = None) -> PropagationStream:
         """Track every object frame by frame; iterate for ``TrackedFrame``s, ``cancel()``
-        to stop early. The deadline is ``timeout_s`` for the whole stream."""
+        to stop early. ``timeout_s`` is the deadline of the whole stream (default
+        ``PROPAGATE_TIMEOUT_S``: a video takes about a second per frame and object on a
+        CPU, so the client's per-call ``timeout_s`` would cut long videos off)."""
 
         request = tracking_pb2.PropagateRequest(session_id=session_id, reverse=reverse)
         if start_frame_index is not None:
             request.start_frame_index = int(start_frame_index)
         if max_frames is not None:
             request.max_frames = int(max_frames)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + (PROPAGATE_TIMEOUT_S if timeout_s is None else timeout_s)
 
         def start() -> Any:
             return self._tracking.Propagate(
