@@ -2,6 +2,7 @@
 ``SAM2VideoPredictor.propagate_in_video``, per-frame time per object and process memory.
 
     python bench/bench_video.py --model sam2.1/hiera_tiny --frames 10,50 --out BENCHMARKS.md
+    python bench/bench_video.py --frames 6 --objects 4   # objects tracked together
 
 Each implementation runs in its own child process (so their RSS do not mix), one object
 (a click on frame 0), tracked forward over max(--frames) frames; RSS is read after 10, 50,
@@ -41,6 +42,14 @@ sys.path.insert(0, str(ROOT))
 DISTINCT_FRAMES = 10
 HEIGHT, WIDTH = 96, 128  # frames are resized to 1024 anyway; small keeps decode/upsample cheap
 CLICK = np.array([[40.0, 48.0]], dtype=np.float32)
+
+
+def click(obj_id: int) -> np.ndarray:
+    """Object 1 on the moving square, others spread over the frame."""
+    if obj_id == 1:
+        return CLICK
+    return np.array([[8.0 + (obj_id * 37) % (WIDTH - 16), 8.0 + (obj_id * 23) % (HEIGHT - 16)]],
+                    dtype=np.float32)
 
 
 TRIM = False  # --trim: hand freed heap back to the OS before reading RSS (glibc malloc_trim)
@@ -91,7 +100,8 @@ def track(frames: Any, checkpoints: list[int]) -> dict[str, Any]:
     return {"per_frame_s": statistics.median(times), "rss": rss, "frames": len(times) + 1}
 
 
-def run_ours(model_id: str, checkpoint: Path, checkpoints: list[int]) -> dict[str, Any]:
+def run_ours(model_id: str, checkpoint: Path, checkpoints: list[int], objects: int
+             ) -> dict[str, Any]:
     from sam2_shared.inference.video import FrameSource, Sam2VideoModel
 
     model = Sam2VideoModel.from_pretrained(model_id, checkpoint, device="cpu")
@@ -101,13 +111,15 @@ def run_ours(model_id: str, checkpoint: Path, checkpoints: list[int]) -> dict[st
     source = FrameSource(num_frames, (HEIGHT, WIDTH),
                          lambda i: embeddings[i % DISTINCT_FRAMES])
     session = model.start_session(source)
-    session.add_points(0, 1, points=CLICK, labels=np.array([1]))
+    for obj_id in range(1, objects + 1):
+        session.add_points(0, obj_id, points=click(obj_id), labels=np.array([1]))
     out = track(session.propagate(), checkpoints)
     out["state_bytes"] = session.state_nbytes()
     return out
 
 
-def run_reference(model_id: str, checkpoint: Path, checkpoints: list[int]) -> dict[str, Any]:
+def run_reference(model_id: str, checkpoint: Path, checkpoints: list[int], objects: int
+                  ) -> dict[str, Any]:
     from PIL import Image
     from sam2.build_sam import build_sam2_video_predictor
 
@@ -146,8 +158,9 @@ def run_reference(model_id: str, checkpoint: Path, checkpoints: list[int]) -> di
         frame_of.update({state["images"][t].data_ptr(): t for t in range(num_frames)})
         for t in range(DISTINCT_FRAMES):  # encode the distinct frames up front, untimed
             forward_image_memoised(state["images"][t].float().unsqueeze(0))
-        predictor.add_new_points_or_box(state, 0, 1, points=CLICK,
-                                        labels=np.array([1], np.int32))
+        for obj_id in range(1, objects + 1):
+            predictor.add_new_points_or_box(state, 0, obj_id, points=click(obj_id),
+                                            labels=np.array([1], np.int32))
         return track((o for o in predictor.propagate_in_video(state)), checkpoints)
 
 
@@ -157,8 +170,8 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     checkpoints = [int(n) for n in args.frames.split(",")]
     run = run_ours if args.impl == "ours" else run_reference
-    print("RESULT " + json.dumps(run(args.model, Path(args.checkpoint), checkpoints)),
-          flush=True)
+    print("RESULT " + json.dumps(run(args.model, Path(args.checkpoint), checkpoints,
+                                     args.objects)), flush=True)
 
 
 def cpu_name() -> str:
@@ -177,6 +190,8 @@ def main() -> None:
     parser.add_argument("--frames", default="10,50", help="RSS checkpoints; the run tracks "
                         "max of them")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--objects", type=int, default=1,
+                        help="objects clicked on frame 0 and tracked together")
     parser.add_argument("--out", help="append the table to this Markdown file")
     parser.add_argument("--trim", action="store_true", help="malloc_trim before each RSS read "
                         "(separates memory in use from heap the allocator keeps)")
@@ -198,6 +213,7 @@ def main() -> None:
         done = subprocess.run(
             [sys.executable, __file__, "--impl", impl, "--model", args.model, "--frames",
              args.frames, "--threads", str(args.threads), "--checkpoint", str(checkpoint),
+             "--objects", str(args.objects),
              *(["--trim"] if args.trim else [])],
             capture_output=True, text=True, env=env, check=False)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -210,10 +226,10 @@ def main() -> None:
     counts = [int(n) for n in args.frames.split(",")]
     mib = 1024 * 1024
     lines = [
-        f"### Tracking, one object ({cpu_name()}, {args.threads} threads, torch "
+        f"### Tracking, {args.objects} object(s) ({cpu_name()}, {args.threads} threads, torch "
         f"{torch.__version__}, {args.model}, {HEIGHT}x{WIDTH} frames)",
         "",
-        "| implementation | ms per frame per object (median) | "
+        f"| implementation | ms per frame, all {args.objects} object(s) (median) | "
         + " | ".join(f"RSS after {n} frames (MiB)" for n in counts) + " |",
         "|---|---|" + "---|" * len(counts),
     ]
@@ -224,7 +240,8 @@ def main() -> None:
                      + " | ".join(f"{r['rss'][str(n)] / mib:.0f}" for n in counts) + " |")
     lines.append("")
     lines.append(f"Our tracking state after {max(counts)} frames: "
-                 f"{results['ours']['state_bytes'] / mib:.2f} MiB for the object.")
+                 f"{results['ours']['state_bytes'] / mib:.2f} MiB for {args.objects} "
+                 "object(s).")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
