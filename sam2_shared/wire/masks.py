@@ -207,7 +207,8 @@ def decode_mask(data: str | bytes, encoding: MaskEncoding, height: int, width: i
 
 def mask_areas(masks: np.ndarray) -> np.ndarray:
     """[N, H, W] (or [H, W]) masks -> [N] int64 pixel counts."""
-    return _as_batch(masks).sum(axis=(1, 2), dtype=np.int64)
+    batch = _as_batch(masks)
+    return np.array([np.count_nonzero(mask) for mask in batch], dtype=np.int64)
 
 
 def mask_bboxes(masks: np.ndarray) -> np.ndarray:
