@@ -154,25 +154,48 @@ def client_overhead(model: Sam2Model, embedding, client: Sam2Client, ref, reques
 
 
 class PySpy:
-    """``py-spy record`` of one process into a flame graph SVG, for as long as the block."""
+    """``py-spy record`` of one process for as long as the block: a flame graph SVG, and the
+    same samples as collapsed stacks (``.txt`` next to it) for ``top_costs``."""
 
     def __init__(self, pid: int, svg: Path) -> None:
         self.pid, self.svg = pid, svg
-        self.process: subprocess.Popen[bytes] | None = None
+        self.raw = svg.with_suffix(".txt")
+        self.processes: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> PySpy:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         self.svg.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen([spy, "record", "--pid", str(self.pid), "--rate", "200",
-                                         "--output", str(self.svg), "--format", "flamegraph"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for output, kind in ((self.svg, "flamegraph"), (self.raw, "raw")):
+            self.processes.append(subprocess.Popen(
+                [spy, "record", "--pid", str(self.pid), "--rate", "100", "--nonblocking",
+                 "--output", str(output), "--format", kind],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)  # attached
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGINT)  # py-spy writes the SVG on SIGINT
-        self.process.wait(timeout=120)
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for process in self.processes:
+            process.wait(timeout=120)
+
+
+def top_costs(collapsed: Path, count: int = 15) -> list[tuple[str, float, float]]:
+    """(function, self %, total %) of the busiest functions in py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].rsplit(
+            "/", 1)[-1] + ")" for frame in stack.split(";")]
+        weight = int(number)
+        samples += weight
+        own[frames[-1]] = own.get(frames[-1], 0) + weight
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + weight
+    ranked = sorted(own, key=own.__getitem__, reverse=True)[:count]
+    return [(name, 100 * own[name] / samples, 100 * total[name] / samples) for name in ranked]
 
 
 def main() -> None:
@@ -191,6 +214,7 @@ def main() -> None:
     parser.add_argument("--profile-format", default="raw_bits")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
+    profile: list[tuple[str, float, float]] = []
     checkpoint = args.checkpoint or make_random_checkpoint(MODEL_ID)
     store = "diskcache://" + tempfile.mkdtemp(prefix="sam2-bench-")
     common = ["--model", MODEL_ID, "--checkpoint", str(checkpoint), "--store", store]
@@ -222,13 +246,19 @@ def main() -> None:
                     run = closed_loop(decoder.address, ref.embedding_id, args.requests,
                                       concurrency, FORMATS[name])
                     if profiled:
-                        with PySpy(decoder.process.pid, args.profile_svg):
+                        with PySpy(decoder.process.pid, args.profile_svg) as spy:
                             latencies, rate = asyncio.run(run)
+                        profile = top_costs(spy.raw)
                     else:
                         latencies, rate = asyncio.run(run)
                     p50, p99 = summary(latencies)
                     print(f"| {name} | {concurrency} | {rate:.1f} | {p50:.1f} | {p99:.1f} |",
                           flush=True)
+        if args.profile_svg is not None and "curve" in phases:
+            print(f"\ndecoder profile ({args.profile_format}, {args.profile_concurrency} in "
+                  f"flight, {args.profile_svg}):\n| function | self % | total % |\n|---|---|---|")
+            for name, own, total in profile:
+                print(f"| {name} | {own:.1f} | {total:.1f} |")
         if "open" in phases:
             latencies, rate = asyncio.run(open_loop(
                 decoder.address, ref.embedding_id, args.open_requests, args.rate,
