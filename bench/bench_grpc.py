@@ -1,20 +1,39 @@
-"""Decode latency through gRPC next to in-process decode, on one machine.
+"""Clicks through the tiers next to the same work in process, on one machine.
 
-Starts the encoder and a decoder (real CLIs, loopback, diskcache store in a temp dir), embeds
-one 1080x1920 image, then times one-point multimask Segment calls at concurrency 1 and 16
-(grpc.aio client, COCO RLE masks) and ``Sam2Model.decode_prompts`` in process on the same
-embedding. Optionally also with the decoder's cross-request batching off.
+Starts the encoder and one decoder (real CLIs, loopback, diskcache store in a temp dir), embeds
+one 1080x1920 image, then, one phase after another:
 
-    python bench/bench_grpc.py [--checkpoint PATH] [--requests 200] [--no-batching-too]
+* ``client``: ``Sam2Client.segment_images`` (one click, multimask, COCO RLE, logits included)
+  interleaved call by call with the same work in process: ``Sam2Model.segment_images`` on the
+  same stored embedding plus pycocotools RLE encode and decode of its 3 masks. The difference
+  of the medians is the serving path's overhead.
+* ``curve``: closed loop, ``--concurrency`` calls in flight (grpc.aio), one point, multimask,
+  per ``--formats`` (``raw_bits``: packed bits, whose cost does not depend on the mask;
+  ``coco_rle``: the default format; random weights give speckled masks, far costlier to
+  encode than object masks).
+* ``open``: open loop at ``--rate`` clicks/s (a call starts every 1/rate s whether or not
+  earlier ones finished), packed bits.
+
+``--profile-svg PATH`` records the decoder with py-spy during the curve's
+``--profile-concurrency`` run (a flame graph).
+
+    python bench/bench_grpc.py [--requests 200] [--concurrency 1,4,16,64] \\
+        [--formats raw_bits,coco_rle] [--rate 25] [--phases client,curve,open] \\
+        [--profile-svg bench/profiles/decoder.svg]
 
 Without ``--checkpoint`` a random sam2.1/hiera_tiny checkpoint is made (speed does not depend
-on the weights).
+on the weights; mask content, and so RLE cost, does).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +41,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from pycocotools import mask as coco_mask
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -30,101 +50,222 @@ from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa
 from sam2_shared.client import Sam2Client  # noqa: E402
 from sam2_shared.client.channels import channel_options  # noqa: E402
 from sam2_shared.inference.sam2_model import Sam2Model  # noqa: E402
-from sam2_shared.prompts import Prompt  # noqa: E402
+from sam2_shared.store import open_store  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 from tests.helpers.tier_processes import TierProcess  # noqa: E402
 
 MODEL_ID = "sam2.1/hiera_tiny"
 HEIGHT, WIDTH = 1080, 1920
+FORMATS = {"raw_bits": common_pb2.MASK_FORMAT_RAW_BITS,
+           "coco_rle": common_pb2.MASK_FORMAT_COCO_RLE,
+           "png": common_pb2.MASK_FORMAT_PNG}
 
 
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
+def summary(samples: list[float]) -> tuple[float, float]:
+    """(p50, p99) in ms."""
     ms = np.asarray(samples) * 1000
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), float(ms.mean())
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def points(count: int) -> list[tuple[float, float]]:
-    rng = np.random.default_rng(0)
+def points(count: int, seed: int = 0) -> list[tuple[float, float]]:
+    rng = np.random.default_rng(seed)
     return [(float(x), float(y)) for x, y in zip(rng.uniform(0, WIDTH, count),
                                                   rng.uniform(0, HEIGHT, count))]
 
 
-async def grpc_latencies(address: str, embedding_id: str, requests: int,
-                         concurrency: int) -> tuple[list[float], float]:
-    channel = grpc.aio.insecure_channel(address, options=channel_options())
-    stub = decoder_pb2_grpc.DecoderServiceStub(channel)
-    semaphore = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
+def request(embedding_id: str, x: float, y: float, mask_format: int) -> decoder_pb2.SegmentRequest:
+    return decoder_pb2.SegmentRequest(
+        embedding_id=embedding_id, mask_format=mask_format,
+        prompts=[decoder_pb2.Prompt(points=[common_pb2.Point(
+            x_px=x, y_px=y, label=common_pb2.POINT_LABEL_FOREGROUND)])])
 
-    async def one(x: float, y: float) -> None:
-        request = decoder_pb2.SegmentRequest(embedding_id=embedding_id, prompts=[
-            decoder_pb2.Prompt(points=[common_pb2.Point(
-                x_px=x, y_px=y, label=common_pb2.POINT_LABEL_FOREGROUND)])])
-        async with semaphore:
+
+async def closed_loop(address: str, embedding_id: str, requests: int, concurrency: int,
+                      mask_format: int) -> tuple[list[float], float]:
+    """Latencies and clicks/s with ``concurrency`` calls in flight."""
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+        stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+        for x, y in points(4, seed=1):  # warm the connection
+            await stub.Segment(request(embedding_id, x, y, mask_format), timeout=120)
+        todo = iter(points(requests))
+        latencies: list[float] = []
+
+        async def worker() -> None:
+            for x, y in todo:
+                started = time.perf_counter()
+                await stub.Segment(request(embedding_id, x, y, mask_format), timeout=120)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, requests / (time.perf_counter() - started)
+
+
+async def open_loop(address: str, embedding_id: str, requests: int, rate: float,
+                    mask_format: int) -> tuple[list[float], float]:
+    """Latencies and achieved clicks/s when a call starts every ``1 / rate`` s."""
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+        stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+        for x, y in points(4, seed=1):
+            await stub.Segment(request(embedding_id, x, y, mask_format), timeout=120)
+        latencies: list[float] = []
+
+        async def one(x: float, y: float) -> None:
             started = time.perf_counter()
-            await stub.Segment(request, timeout=120)
+            await stub.Segment(request(embedding_id, x, y, mask_format), timeout=120)
             latencies.append(time.perf_counter() - started)
 
-    for x, y in points(5):  # warm the hot cache and the connection
-        await one(x, y)
-    latencies.clear()
-    started = time.perf_counter()
-    await asyncio.gather(*(one(x, y) for x, y in points(requests)))
-    wall = time.perf_counter() - started
-    await channel.close()
-    return latencies, requests / wall
-
-
-def in_process_latencies(model: Sam2Model, embedding, requests: int) -> list[float]:
-    latencies = []
-    for x, y in points(5) + points(requests):
-        prompt = Prompt(np.array([[x, y]], np.float32), np.array([1], np.int32))
+        tasks = []
         started = time.perf_counter()
-        model.decode_prompts(embedding, [prompt])
-        latencies.append(time.perf_counter() - started)
-    return latencies[5:]
+        for index, (x, y) in enumerate(points(requests)):
+            delay = started + index / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(x, y)))
+        await asyncio.gather(*tasks)
+        return latencies, requests / (time.perf_counter() - started)
+
+
+def client_overhead(model: Sam2Model, embedding, client: Sam2Client, ref, requests: int
+                    ) -> dict[str, list[float]]:
+    """Interleaved, call by call: the client vs in-process segment_images (+ RLE out and
+    back with pycocotools)."""
+    times: dict[str, list[float]] = {"in-process segment_images": [],
+                                     "in-process + pycocotools RLE encode+decode": [],
+                                     "Sam2Client.segment_images (COCO RLE)": []}
+    for index, (x, y) in enumerate(points(requests + 3)):
+        coords, labels = np.array([[x, y]], np.float32), np.array([1], np.int32)
+        started = time.perf_counter()
+        [prediction] = model.segment_images(embeddings=embedding, point_coordinates=coords,
+                                            point_labels=labels, use_mask_input_cache=False)
+        middle = time.perf_counter()
+        masks = prediction.masks.numpy()
+        rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        coco_mask.decode(rles)
+        ended = time.perf_counter()
+        client.segment_images(embeddings=ref, point_coordinates=coords, point_labels=labels)
+        remote = time.perf_counter() - ended
+        if index >= 3:  # warm-up
+            times["in-process segment_images"].append(middle - started)
+            times["in-process + pycocotools RLE encode+decode"].append(ended - started)
+            times["Sam2Client.segment_images (COCO RLE)"].append(remote)
+    return times
+
+
+class PySpy:
+    """``py-spy record`` of one process for as long as the block: a flame graph SVG, and the
+    same samples as collapsed stacks (``.txt`` next to it) for ``top_costs``."""
+
+    def __init__(self, pid: int, svg: Path) -> None:
+        self.pid, self.svg = pid, svg
+        self.raw = svg.with_suffix(".txt")
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> PySpy:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.svg.parent.mkdir(parents=True, exist_ok=True)
+        for output, kind in ((self.svg, "flamegraph"), (self.raw, "raw")):
+            self.processes.append(subprocess.Popen(
+                [spy, "record", "--pid", str(self.pid), "--rate", "100", "--nonblocking",
+                 "--output", str(output), "--format", kind],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1.0)  # attached
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for process in self.processes:
+            process.wait(timeout=120)
+
+
+def top_costs(collapsed: Path, count: int = 15) -> list[tuple[str, float, float]]:
+    """(function, self %, total %) of the busiest functions in py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, number = line.rpartition(" ")
+        frames = [frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0].rsplit(
+            "/", 1)[-1] + ")" for frame in stack.split(";")]
+        weight = int(number)
+        samples += weight
+        own[frames[-1]] = own.get(frames[-1], 0) + weight
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + weight
+    ranked = sorted(own, key=own.__getitem__, reverse=True)[:count]
+    return [(name, 100 * own[name] / samples, 100 * total[name] / samples) for name in ranked]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--no-batching-too", action="store_true",
-                        help="also run concurrency 16 against a decoder with --no-batching")
+    parser.add_argument("--checkpoint", type=Path, help="default: a random sam2.1 tiny")
+    parser.add_argument("--requests", type=int, default=200, help="calls per curve point")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="calls in flight, a list")
+    parser.add_argument("--formats", default="raw_bits,coco_rle", help=f"of {sorted(FORMATS)}")
+    parser.add_argument("--rate", type=float, default=25.0, help="open-loop clicks/s")
+    parser.add_argument("--open-requests", type=int, default=250)
+    parser.add_argument("--client-requests", type=int, default=40)
+    parser.add_argument("--phases", default="client,curve,open")
+    parser.add_argument("--decoder-args", default="", help="extra decoder flags, one string")
+    parser.add_argument("--profile-svg", type=Path, help="py-spy flame graph of the decoder")
+    parser.add_argument("--profile-concurrency", type=int, default=16)
+    parser.add_argument("--profile-format", default="raw_bits")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    profile: list[tuple[str, float, float]] = []
     checkpoint = args.checkpoint or make_random_checkpoint(MODEL_ID)
     store = "diskcache://" + tempfile.mkdtemp(prefix="sam2-bench-")
     common = ["--model", MODEL_ID, "--checkpoint", str(checkpoint), "--store", store]
-    rgb = synthetic_rgb(HEIGHT, WIDTH)
-    rows = []
     with TierProcess("encoder_service", common) as encoder:
         with Sam2Client(encoder=encoder.address, model_id=MODEL_ID) as client:
-            [ref] = client.embed_images(rgb, input_color_format="rgb")
-    # the store holds fp16 (the default); in process, decode the same stored embedding
-    from sam2_shared.store import open_store
-
-    with open_store(store) as opened:
-        embedding = opened.get_embedding(ref.embedding_id, MODEL_ID)
-    model = Sam2Model.from_pretrained(MODEL_ID, checkpoint, parts="decoder")
-    rows.append(("in-process decode_prompts", 1, *percentiles(
-        in_process_latencies(model, embedding, args.requests)), float("nan")))
-    variants = [("gRPC Segment", [])]
-    if args.no_batching_too:
-        variants.append(("gRPC Segment, --no-batching", ["--no-batching"]))
-    for label, extra in variants:
-        with TierProcess("decoder_service", [*common, *extra]) as decoder:
-            for concurrency in (1, 16):
-                if extra and concurrency == 1:
-                    continue
-                latencies, throughput = asyncio.run(grpc_latencies(
-                    decoder.address, ref.embedding_id, args.requests, concurrency))
-                rows.append((label, concurrency, *percentiles(latencies), throughput))
-    print(f"\nsam2.1/hiera_tiny, one point, multimask (3 masks), {WIDTH}x{HEIGHT}, COCO RLE, "
-          f"{args.requests} requests, loopback")
-    print(f"{'path':32} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'req/s':>7}")
-    for label, concurrency, p50, p99, mean, throughput in rows:
-        print(f"{label:32} {concurrency:>4} {p50:8.1f} {p99:8.1f} {mean:8.1f} {throughput:7.1f}")
+            [ref] = client.embed_images(synthetic_rgb(HEIGHT, WIDTH), input_color_format="rgb")
+    print(f"machine: {os.cpu_count()} CPUs; decoder OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, one point, multimask (3 "
+          f"masks), {WIDTH}x{HEIGHT}, loopback. Medians of interleaved runs.", flush=True)
+    with TierProcess("decoder_service", common + args.decoder_args.split()) as decoder:
+        if "client" in phases:
+            with open_store(store) as opened:
+                embedding = opened.get_embedding(ref.embedding_id, MODEL_ID)
+            model = Sam2Model.from_pretrained(MODEL_ID, checkpoint, parts="decoder")
+            with Sam2Client(decoder=decoder.address, model_id=MODEL_ID) as remote:
+                times = client_overhead(model, embedding, remote, ref, args.client_requests)
+            print("\n| path | p50 ms | p99 ms |\n|---|---|---|")
+            for label, samples in times.items():
+                print(f"| {label} | {statistics.median(samples) * 1000:.1f} | "
+                      f"{summary(samples)[1]:.1f} |")
+            del model
+        if "curve" in phases:
+            print("\n| mask format | in flight | clicks/s | p50 ms | p99 ms |\n"
+                  "|---|---|---|---|---|")
+            for name in args.formats.split(","):
+                for concurrency in map(int, args.concurrency.split(",")):
+                    profiled = (args.profile_svg is not None and name == args.profile_format
+                                and concurrency == args.profile_concurrency)
+                    run = closed_loop(decoder.address, ref.embedding_id, args.requests,
+                                      concurrency, FORMATS[name])
+                    if profiled:
+                        with PySpy(decoder.process.pid, args.profile_svg) as spy:
+                            latencies, rate = asyncio.run(run)
+                        profile = top_costs(spy.raw)
+                    else:
+                        latencies, rate = asyncio.run(run)
+                    p50, p99 = summary(latencies)
+                    print(f"| {name} | {concurrency} | {rate:.1f} | {p50:.1f} | {p99:.1f} |",
+                          flush=True)
+        if args.profile_svg is not None and "curve" in phases:
+            print(f"\ndecoder profile ({args.profile_format}, {args.profile_concurrency} in "
+                  f"flight, {args.profile_svg}):\n| function | self % | total % |\n|---|---|---|")
+            for name, own, total in profile:
+                print(f"| {name} | {own:.1f} | {total:.1f} |")
+        if "open" in phases:
+            latencies, rate = asyncio.run(open_loop(
+                decoder.address, ref.embedding_id, args.open_requests, args.rate,
+                FORMATS["raw_bits"]))
+            p50, p99 = summary(latencies)
+            print(f"\nopen loop at {args.rate:g} clicks/s (raw_bits, {args.open_requests} calls):"
+                  f" achieved {rate:.1f}/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,13 @@ a time, off the event loop, so a request holds one full-size mask at a time, not
 (``bench/decoder_output_memory.py`` measures it).
 
 Logits handles: the low-res logits of every prompt's candidates are written to the shared store
-as one entry under a random token with a TTL; candidate ``c`` gets the handle ``"<token>.<c>"``.
+as one entry under a token with a TTL; candidate ``c`` gets the handle ``"<token>.<c>"``.
 Any replica can resolve it; a small local LRU spares the store read on the replica that made it.
+The store write happens behind the response, on one writer thread (it is not on the click's
+path). The token starts with its creation time, so a replica that misses a handle younger than
+``logits_write_grace_s`` waits for the write to land instead of answering LOGITS_NOT_FOUND;
+an unknown old handle is answered at once. Too many writes pending make the click wait for its
+own (back-pressure, bounded memory).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +46,7 @@ import torch
 
 from sam2_shared.counters import Counters
 from sam2_shared.embedding import (
+    NAMESPACE_SEPARATOR,
     EmbeddingRef,
     ImageEmbedding,
     check_id_namespace,
@@ -72,6 +79,11 @@ DEFAULT_MAX_MASK_PIXELS = 400_000_000
 DEFAULT_MAX_BATCH_PROMPTS = 16
 DEFAULT_MAX_BATCH_REQUESTS = 32
 DEFAULT_MAX_QUEUE = 256
+# A store write lands well within this under load; a replica missing a younger handle waits.
+DEFAULT_LOGITS_WRITE_GRACE_S = 2.0
+MAX_PENDING_LOGITS_WRITES = 64  # beyond: the click waits for its own write (~48 MiB queued)
+_LOGITS_POLL_S = 0.02
+_TOKEN_TIME_DIGITS = 11  # hex milliseconds since the epoch (until the year 4000)
 
 
 class EncoderClient(Protocol):
@@ -224,6 +236,8 @@ class Segmenter:
             the previous batch ran, which adds no latency when idle.
         max_queue (int): most requests waiting for the model; beyond it RESOURCE_EXHAUSTED.
         logits_cache_bytes (int): local LRU of recently written or read logits.
+        logits_write_grace_s (float): how long after a handle was made another replica waits
+            for its store write before answering LOGITS_NOT_FOUND.
     """
 
     def __init__(
@@ -244,6 +258,7 @@ class Segmenter:
         batch_wait_s: float = 0.0,
         max_queue: int = DEFAULT_MAX_QUEUE,
         logits_cache_bytes: int = DEFAULT_LOGITS_CACHE_BYTES,
+        logits_write_grace_s: float = DEFAULT_LOGITS_WRITE_GRACE_S,
     ) -> None:
         if model.decoder is None:
             raise ValueError("the decoder tier needs a Sam2Model with the decoder part")
@@ -263,6 +278,9 @@ class Segmenter:
         self.logits_cache: LruCache[str, tuple[float, np.ndarray]] = LruCache(
             1_000_000, max_bytes=logits_cache_bytes, size_of=lambda entry: entry[1].nbytes
         )
+        self.logits_write_grace_s = logits_write_grace_s
+        self._logits_writer = ThreadPoolExecutor(1, thread_name_prefix="sam2-logits-writer")
+        self._pending_writes: set[asyncio.Future[None]] = set()
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
         self._batcher: MicroBatcher[_Job, list[Sam2BatchedPrediction]] = MicroBatcher(
             _BatchDecoder(model, max_batch_prompts, batching, self.stats),
@@ -349,7 +367,7 @@ class Segmenter:
         for index, prompt in enumerate(prompts):
             _validate(index, prompt, embedding.original_hw)
         predictions = await self._batcher.submit(_Job(embedding, list(prompts)))
-        handles = await asyncio.to_thread(self._store_logits, predictions, namespace)
+        handles = await self._share_logits(predictions, namespace)
         ref = EmbeddingRef(embedding.embedding_id, embedding.model_id, embedding.original_hw)
         return SegmentResult(ref, predictions, handles)
 
@@ -440,23 +458,48 @@ class Segmenter:
 
     # ------------------------------------------------------------------ logits
 
-    def _store_logits(self, predictions: list[Sam2BatchedPrediction], namespace: str = ""
-                      ) -> list[list[str]]:
-        """Write each prompt's candidate logits under a new token (in the caller's namespace);
-        return the handles."""
+    async def _share_logits(self, predictions: list[Sam2BatchedPrediction], namespace: str = ""
+                            ) -> list[list[str]]:
+        """Each prompt's candidate logits under a new token (in the caller's namespace): into
+        the local LRU now, into the shared store behind the response. Returns the handles."""
         handles = []
+        now_ms = int(time.time() * 1000)
+        loop = asyncio.get_running_loop()
         for prediction in predictions:
-            token = scope_id(namespace, secrets.token_hex(16))
+            token = scope_id(namespace, f"{now_ms:0{_TOKEN_TIME_DIGITS}x}{secrets.token_hex(12)}")
             logits = np.ascontiguousarray(prediction.logits[0], dtype=np.float32)  # [C, 256, 256]
-            try:
-                self.store.put_logits(token, logits, self.logits_ttl_s)
-            except StoreUnavailableError as exc:
-                # The masks are computed: answer them. The handle still resolves on this
-                # replica (local LRU below); other replicas will say LOGITS_NOT_FOUND.
-                logger.warning("logits not shared, store unavailable: %s", exc)
             self.logits_cache.put(token, (time.monotonic() + self.logits_ttl_s, logits))
+            write = asyncio.ensure_future(
+                loop.run_in_executor(self._logits_writer, self._write_logits, token, logits))
+            self._pending_writes.add(write)
+            write.add_done_callback(self._pending_writes.discard)
             handles.append([f"{token}.{c}" for c in range(logits.shape[0])])
+        if len(self._pending_writes) > MAX_PENDING_LOGITS_WRITES:
+            await asyncio.wait(set(self._pending_writes))  # back-pressure: the store is slow
         return handles
+
+    def _write_logits(self, token: str, logits: np.ndarray) -> None:
+        try:
+            self.store.put_logits(token, logits, self.logits_ttl_s)
+        except StoreUnavailableError as exc:
+            # The handle still resolves on this replica (local LRU); other replicas will
+            # say LOGITS_NOT_FOUND.
+            logger.warning("logits not shared, store unavailable: %s", exc)
+        except Exception:  # behind the response: nobody else would see it
+            logger.exception("logits write of %s failed", token)
+
+    def _write_deadline(self, token: str) -> float:
+        """Wall-clock time until which a store miss of ``token`` may be a write not landed
+        yet (0: not a recent token of ours)."""
+        head, separator, tail = token.partition(NAMESPACE_SEPARATOR)
+        local = tail if separator else head
+        stamp = local[:_TOKEN_TIME_DIGITS]
+        if len(local) <= _TOKEN_TIME_DIGITS or not all(ch in "0123456789abcdef" for ch in stamp):
+            return 0.0
+        made_s = int(stamp, 16) / 1000
+        if made_s > time.time() + 1.0:  # from the future: not a token of ours
+            return 0.0
+        return made_s + min(self.logits_write_grace_s, self.logits_ttl_s)  # not once expired
 
     def resolve_logits(self, handle: str, namespace: str = "") -> np.ndarray:
         """[256, 256] logits of a handle from an earlier response (blocking store read).
@@ -473,10 +516,7 @@ class Segmenter:
             if cached is not None and cached[0] > time.monotonic():
                 logits = cached[1]
             else:
-                try:
-                    logits = self.store.get_logits(token)
-                except InvalidInputError:  # a token no handle of ours can have
-                    logits = None
+                logits = self._logits_from_store(token)
         if logits is None or int(candidate) >= logits.shape[0]:
             raise LogitsNotFoundError(
                 f"logits handle {handle!r} is unknown or expired (handles live "
@@ -484,6 +524,19 @@ class Segmenter:
                 "or a box", logits_handle=handle,
             )
         return logits[int(candidate)]
+
+    def _logits_from_store(self, token: str) -> np.ndarray | None:
+        """The store's logits of ``token``; a miss on a token made in the last
+        ``logits_write_grace_s`` is retried until then (its write may not have landed)."""
+        deadline = self._write_deadline(token)
+        while True:
+            try:
+                logits = self.store.get_logits(token)
+            except InvalidInputError:  # a token no handle of ours can have
+                return None
+            if logits is not None or time.time() >= deadline:
+                return logits
+            time.sleep(min(_LOGITS_POLL_S, max(0.0, deadline - time.time())))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -502,8 +555,11 @@ class Segmenter:
         return time.perf_counter() - started
 
     async def close(self) -> None:
-        """Finish queued requests, then stop the model thread."""
+        """Finish queued requests and logits writes, then stop the model and writer threads."""
         await self._batcher.close()
+        if self._pending_writes:
+            await asyncio.wait(set(self._pending_writes))
+        self._logits_writer.shutdown(wait=True)
 
 
 def _validate(index: int, prompt: Prompt, original_hw: tuple[int, int]) -> None:

@@ -6,8 +6,9 @@ request with its ``google.rpc.Status`` and keeps the stream open, as the proto d
 a stream that sends no request for ``stream_idle_timeout_s`` is ended with DEADLINE_EXCEEDED,
 reason STREAM_IDLE (an abandoned session must not hold a slot of the per-key and per-server
 limits forever).
-CPU-heavy conversions (logits handles; upsampling and encoding the masks, one candidate at a
-time so that only one full-size mask exists per request) run in threads, off the event loop.
+CPU-heavy or blocking conversions (resolving logits handles; upsampling and encoding the masks,
+one candidate at a time so that only one full-size mask exists per request) run in threads, off
+the event loop; prompts without handles are converted on it (cheaper than a thread hop).
 """
 
 from __future__ import annotations
@@ -88,10 +89,11 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         encoding = wire.mask_encoding_from_proto(request.mask_format)
         image = ImageInput(*wire.image_from_proto(request.image)) if request.HasField(
             "image") else None
-        prompts = await asyncio.to_thread(
-            wire.prompts_from_proto, request.prompts,
-            functools.partial(decoder.resolve_logits, namespace=namespace),
-        )
+        resolve = functools.partial(decoder.resolve_logits, namespace=namespace)
+        if any(prompt.logits_handle for prompt in request.prompts):  # may read the store
+            prompts = await asyncio.to_thread(wire.prompts_from_proto, request.prompts, resolve)
+        else:  # a few numbers: a thread hop would cost more than it saves
+            prompts = wire.prompts_from_proto(request.prompts, resolve)
         result = await decoder.segment(
             prompts, embedding_id=request.embedding_id, image=image, model_id=request.model_id,
             namespace=namespace,

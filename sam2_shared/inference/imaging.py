@@ -342,9 +342,28 @@ def masks_from_low_res(low_res_logits: np.ndarray, original_hw: tuple[int, int])
     height, width = int(original_hw[0]), int(original_hw[1])
     prompts, candidates = low_res_logits.shape[:2]
     out = np.empty((prompts, candidates, height, width), dtype=bool)
-    source = np.ascontiguousarray(low_res_logits, dtype=np.float32)
     for p in range(prompts):
         for c in range(candidates):
-            resized = cv2.resize(source[p, c], (width, height), interpolation=cv2.INTER_LINEAR)
-            np.greater(resized, 0.0, out=out[p, c])
+            mask_from_low_res(low_res_logits[p, c], (height, width), out=out[p, c])
     return out
+
+
+def mask_from_low_res(low_res_logits: np.ndarray, original_hw: tuple[int, int],
+                      column_major: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """One [256, 256] float32 logits map -> [H, W] bool mask (``logit > 0``), as
+    ``masks_from_low_res``.
+
+    ``column_major``: the mask is made in Fortran order (``mask.T`` C-contiguous), the layout
+    COCO RLE runs in, by resizing the transposed logits: no copy is needed to encode it.
+    Bilinear resampling is separable, so it is the same mask up to float rounding (pixels
+    whose logit is within ~1e-6 of 0 may flip).
+    """
+    height, width = int(original_hw[0]), int(original_hw[1])
+    source = np.asarray(low_res_logits, dtype=np.float32)
+    if column_major:
+        resized = cv2.resize(np.ascontiguousarray(source.T), (height, width),
+                             interpolation=cv2.INTER_LINEAR)
+        return np.greater(resized, 0.0).T
+    resized = cv2.resize(np.ascontiguousarray(source), (width, height),
+                         interpolation=cv2.INTER_LINEAR)
+    return np.greater(resized, 0.0, out=out)

@@ -67,9 +67,12 @@ class DeferredMasks:
 
     def __getitem__(self, index: tuple[int, int]) -> np.ndarray:
         """[H, W] bool mask of prompt ``p``, candidate ``c``."""
-        p, c = index
-        return imaging.masks_from_low_res(self._low_res[p : p + 1, c : c + 1],
-                                          self._original_hw)[0, 0]
+        return self.candidate(*index)
+
+    def candidate(self, p: int, c: int, column_major: bool = False) -> np.ndarray:
+        """[H, W] bool mask of prompt ``p``, candidate ``c``; ``column_major`` makes it in
+        Fortran order, the layout COCO RLE encodes without a copy."""
+        return imaging.mask_from_low_res(self._low_res[p, c], self._original_hw, column_major)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         masks = imaging.masks_from_low_res(self._low_res, self._original_hw)

@@ -152,16 +152,21 @@ class MaskDecoder(nn.Module):
         upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
         b, h, w, c = image.shape
         c4, c8 = feat_s1.shape[1], feat_s0.shape[1]
+        # Skips plus biases as [1 or B, pixels, (sub-pixel, C)] rows: the matmuls add them in
+        # their output pass (baddbmm, broadcast over the prompts), no separate add over the
+        # large per-prompt maps.
         skip1 = feat_s1.reshape(-1, c4, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1) + upconv1.bias
         skip0 = feat_s0.reshape(-1, c8, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
         skip0 = skip0 + upconv2.bias
         # weight [Cin, Cout, 2, 2] -> [Cin, (di, dj, Cout)].
         weight1 = upconv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4)
         weight2 = upconv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
-        x = (image.reshape(b, h * w, c) @ weight1).reshape(b, h, w, 2, 2, c4) + skip1
+        x = torch.baddbmm(skip1.reshape(-1, h * w, 4 * c4), image.reshape(b, h * w, c),
+                          weight1.expand(b, -1, -1)).reshape(b, h, w, 2, 2, c4)
         x = act1(F.layer_norm(x, (c4,), norm1.weight, norm1.bias, norm1.eps))
-        x = (x.reshape(b, 4 * h * w, c4) @ weight2).reshape(b, h, w, 2, 2, 2, 2, c8) + skip0
-        return act2(x)
+        x = torch.baddbmm(skip0.reshape(-1, 4 * h * w, 4 * c8), x.reshape(b, 4 * h * w, c4),
+                          weight2.expand(b, -1, -1))
+        return act2(x.reshape(b, h, w, 2, 2, 2, 2, c8))
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """[..., H, W] -> [...]: area(logit > delta) / area(logit > -delta) (1 if empty)."""

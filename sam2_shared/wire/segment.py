@@ -347,7 +347,7 @@ def prompt_results_to_proto(
             if handles is not None and len(handles) != candidate_count:
                 raise ValueError(f"{len(handles)} logits handles for {candidate_count} candidates")
             for c in range(candidate_count):
-                mask = mask_to_proto(np.asarray(masks[p, c]), encoding)
+                mask = mask_to_proto(_candidate_mask(masks, p, c, encoding), encoding)
                 candidate = result.candidates.add(mask=mask, score=float(scores[p, c]))
                 if handles is not None:
                     candidate.logits_handle = handles[c]
@@ -357,6 +357,15 @@ def prompt_results_to_proto(
     if logits_handles is not None and len(logits_handles) != len(results):
         raise ValueError(f"{len(logits_handles)} handle rows for {len(results)} prompts")
     return results
+
+
+def _candidate_mask(masks: Any, p: int, c: int, encoding: MaskEncoding) -> np.ndarray:
+    """``masks[p, c]``; made column-major when ``masks`` can (the decoder's ``DeferredMasks``)
+    and the encoding is COCO RLE, whose runs go down the columns: no transposing copy."""
+    candidate = getattr(masks, "candidate", None)
+    if candidate is not None:
+        return candidate(p, c, column_major=encoding is MaskEncoding.COCO_RLE)
+    return np.asarray(masks[p, c])
 
 
 def mask_to_proto(mask: np.ndarray, encoding: MaskEncoding) -> common_pb2.EncodedMask:

@@ -58,8 +58,49 @@ def test_coco_rle_interoperates_with_pycocotools() -> None:
 def test_empty_and_full_counts() -> None:
     empty, full = masks.encode_coco_rle(np.stack([np.zeros((3, 4), bool), np.ones((3, 4), bool)]))
     # Counts start with a background run: an empty mask is one run, a full one is "0, 12".
-    assert masks._coco_rle_runs(empty.encode()) == [12]
-    assert masks._coco_rle_runs(full.encode()) == [0, 12]
+    assert masks._coco_rle_runs(empty.encode(), 12).tolist() == [12]
+    assert masks._coco_rle_runs(full.encode(), 12).tolist() == [0, 12]
+
+
+def _runs_one_by_one(counts: bytes) -> list[int] | None:
+    """The varint format read one character at a time: what the vectorised reader must match."""
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        digit = char - 48
+        if not 0 <= digit < 64:
+            return None
+        value |= (digit & 0x1F) << shift
+        shift += 5
+        if digit & 0x20:
+            continue
+        if digit & 0x10:
+            value -= 1 << shift
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+        value = shift = 0
+    return runs if shift == 0 and runs else None
+
+
+def test_vectorised_run_reader_matches_the_format_one_character_at_a_time() -> None:
+    rng = np.random.default_rng(7)
+    checked = valid = 0
+    for trial in range(400):
+        if trial % 2:  # real encodings of speckled and blocky masks
+            mask = _random_masks(1, 13, 17)[0] if trial % 4 == 1 else \
+                np.kron(rng.random((3, 4)) > 0.5, np.ones((5, 5), bool))[:13, :17]
+            (text,) = masks.encode_coco_rle(mask)
+            counts = text.encode()
+        else:  # arbitrary strings of valid and invalid characters
+            counts = bytes(rng.integers(40, 120, size=int(rng.integers(1, 12))).tolist())
+        expected = _runs_one_by_one(counts)
+        total = 13 * 17
+        if expected is not None and (min(expected) < 0 or sum(expected) != total):
+            expected = None
+        got = masks._coco_rle_runs(counts, total)
+        assert (None if got is None else got.tolist()) == expected, counts
+        checked += 1
+        valid += expected is not None
+    assert valid >= 200 and checked == 400  # both outcomes were exercised
 
 
 def test_png_is_one_bit_grayscale() -> None:
