@@ -218,7 +218,9 @@ def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
                    max_prompted_frames=settings.max_prompted_frames,
                    memory_budget_bytes=settings.tracking_memory_budget_mib * MIB,
                    max_video_frames=settings.max_video_frames,
-                   max_video_pixels=settings.max_image_pixels)
+                   # Frames go to the encoder as raw RGB, one per message.
+                   max_video_pixels=min(settings.max_image_pixels,
+                                        settings.max_message_mb * MIB // 4))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,10 @@ from sam2_shared.errors import CorruptEntryError, InvalidInputError, NotReadyErr
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_VIDEO_FRAMES = 2_000  # frames per uploaded video (~67 s at 30 fps)
+# Decoded pixels per video, all frames together: 2,000 frames of 1080p. A small file can
+# declare many huge frames (video compresses still scenes extremely well); decoding and
+# hashing cost grows with pixels, so they are bounded as a whole, not only per frame.
+DEFAULT_MAX_VIDEO_PIXELS = 2_000 * 1920 * 1080
 DEFAULT_FRAME_WAIT_S = 600.0  # longest tracking waits for one frame's embedding
 
 
@@ -34,14 +38,17 @@ class VideoFile:
     """An uploaded video in a private temporary file (OpenCV reads files, not bytes).
 
     ``frames()`` decodes it from the start each time, refusing more than ``max_frames``
-    frames or frames of more than ``max_pixels`` pixels before they are decoded.
+    frames, frames of more than ``max_pixels`` pixels (before they are decoded) and more than
+    ``max_total_pixels`` decoded pixels in all.
     """
 
-    def __init__(self, data: bytes, *, max_frames: int, max_pixels: int) -> None:
+    def __init__(self, data: bytes, *, max_frames: int, max_pixels: int,
+                 max_total_pixels: int = DEFAULT_MAX_VIDEO_PIXELS) -> None:
         if not data:
             raise InvalidInputError("the video is empty")
         self.max_frames = max_frames
         self.max_pixels = max_pixels
+        self.max_total_pixels = max_total_pixels
         handle, self.path = tempfile.mkstemp(prefix="sam2-video-", suffix=".bin")
         try:
             with os.fdopen(handle, "wb") as file:
@@ -67,7 +74,7 @@ class VideoFile:
             width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
             height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
             self._check_pixels(height, width)  # from the container, before any frame
-            index = 0
+            index = total = 0
             while True:
                 ok, bgr = capture.read()
                 if not ok:
@@ -78,6 +85,12 @@ class VideoFile:
                         "server takes; cut it or send frame embeddings", reason="VIDEO_TOO_LONG",
                         limit=str(self.max_frames))
                 self._check_pixels(*bgr.shape[:2])
+                total += bgr.shape[0] * bgr.shape[1]
+                if total > self.max_total_pixels:
+                    raise InvalidInputError(
+                        f"the video has more than {self.max_total_pixels} pixels in all its "
+                        "frames, the most this server decodes; send fewer or smaller frames",
+                        reason="VIDEO_TOO_LARGE", limit=str(self.max_total_pixels))
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 index += 1
             if index == 0:

@@ -55,6 +55,12 @@ def test_frames_are_decoded_within_bounds(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError) as large:
         list(VideoFile(data, max_frames=10, max_pixels=64 * 48 - 1).frames())
     assert large.value.reason == "IMAGE_TOO_LARGE"
+    with pytest.raises(InvalidInputError) as total:
+        list(VideoFile(data, max_frames=10, max_pixels=10**6,
+                       max_total_pixels=4 * 64 * 48 + 1).frames())
+    assert total.value.reason == "VIDEO_TOO_LARGE"
+    assert len(list(VideoFile(data, max_frames=10, max_pixels=10**6,
+                              max_total_pixels=5 * 64 * 48).frames())) == 5
     for garbage in (b"not a video" * 100, data[: len(data) // 3]):
         with pytest.raises(InvalidInputError):
             read_frame_ids(VideoFile(garbage, max_frames=10, max_pixels=10**6), MODEL_ID, "")
