@@ -206,6 +206,11 @@ def test_a_running_server_refuses_every_key_once_the_file_is_gone(tmp_path: Path
 
                 outcomes.append(await call())
                 (secret / "default").unlink()  # the Secret's last entry deleted
+                # File times tick coarsely (a few ms here): a deletion in the same tick as the
+                # write leaves the directory's mtime as it was, so move it visibly (as a
+                # Secret update, minutes apart, does).
+                moved = time.time() + 2
+                os.utime(secret, (moved, moved))
                 outcomes.append(await call())
                 (secret / "default").write_text(KEY + "\n")
                 outcomes.append(await call())
