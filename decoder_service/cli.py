@@ -117,7 +117,8 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     metrics.watch_store(store)
     servicer = DecoderServicer(stream_idle_timeout_s=settings.stream_idle_timeout_s)
     tracking_servicer = TrackingServicer(workers=settings.tracking_workers,
-                                         max_video_uploads=settings.max_video_uploads)
+                                         max_video_uploads=settings.max_video_uploads,
+                                         stream_idle_timeout_s=settings.stream_idle_timeout_s)
     auth = auth_interceptor(settings.api_keys_file,
                             max_streams_per_key=settings.max_sessions_per_key)
     metrics.watch_auth(auth)

@@ -28,6 +28,7 @@ import torch
 
 from decoder_service.video_upload import (
     DEFAULT_MAX_VIDEO_FRAMES,
+    FrameSpool,
     FrameUpload,
     VideoFile,
     read_frame_ids,
@@ -205,6 +206,23 @@ class Tracker:
             video.close()
             raise
         return session_id, count, video_hw, video, upload
+
+    def frame_spool(self, model_id: str, namespace: str = "") -> FrameSpool:
+        """Somewhere to stream a video's frames into (``FrameSpool.add``), within the bounds
+        of a video file; pass it to ``start_frames`` then, or close it."""
+        self._check_model(model_id)
+        return FrameSpool(model_id, namespace, max_frames=min(self.max_video_frames, MAX_FRAMES),
+                          max_pixels=self.max_video_pixels)
+
+    def start_frames(self, spool: FrameSpool) -> tuple[str, int, tuple[int, int], FrameUpload]:
+        """A new session over the streamed frames, none of them embedded yet: like
+        ``start_video``, the caller has the encoder embed them from ``spool``
+        (``video_upload.embed_frames``). Returns the session's id, frame count, (H, W) and
+        the upload."""
+        upload = FrameUpload(list(spool.ids))
+        session_id, count, video_hw = self._new_session(upload.ids, spool.size,
+                                                        spool.namespace, upload)
+        return session_id, count, video_hw, upload
 
     def _check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
