@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from sam2_shared.api.v1 import common_pb2, tracking_pb2
 from sam2_shared.client.tracking import Sam2TrackingClient
 from sam2_shared.embedding import content_id
 from sam2_shared.errors import (
@@ -28,7 +29,9 @@ from sam2_shared.errors import (
 from sam2_shared.inference.video import FrameResult, Sam2VideoModel
 from sam2_shared.store import open_store
 from sam2_shared.wire.tracking import TrackedFrame
+from tests.helpers import hostile_payloads as payloads
 from tests.helpers.checkpoints import present_checkpoint as present_checkpoint_file
+from tests.helpers.http_rpc import HttpRpcClient
 from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
@@ -106,7 +109,7 @@ def fleet(present_checkpoint: Path) -> Iterator[Fleet]:
         replicas = [
             decoder_process(present_checkpoint, store, "--session-ttl-s", "600",
                             "--encoder-address", encoder.address,
-                            "--max-video-frames", str(MAX_VIDEO_FRAMES)),
+                            "--max-video-frames", str(MAX_VIDEO_FRAMES), "--http-port", "0"),
             decoder_process(present_checkpoint, store, "--session-ttl-s", "600"),
         ]
         processes += replicas
@@ -324,4 +327,61 @@ def test_bad_videos_are_refused(fleet: Fleet, tmp_path: Path) -> None:
     with fleet.client(fleet.replica_b) as client:
         with pytest.raises(FailedPreconditionError, match="--encoder-address"):
             client.start_session(video=write_video(tmp_path / "ok.mp4", clip()))
+    assert fleet.replica_a.process.poll() is None and fleet.replica_b.process.poll() is None
+
+
+def test_streamed_frames_are_tracked_like_their_embedded_frames(
+        fleet: Fleet, frame_ids: list[str]) -> None:
+    """StartSessionFromFrames (``start_session(frames=...)``, here from a generator): the
+    decoder hashes the streamed frames to the ids the client's own embedding gave and has
+    the encoder embed them while the client already prompts; the masks equal a session over
+    those ids. Lossless PNG frames give the same ids; over Connect (HTTP/1.1) the stream is
+    one request body and works too."""
+    frames = clip()
+    with fleet.client(fleet.replica_a) as client:
+        streamed = client.start_session(frames=(frame for frame in frames))
+        assert (streamed.frame_count, streamed.video_hw) == (NUM_FRAMES, (HEIGHT, WIDTH))
+        assert list(streamed.frame_embedding_ids) == frame_ids
+        first = client.add_prompt(streamed.session_id, 0, 1, points=[[55.0, 80.0]], labels=[1])
+        tracked = list(client.propagate(streamed.session_id))
+        encoded = [cv2.imencode(".png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes()
+                   for f in frames]
+        assert list(client.start_session(frames=encoded).frame_embedding_ids) == frame_ids
+        session = client.start_session(frame_ids)
+        expected_first = client.add_prompt(session.session_id, 0, 1, points=[[55.0, 80.0]],
+                                           labels=[1])
+        expected = list(client.propagate(session.session_id))
+    np.testing.assert_array_equal(first.masks, expected_first.masks)
+    assert [f.frame_index for f in tracked] == list(range(NUM_FRAMES))
+    for got, want in zip(tracked, expected, strict=True):
+        np.testing.assert_array_equal(got.masks, want.masks)
+
+    messages = [tracking_pb2.StartSessionFromFramesRequest(model_id=MODEL_ID)] + [
+        tracking_pb2.StartSessionFromFramesRequest(frame=common_pb2.Image(encoded_bytes=data))
+        for data in encoded[:2]]
+    with HttpRpcClient(fleet.replica_a.http_url) as http:
+        reply, answers, end = http.connect_stream(
+            "/sam2.v1.TrackingService/StartSessionFromFrames", messages)
+    assert reply.status == 200 and "error" not in end, end
+    answer = tracking_pb2.StartSessionFromFramesResponse.FromString(answers[0])
+    assert list(answer.frame_embedding_ids) == frame_ids[:2]
+
+
+def test_hostile_frame_streams_are_refused_and_the_decoder_serves_on(fleet: Fleet) -> None:
+    frames = clip()
+    with fleet.client(fleet.replica_a) as client:
+        with pytest.raises(InvalidInputError) as long_stream:
+            client.start_session(frames=frames + frames[:3])  # 9 > 8 frames
+        assert long_stream.value.reason == "VIDEO_TOO_LONG"
+        assert long_stream.value.metadata.get("limit") == str(MAX_VIDEO_FRAMES)
+        with pytest.raises(InvalidInputError, match="frame 1: .*exceeds the limit"):
+            client.start_session(frames=[frames[0], payloads.png_header_only(20_000, 20_000)])
+        with pytest.raises(InvalidInputError, match="frame 1 is 100x80 pixels"):
+            client.start_session(frames=[frames[0], np.zeros((80, 100, 3), np.uint8)])
+        with pytest.raises(InvalidInputError, match="at least one"):
+            client.start_session(frames=[])
+        assert client.start_session(frames=frames[:2]).frame_count == 2  # serving on
+    with fleet.client(fleet.replica_b) as client:
+        with pytest.raises(FailedPreconditionError, match="--encoder-address"):
+            client.start_session(frames=frames[:1])
     assert fleet.replica_a.process.poll() is None and fleet.replica_b.process.poll() is None
