@@ -74,7 +74,8 @@ class DecoderSettings(TierSettings):
         16, "most concurrent SegmentStream sessions per API key (per client address without "
         "keys); 0: no limit", minimum=0)
     stream_idle_timeout_s: float = setting(
-        600.0, "a SegmentStream that sends no request for this long is ended "
+        600.0, "a SegmentStream or StartSessionFromFrames stream that sends no request for "
+        "this long is ended "
         "(DEADLINE_EXCEEDED, reason STREAM_IDLE); 0: never", minimum=0)
     encoder_api_key: str | None = setting(
         None, "API key for calls to the encoder when the caller sent none", secret=True)
