@@ -282,6 +282,24 @@ def test_bad_input(fleet: Fleet, frame_ids: list[str]) -> None:
         assert closed.value.reason == "SESSION_NOT_FOUND"
 
 
+def click_and_track(client: Sam2TrackingClient, session_id: str
+                    ) -> tuple[TrackedFrame, list[TrackedFrame]]:
+    """One click on the moving square of frame 0, then every frame tracked."""
+    first = client.add_prompt(session_id, 0, 1, points=[[55.0, 80.0]], labels=[1])
+    return first, list(client.propagate(session_id))
+
+
+def assert_tracked_alike(got: tuple[TrackedFrame, list[TrackedFrame]],
+                         want: tuple[TrackedFrame, list[TrackedFrame]]) -> None:
+    assert got[0].masks.any()  # the click found the object: a comparison that can fail
+    np.testing.assert_array_equal(got[0].masks, want[0].masks)
+    assert [f.frame_index for f in got[1]] == list(range(NUM_FRAMES))
+    for tracked, expected in zip(got[1], want[1], strict=True):
+        np.testing.assert_array_equal(tracked.masks, expected.masks)
+        np.testing.assert_allclose(tracked.object_score_logits,
+                                   expected.object_score_logits, atol=1e-5)
+
+
 def test_a_video_file_is_tracked_like_its_embedded_frames(
         fleet: Fleet, tmp_path: Path) -> None:
     """StartSession with the MP4 itself: the decoder has the encoder embed its frames in the
@@ -294,22 +312,14 @@ def test_a_video_file_is_tracked_like_its_embedded_frames(
         uploaded = client.start_session(video=path)
         assert (uploaded.frame_count, uploaded.video_hw) == (NUM_FRAMES, (HEIGHT, WIDTH))
         # Prompt and propagate at once: frames still on their way are waited for.
-        first = client.add_prompt(uploaded.session_id, 0, 1, points=[[55.0, 80.0]], labels=[1])
-        tracked = list(client.propagate(uploaded.session_id))
+        got = click_and_track(client, uploaded.session_id)
 
         ids = client.embed_frames(decoded)  # what a client that embeds first would send
         assert list(uploaded.frame_embedding_ids) == ids
         session = client.start_session(ids)
         assert list(session.frame_embedding_ids) == ids
-        expected_first = client.add_prompt(session.session_id, 0, 1, points=[[55.0, 80.0]],
-                                           labels=[1])
-        expected = list(client.propagate(session.session_id))
-    np.testing.assert_array_equal(first.masks, expected_first.masks)
-    assert [f.frame_index for f in tracked] == list(range(NUM_FRAMES))
-    for got, want in zip(tracked, expected, strict=True):
-        np.testing.assert_array_equal(got.masks, want.masks)
-        np.testing.assert_allclose(got.object_score_logits, want.object_score_logits,
-                                   atol=1e-5)
+        want = click_and_track(client, session.session_id)
+    assert_tracked_alike(got, want)
 
 
 def test_bad_videos_are_refused(fleet: Fleet, tmp_path: Path) -> None:
@@ -342,19 +352,12 @@ def test_streamed_frames_are_tracked_like_their_embedded_frames(
         streamed = client.start_session(frames=(frame for frame in frames))
         assert (streamed.frame_count, streamed.video_hw) == (NUM_FRAMES, (HEIGHT, WIDTH))
         assert list(streamed.frame_embedding_ids) == frame_ids
-        first = client.add_prompt(streamed.session_id, 0, 1, points=[[55.0, 80.0]], labels=[1])
-        tracked = list(client.propagate(streamed.session_id))
+        got = click_and_track(client, streamed.session_id)
         encoded = [cv2.imencode(".png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes()
                    for f in frames]
         assert list(client.start_session(frames=encoded).frame_embedding_ids) == frame_ids
-        session = client.start_session(frame_ids)
-        expected_first = client.add_prompt(session.session_id, 0, 1, points=[[55.0, 80.0]],
-                                           labels=[1])
-        expected = list(client.propagate(session.session_id))
-    np.testing.assert_array_equal(first.masks, expected_first.masks)
-    assert [f.frame_index for f in tracked] == list(range(NUM_FRAMES))
-    for got, want in zip(tracked, expected, strict=True):
-        np.testing.assert_array_equal(got.masks, want.masks)
+        want = click_and_track(client, client.start_session(frame_ids).session_id)
+    assert_tracked_alike(got, want)
 
     messages = [tracking_pb2.StartSessionFromFramesRequest(model_id=MODEL_ID)] + [
         tracking_pb2.StartSessionFromFramesRequest(frame=common_pb2.Image(encoded_bytes=data))
