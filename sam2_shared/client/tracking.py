@@ -14,10 +14,10 @@ import grpc
 import numpy as np
 
 from sam2_shared import wire
-from sam2_shared.api.v1 import encoder_pb2, tracking_pb2, tracking_pb2_grpc
+from sam2_shared.api.v1 import tracking_pb2, tracking_pb2_grpc
 from sam2_shared.client import Sam2Client
 from sam2_shared.errors import SessionBusyError
-from sam2_shared.wire.status import error_from_rpc_error, error_from_status
+from sam2_shared.wire.status import error_from_rpc_error
 from sam2_shared.wire.tracking import (
     TrackedFrame,
     tracked_frame_from_proto,
@@ -125,24 +125,7 @@ class Sam2TrackingClient(Sam2Client):
     def embed_frames(self, frames: Sequence[np.ndarray], frames_per_call: int = 4) -> list[str]:
         """Embed HxWx3 uint8 RGB frames as video frames; returns their embedding ids in
         order. Frames already stored cost no encoder work."""
-        if self._encoder is None:
-            raise ValueError("this client has no encoder address")
-        ids: list[str] = []
-        for start in range(0, len(frames), max(1, frames_per_call)):
-            chunk = frames[start : start + max(1, frames_per_call)]
-            request = encoder_pb2.EmbedImagesRequest(
-                model_id=self.model_id, video_frame=True,
-                images=[wire.image_to_proto(np.ascontiguousarray(f), "rgb") for f in chunk],
-            )
-            self.stats.add(embed_calls=1, images_uploaded=len(chunk))
-            response = self._call(self._encoder.EmbedImages, request)
-            for index, result in enumerate(response.results, start=start):
-                if result.status.code != 0:
-                    error = error_from_status(result.status)
-                    raise type(error)(f"frame {index}: {error}", reason=error.reason,
-                                      **error.metadata)
-                ids.append(result.embedding.embedding_id)
-        return ids
+        return [ref.embedding_id for ref in self.embed_video_frames(frames, frames_per_call)]
 
     def start_session(self, frame_embedding_ids: Sequence[str] | None = None, *,
                       video: str | os.PathLike | bytes | None = None,
