@@ -74,7 +74,8 @@ class DecoderSettings(TierSettings):
         16, "most concurrent SegmentStream sessions per API key (per client address without "
         "keys); 0: no limit", minimum=0)
     stream_idle_timeout_s: float = setting(
-        600.0, "a SegmentStream that sends no request for this long is ended "
+        600.0, "a SegmentStream or StartSessionFromFrames stream that sends no request for "
+        "this long is ended "
         "(DEADLINE_EXCEEDED, reason STREAM_IDLE); 0: never", minimum=0)
     encoder_api_key: str | None = setting(
         None, "API key for calls to the encoder when the caller sent none", secret=True)
@@ -117,7 +118,8 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     metrics.watch_store(store)
     servicer = DecoderServicer(stream_idle_timeout_s=settings.stream_idle_timeout_s)
     tracking_servicer = TrackingServicer(workers=settings.tracking_workers,
-                                         max_video_uploads=settings.max_video_uploads)
+                                         max_video_uploads=settings.max_video_uploads,
+                                         stream_idle_timeout_s=settings.stream_idle_timeout_s)
     auth = auth_interceptor(settings.api_keys_file,
                             max_streams_per_key=settings.max_sessions_per_key)
     metrics.watch_auth(auth)

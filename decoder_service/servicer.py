@@ -17,6 +17,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 
@@ -29,6 +30,22 @@ from sam2_shared.serving.tier_metrics import DecoderMetrics
 from sam2_shared.wire.status import to_rpc_status
 
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["DecoderService"].full_name
+
+_Request = TypeVar("_Request")
+
+
+async def next_request(requests: AsyncIterator[_Request], idle_timeout_s: float
+                       ) -> _Request | None:
+    """A client stream's next request, None at its end; DEADLINE_EXCEEDED (STREAM_IDLE)
+    after ``idle_timeout_s`` without one (0: wait forever)."""
+    try:
+        return await asyncio.wait_for(anext(requests), idle_timeout_s or None)
+    except StopAsyncIteration:
+        return None
+    except asyncio.TimeoutError:
+        raise StreamIdleError(
+            f"no request on this stream for {idle_timeout_s:g} s, so the server ended it; "
+            "open a new stream to go on", idle_timeout_s=f"{idle_timeout_s:g}") from None
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
@@ -56,16 +73,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
         last_embedding_id = ""
         requests = aiter(request_iterator)
         while True:
-            try:
-                message = await asyncio.wait_for(anext(requests),
-                                                 self.stream_idle_timeout_s or None)
-            except StopAsyncIteration:
+            message = await next_request(requests, self.stream_idle_timeout_s)
+            if message is None:
                 return
-            except asyncio.TimeoutError:
-                raise StreamIdleError(
-                    f"no request on this stream for {self.stream_idle_timeout_s:g} s, so the "
-                    "server ended it; open a new stream to go on",
-                    idle_timeout_s=f"{self.stream_idle_timeout_s:g}") from None
             segment = message.segment
             if not segment.embedding_id and not segment.HasField("image"):
                 segment.embedding_id = last_embedding_id  # the session's image

@@ -28,6 +28,7 @@ import torch
 
 from decoder_service.video_upload import (
     DEFAULT_MAX_VIDEO_FRAMES,
+    FrameSpool,
     FrameUpload,
     VideoFile,
     read_frame_ids,
@@ -206,6 +207,23 @@ class Tracker:
             raise
         return session_id, count, video_hw, video, upload
 
+    def frame_spool(self, model_id: str, namespace: str = "") -> FrameSpool:
+        """Somewhere to stream a video's frames into (``FrameSpool.add``), within the bounds
+        of a video file; pass it to ``start_frames`` then, or close it."""
+        self._check_model(model_id)
+        return FrameSpool(model_id, namespace, max_frames=min(self.max_video_frames, MAX_FRAMES),
+                          max_pixels=self.max_video_pixels)
+
+    def start_frames(self, spool: FrameSpool) -> tuple[str, int, tuple[int, int], FrameUpload]:
+        """A new session over the streamed frames, none of them embedded yet: like
+        ``start_video``, the caller has the encoder embed them from ``spool``
+        (``video_upload.embed_frames``). Returns the session's id, frame count, (H, W) and
+        the upload."""
+        upload = FrameUpload(list(spool.ids))
+        session_id, count, video_hw = self._new_session(upload.ids, spool.size,
+                                                        spool.namespace, upload)
+        return session_id, count, video_hw, upload
+
     def _check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise UnknownModelError(
@@ -216,16 +234,17 @@ class Tracker:
     def _new_session(self, ids: list[str], video_hw: tuple[int, int], namespace: str,
                      upload: FrameUpload | None = None) -> tuple[str, int, tuple[int, int]]:
         session_id = scope_id(namespace, uuid.uuid4().hex)
-        if upload is not None:
-            with self._guard:
-                for done in [k for k, u in self._uploads.items() if u.finished and not u.failed]:
-                    del self._uploads[done]  # every frame is in the store now
-                self._uploads[session_id] = upload
         session = VideoSession(self.model, self._frame_source(session_id, ids, video_hw))
         live = _LiveSession(session_id, ids, session)
         with live.lock:
             self._remember(live)
             self._save(live)
+        if upload is not None:
+            # Registered once the session is in the store (pruning drops uploads of sessions
+            # not stored) and before its id is returned (no frame is loaded before).
+            self._prune_uploads()
+            with self._guard:
+                self._uploads[session_id] = upload
         return session_id, session.num_frames, session.video_hw
 
     def add_prompt(
@@ -318,10 +337,15 @@ class Tracker:
         try:
             with self._guard:
                 self._live.pop(session_id, None)
-                self._uploads.pop(session_id, None)
+            self._drop_upload(session_id, "was closed")
             self.store.delete_session(session_id)
         finally:
             live.lock.release()
+
+    def upload_count(self) -> int:
+        """Uploads some session may still wait for (in progress, or failed)."""
+        with self._guard:
+            return len(self._uploads)
 
     def live_session_count(self) -> int:
         with self._guard:
@@ -353,6 +377,7 @@ class Tracker:
         revision = self._stored_revision(session_id)
         if revision is None:  # expired or closed elsewhere
             self._forget(session_id)
+            self._drop_upload(session_id, "expired")
             raise SessionNotFoundError(
                 f"tracking session {session_id!r} is unknown or expired (idle for more than "
                 f"{self.session_ttl_s:g} s); start a new one", session_id=session_id)
@@ -417,6 +442,30 @@ class Tracker:
     def _forget(self, session_id: str) -> None:
         with self._guard:
             self._live.pop(session_id, None)
+
+    def _prune_uploads(self) -> None:
+        """Forget the uploads no session waits for: those with every frame stored, and
+        those whose session expired or was closed on another replica (the store no longer
+        has it), which nothing else removes from a long-running server."""
+        with self._guard:
+            uploads = list(self._uploads.items())
+        for session_id, upload in uploads:
+            if upload.finished and not upload.failed:
+                with self._guard:
+                    if self._uploads.get(session_id) is upload:
+                        del self._uploads[session_id]
+            elif self._stored_revision(session_id) is None:
+                self._drop_upload(session_id, "expired")
+
+    def _drop_upload(self, session_id: str, why: str) -> None:
+        """Forget the session's upload; one still running is failed, which stops its
+        embedding (``embed_frames`` sends no frame after a failure)."""
+        with self._guard:
+            upload = self._uploads.pop(session_id, None)
+        if upload is not None and not upload.finished:
+            upload.fail(SessionNotFoundError(
+                f"tracking session {session_id!r} {why} before its video was embedded",
+                session_id=session_id))
 
     def _stored_revision(self, session_id: str) -> int | None:
         return self.store.session_revision(session_id)

@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 
 import grpc
 
+from decoder_service.servicer import next_request
 from decoder_service.tracking import Tracker
-from decoder_service.video_upload import embed_frames
+from decoder_service.video_upload import FrameSpool, FrameUpload, VideoFile, embed_frames
 from sam2_shared import wire
 from sam2_shared.api.v1 import tracking_pb2, tracking_pb2_grpc
 from sam2_shared.errors import (
@@ -46,11 +47,13 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
     def __init__(self, tracker: Tracker | None = None, workers: int = 2,
                  encoder_client: AsyncEncoderClient | None = None,
-                 max_video_uploads: int = 4, upload_window: int = 2) -> None:
+                 max_video_uploads: int = 4, upload_window: int = 2,
+                 stream_idle_timeout_s: float = 0.0) -> None:
         self.tracker = tracker
         self.encoder_client = encoder_client
         self.max_video_uploads = max(1, int(max_video_uploads))
         self.upload_window = max(1, int(upload_window))
+        self.stream_idle_timeout_s = stream_idle_timeout_s  # frame streams; 0: no limit
         self.propagations_cancelled = 0
         self.frames_tracked = 0  # frames answered by Propagate
         self.frame_seconds = 0.0  # their tracking time (the step, not the answer's encoding)
@@ -58,6 +61,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self._executor = ThreadPoolExecutor(max(1, int(workers)),
                                             thread_name_prefix="tracking")
         self._uploads: set[asyncio.Task[None]] = set()  # videos being embedded
+        self._receiving = 0  # frame streams being received
 
     async def _run(self, function: Callable[..., _Result], *args: Any, **kwargs: Any
                    ) -> _Result:
@@ -109,40 +113,86 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         """A session over an uploaded video; its frames go to the encoder in the background."""
         if request.frame_embedding_ids:
             raise InvalidInputError("send either frame_embedding_ids or a video, not both")
-        if self.encoder_client is None:
-            raise FailedPreconditionError(
-                "this decoder has no encoder (--encoder-address) to embed a video's frames; "
-                "embed them with EmbedImages (video_frame set) and send their ids")
-        if len(self._uploads) >= self.max_video_uploads:
-            raise ResourceExhaustedError(
-                f"{len(self._uploads)} videos are being embedded here, the most at once; "
-                "retry shortly", limit=str(self.max_video_uploads))
+        self._check_upload_slot()
         session_id, frame_count, (height, width), video, upload = await self._run(
             tracker.start_video, request.model_id, request.video, current_namespace())
-        encoder, model_id = self.encoder_client, request.model_id
-
-        async def embed(rgb: Any) -> str:
-            return await encoder.embed_image(rgb, "rgb", model_id, video_frame=True)
-
-        async def next_frame(frames: Iterator[Any]) -> Any:
-            return await self._run(next, frames, None)
-
-        async def upload_frames() -> None:
-            outlive_the_call()  # the frames are embedded after StartSession has answered
-            try:
-                await embed_frames(video, upload, embed, next_frame, self.upload_window)
-            finally:
-                self.video_frames_embedded += upload.frames_stored
-            logger.info("video of session %s: %d/%d frames embedded%s", session_id,
-                        upload.frames_stored, frame_count, " (failed)" if upload.failed else "")
-
-        task = asyncio.create_task(upload_frames())
-        self._uploads.add(task)
-        task.add_done_callback(self._uploads.discard)
+        self._embed_in_background(session_id, video, upload, request.model_id)
         return tracking_pb2.StartSessionResponse(
             session_id=session_id, frame_count=frame_count, height_px=height, width_px=width,
             frame_embedding_ids=upload.ids,
         )
+
+    async def StartSessionFromFrames(self, request_iterator, context
+                                     ) -> tracking_pb2.StartSessionFromFramesResponse:
+        tracker = self._ready()
+        requests = aiter(request_iterator)
+        first = await next_request(requests, self.stream_idle_timeout_s)
+        if first is None or not first.model_id:
+            raise InvalidInputError("the stream's first message must name the model (model_id)")
+        self._check_upload_slot()
+        self._receiving += 1  # a slot from here: the client sets the pace of the stream
+        try:
+            spool = await self._run(tracker.frame_spool, first.model_id, current_namespace())
+            try:
+                message: Any = first
+                while message is not None:
+                    if message.model_id not in ("", first.model_id):
+                        raise InvalidInputError(
+                            f"model_id {message.model_id!r} in a later message differs from "
+                            f"the first message's {first.model_id!r}")
+                    if message.HasField("frame"):
+                        await self._run(spool.add, *wire.image_from_proto(message.frame))
+                    message = await next_request(requests, self.stream_idle_timeout_s)
+                session_id, frame_count, (height, width), upload = await self._run(
+                    tracker.start_frames, spool)
+            except BaseException:
+                spool.close()
+                raise
+        finally:
+            self._receiving -= 1
+        self._embed_in_background(session_id, spool, upload, first.model_id)
+        return tracking_pb2.StartSessionFromFramesResponse(
+            session_id=session_id, frame_count=frame_count, height_px=height, width_px=width,
+            frame_embedding_ids=upload.ids,
+        )
+
+    def _check_upload_slot(self) -> None:
+        """Refuse a video before reading it when the most are being received or embedded."""
+        if self.encoder_client is None:
+            raise FailedPreconditionError(
+                "this decoder has no encoder (--encoder-address) to embed a video's frames; "
+                "embed them with EmbedImages (video_frame set) and send their ids")
+        busy = len(self._uploads) + self._receiving
+        if busy >= self.max_video_uploads:
+            raise ResourceExhaustedError(
+                f"{busy} videos are being received or embedded here, the most at once; "
+                "retry shortly", limit=str(self.max_video_uploads))
+
+    def _embed_in_background(self, session_id: str, frames: VideoFile | FrameSpool,
+                             upload: FrameUpload, model_id: str) -> None:
+        """Have the encoder embed the session's frames in order, after the call answers."""
+        encoder = self.encoder_client
+        assert encoder is not None  # _check_upload_slot refused the call otherwise
+
+        async def embed(rgb: Any) -> str:
+            return await encoder.embed_image(rgb, "rgb", model_id, video_frame=True)
+
+        async def next_frame(frame_iterator: Iterator[Any]) -> Any:
+            return await self._run(next, frame_iterator, None)
+
+        async def upload_frames() -> None:
+            outlive_the_call()  # the frames are embedded after the call has answered
+            try:
+                await embed_frames(frames, upload, embed, next_frame, self.upload_window)
+            finally:
+                self.video_frames_embedded += upload.frames_stored
+            logger.info("video of session %s: %d/%d frames embedded%s", session_id,
+                        upload.frames_stored, len(upload.ids),
+                        " (failed)" if upload.failed else "")
+
+        task = asyncio.create_task(upload_frames())
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
 
     async def AddPrompt(self, request, context) -> tracking_pb2.AddPromptResponse:
         tracker = self._ready()

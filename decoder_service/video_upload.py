@@ -7,6 +7,10 @@ session knows every frame's id before any frame is embedded. Tracking that needs
 stored yet waits for it (``FrameUpload.wait``); a failed upload fails those waits with the
 encoder's error. Decoded frames are never all held: one pass hashes them, a second streams them
 to the encoder with at most ``window`` in flight.
+
+Frames a client streams (``StartSessionFromFrames``) take the same path: ``FrameSpool`` checks
+and hashes each as it arrives and keeps it as sent in a temporary file, the session starts when
+the stream ends, and ``embed_frames`` reads the spool as it reads a video file.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 
 from sam2_shared.embedding import video_frame_id
 from sam2_shared.errors import CorruptEntryError, InvalidInputError, NotReadyError, Sam2Error
+from sam2_shared.inference.imaging import decode_image
+from sam2_shared.units import MIB
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +37,59 @@ DEFAULT_MAX_VIDEO_FRAMES = 2_000  # frames per uploaded video (~67 s at 30 fps)
 # declare many huge frames (video compresses still scenes extremely well); decoding and
 # hashing cost grows with pixels, so they are bounded as a whole, not only per frame.
 DEFAULT_MAX_VIDEO_PIXELS = 2_000 * 1920 * 1080
+# Bytes of frames one client-streamed upload keeps on disk until they are embedded (as sent:
+# ~3,000 1080p JPEGs, or ~170 raw RGB 1080p frames).
+DEFAULT_MAX_UPLOAD_BYTES = 1024 * MIB
 DEFAULT_FRAME_WAIT_S = 600.0  # longest tracking waits for one frame's embedding
+
+
+class FrameBounds:
+    """A video's frames counted as they come, each checked before it is decoded: at most
+    ``max_frames`` frames of at most ``max_pixels`` pixels, ``max_total_pixels`` in all,
+    every frame the first one's size."""
+
+    def __init__(self, *, max_frames: int, max_pixels: int, max_total_pixels: int) -> None:
+        self.max_frames = max_frames
+        self.max_pixels = max_pixels
+        self.max_total_pixels = max_total_pixels
+        self.count = 0
+        self.total_pixels = 0
+        self.size: tuple[int, int] | None = None  # (H, W) of the first frame
+
+    def check_pixels(self, height: int, width: int) -> None:
+        if height * width > self.max_pixels:
+            raise InvalidInputError(
+                f"video frames of {width}x{height} pixels, more than the {self.max_pixels} "
+                "this server takes", reason="IMAGE_TOO_LARGE", limit=str(self.max_pixels))
+
+    def admit(self, height: int, width: int) -> None:
+        """Count one more frame of (height, width), or raise naming the bound it breaks."""
+        if self.count >= self.max_frames:
+            raise InvalidInputError(
+                f"the video has more than {self.max_frames} frames, the most this server "
+                "takes; cut it or send frame embeddings", reason="VIDEO_TOO_LONG",
+                limit=str(self.max_frames))
+        self.check_pixels(height, width)
+        if self.size is None:
+            self.size = (height, width)
+        elif self.size != (height, width):
+            raise InvalidInputError(
+                f"frame {self.count} is {width}x{height} pixels, the video's first frame "
+                f"{self.size[1]}x{self.size[0]}: every frame must have the same size")
+        if self.total_pixels + height * width > self.max_total_pixels:
+            raise InvalidInputError(
+                f"the video has more than {self.max_total_pixels} pixels in all its frames, "
+                "the most this server decodes; send fewer or smaller frames",
+                reason="VIDEO_TOO_LARGE", limit=str(self.max_total_pixels))
+        self.total_pixels += height * width
+        self.count += 1
 
 
 class VideoFile:
     """An uploaded video in a private temporary file (OpenCV reads files, not bytes).
 
-    ``frames()`` decodes it from the start each time, refusing more than ``max_frames``
-    frames, frames of more than ``max_pixels`` pixels (before they are decoded) and more than
-    ``max_total_pixels`` decoded pixels in all.
+    ``frames()`` decodes it from the start each time, within ``FrameBounds`` (the frame
+    size is checked from the container before any frame is decoded).
     """
 
     def __init__(self, data: bytes, *, max_frames: int, max_pixels: int,
@@ -65,45 +115,27 @@ class VideoFile:
 
     def frames(self) -> Iterator[np.ndarray]:
         """HxWx3 uint8 RGB frames in order."""
+        bounds = FrameBounds(max_frames=self.max_frames, max_pixels=self.max_pixels,
+                             max_total_pixels=self.max_total_pixels)
         capture = cv2.VideoCapture(self.path, cv2.CAP_FFMPEG)
         try:
             if not capture.isOpened():
                 raise InvalidInputError(
                     "the video cannot be decoded (MP4, WebM, MOV ... that FFmpeg reads)",
                     reason="VIDEO_UNREADABLE")
-            width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-            height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-            self._check_pixels(height, width)  # from the container, before any frame
-            index = total = 0
+            bounds.check_pixels(int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                                int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)))
             while True:
                 ok, bgr = capture.read()
                 if not ok:
                     break
-                if index >= self.max_frames:
-                    raise InvalidInputError(
-                        f"the video has more than {self.max_frames} frames, the most this "
-                        "server takes; cut it or send frame embeddings", reason="VIDEO_TOO_LONG",
-                        limit=str(self.max_frames))
-                self._check_pixels(*bgr.shape[:2])
-                total += bgr.shape[0] * bgr.shape[1]
-                if total > self.max_total_pixels:
-                    raise InvalidInputError(
-                        f"the video has more than {self.max_total_pixels} pixels in all its "
-                        "frames, the most this server decodes; send fewer or smaller frames",
-                        reason="VIDEO_TOO_LARGE", limit=str(self.max_total_pixels))
+                bounds.admit(*bgr.shape[:2])
                 yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                index += 1
-            if index == 0:
+            if bounds.count == 0:
                 raise InvalidInputError("the video has no decodable frame",
                                         reason="VIDEO_UNREADABLE")
         finally:
             capture.release()
-
-    def _check_pixels(self, height: int, width: int) -> None:
-        if height * width > self.max_pixels:
-            raise InvalidInputError(
-                f"video frames of {width}x{height} pixels, more than the {self.max_pixels} "
-                "this server takes", reason="IMAGE_TOO_LARGE", limit=str(self.max_pixels))
 
 
 def read_frame_ids(video: VideoFile, model_id: str, namespace: str
@@ -112,13 +144,84 @@ def read_frame_ids(video: VideoFile, model_id: str, namespace: str
     ids: list[str] = []
     size: tuple[int, int] | None = None
     for rgb in video.frames():
-        if size is None:
-            size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        elif rgb.shape[:2] != size:
-            raise InvalidInputError(f"frame {len(ids)} is {rgb.shape[:2]}, the video {size}")
+        size = (int(rgb.shape[0]), int(rgb.shape[1]))  # every frame's (FrameBounds)
         ids.append(video_frame_id(rgb, model_id, namespace))
     assert size is not None  # frames() raises for a video without frames
     return ids, size
+
+
+class FrameSpool:
+    """Frames a client streams (``StartSessionFromFrames``), checked and hashed as they
+    arrive and kept as sent (encoded bytes, or raw RGB) in a private temporary file, so that
+    the session can start before any frame is embedded, without holding decoded frames.
+
+    ``add`` admits one frame within ``FrameBounds`` and ``max_bytes`` kept in all;
+    ``frames()`` decodes them again in order for the encoder (what ``embed_frames`` reads,
+    like a ``VideoFile``). Where each frame lies in the file is kept here, not read back.
+    """
+
+    def __init__(self, model_id: str, namespace: str, *, max_frames: int, max_pixels: int,
+                 max_total_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+        self.model_id = model_id
+        self.namespace = namespace
+        self.max_bytes = max_bytes
+        self.bounds = FrameBounds(max_frames=max_frames, max_pixels=max_pixels,
+                                  max_total_pixels=max_total_pixels)
+        self.ids: list[str] = []
+        self._records: list[tuple[int, int, bool]] = []  # (offset, length, encoded)
+        self._bytes = 0
+        handle, self.path = tempfile.mkstemp(prefix="sam2-frames-", suffix=".bin")
+        self._file = os.fdopen(handle, "w+b")
+
+    def add(self, image: bytes | np.ndarray, input_color_format: str = "rgb") -> None:
+        """Admit the next frame: encoded bytes, or an HxW[xC] uint8 array in
+        ``input_color_format`` (``wire.image_from_proto``'s result)."""
+        index = self.bounds.count
+        if isinstance(image, np.ndarray):
+            self.bounds.check_pixels(*image.shape[:2])  # before converting it
+        try:
+            rgb = decode_image(image, input_color_format, max_pixels=self.bounds.max_pixels)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"frame {index}: {exc}", reason=exc.reason,
+                                    **exc.metadata) from None
+        self.bounds.admit(*rgb.shape[:2])
+        encoded = not isinstance(image, np.ndarray)
+        payload = memoryview(image) if encoded else memoryview(rgb).cast("B")
+        if self._bytes + payload.nbytes > self.max_bytes:
+            raise InvalidInputError(
+                f"the frames sent so far take more than {self.max_bytes} bytes, the most this "
+                "server keeps for one upload; send fewer frames, or encode them (JPEG/PNG)",
+                reason="VIDEO_TOO_LARGE", limit=str(self.max_bytes))
+        self._file.seek(self._bytes)
+        self._file.write(payload)
+        self._records.append((self._bytes, payload.nbytes, encoded))
+        self._bytes += payload.nbytes
+        self.ids.append(video_frame_id(rgb, self.model_id, self.namespace))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        if self.bounds.size is None:
+            raise InvalidInputError("the stream sent no frame: send at least one")
+        return self.bounds.size
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """The frames as HxWx3 uint8 RGB, in order (decoded again from the file)."""
+        height, width = self.size
+        for offset, length, encoded in self._records:
+            self._file.seek(offset)
+            data = self._file.read(length)
+            if encoded:
+                yield decode_image(data, "rgb", max_pixels=self.bounds.max_pixels)
+            else:
+                yield np.frombuffer(data, np.uint8).reshape(height, width, 3)
+
+    def close(self) -> None:
+        self._file.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
 class FrameUpload:
@@ -171,7 +274,7 @@ class FrameUpload:
 
 
 async def embed_frames(
-    video: VideoFile,
+    video: VideoFile | FrameSpool,
     upload: FrameUpload,
     embed: Callable[[np.ndarray], Awaitable[str]],
     next_frame: Callable[[Iterator[np.ndarray]], Awaitable[np.ndarray | None]],

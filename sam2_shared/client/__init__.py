@@ -107,7 +107,7 @@ class ClientStats(Counters):
 class _Image:
     """One caller image: decoded for its id, and what to upload if needed."""
 
-    rgb: np.ndarray
+    rgb: np.ndarray | None  # None for video frames (only the encoder decodes them)
     upload: bytes | np.ndarray  # encoded bytes as given, else the decoded RGB pixels
     embedding_id: str
 
@@ -218,20 +218,22 @@ class Sam2Client:
         except grpc.RpcError as exc:
             raise error_from_rpc_error(exc) from None
 
-    def _embed(self, images: Sequence[_Image]) -> list[EmbeddingRef]:
+    def _embed(self, images: Sequence[_Image], *, video_frame: bool = False,
+               first_index: int = 0) -> list[EmbeddingRef]:
         if self._encoder is None:
             raise ValueError("this client has no encoder address")
         request = encoder_pb2.EmbedImagesRequest(
-            model_id=self.model_id,
+            model_id=self.model_id, video_frame=video_frame,
             images=[wire.image_to_proto(image.upload, "rgb") for image in images],
         )
         self.stats.add(embed_calls=1, images_uploaded=len(images))
         response = self._call(self._encoder.EmbedImages, request)
         out = []
-        for index, result in enumerate(response.results):
+        what = "frame" if video_frame else "image"
+        for index, result in enumerate(response.results, start=first_index):
             if result.status.code != 0:
                 error = error_from_status(result.status)
-                raise type(error)(f"image {index}: {error}", reason=error.reason,
+                raise type(error)(f"{what} {index}: {error}", reason=error.reason,
                                   **error.metadata)
             e = result.embedding
             out.append(EmbeddingRef(e.embedding_id, e.model_id, (e.height_px, e.width_px),
@@ -248,6 +250,21 @@ class Sam2Client:
         if not items:
             raise InvalidInputError("no images given")
         return self._embed([self._image(item, input_color_format) for item in items])
+
+    def embed_video_frames(self, frames: Sequence[np.ndarray | bytes],
+                           frames_per_call: int = 4) -> list[EmbeddingRef]:
+        """Embed video frames (HxWx3 uint8 RGB arrays, or encoded images) with the video
+        preprocessing, a few per call; returns references in order, whose ids are
+        ``embedding.video_frame_id`` of the decoded frames (what ``TrackingService``
+        sessions take). Frames already stored cost no encoder work."""
+        step = max(1, frames_per_call)
+        refs: list[EmbeddingRef] = []
+        for start in range(0, len(frames), step):
+            uploads = [_Image(None, frame if isinstance(frame, bytes)
+                              else np.ascontiguousarray(frame), "")
+                       for frame in frames[start : start + step]]
+            refs += self._embed(uploads, video_frame=True, first_index=start)
+        return refs
 
     # ------------------------------------------------------------------ segmenting
 

@@ -25,6 +25,10 @@ unsupported image, or ``TOO_LARGE`` / ``NOT_FOUND`` / ``UNREADABLE`` from readin
 rerun with the same manifest does not redo paths already ``ok`` or
 ``skipped`` for the same model (failed ones are retried), so an interrupted run resumes.
 
+``--video``: each SOURCE is a local video file whose frames are embedded for tracking (video
+preprocessing), one manifest line per frame, ``path`` ``clip.mp4#frame=N`` and the id
+``embedding.video_frame_id`` gives that frame (what ``TrackingService.StartSession`` takes).
+
 Exit code: 0 when no image failed, 1 when some did, 2 for a usage error, 130 when interrupted.
 """
 
@@ -50,6 +54,7 @@ from sam2_shared.client.embed_sources import (
     SourceError,
     SourceItem,
     iter_sources,
+    video_frame_items,
 )
 from sam2_shared.client.retry import RetryPolicy
 from sam2_shared.counters import Counters
@@ -406,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress line interval when not on a terminal")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON summary on stdout at the end")
+    parser.add_argument("--video", action="store_true",
+                        help="the SOURCEs are local video files: embed every frame for "
+                             "tracking (manifest paths PATH#frame=N, ids as StartSession "
+                             "takes them)")
     return parser
 
 
@@ -414,6 +423,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--concurrency must be at least 1, got {args.concurrency}")
     if args.max_image_mb <= 0 or args.max_image_pixels < 1 or args.timeout_s <= 0:
         parser.error("--max-image-mb, --max-image-pixels and --timeout-s must be positive")
+    if args.video and STDIN_SOURCE in args.sources:
+        parser.error("--video takes video file paths, not '-'")
     if args.sources.count(STDIN_SOURCE) > 1:
         parser.error("'-' (paths on stdin) may be given once")
     if args.manifest is not None and args.manifest.is_dir():
@@ -446,11 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = ManifestWriter(args.manifest)
     progress = Progress(sys.stderr, args.log_every_s)
     stdin = sys.stdin if STDIN_SOURCE in args.sources else None
+    if args.video:
+        items = video_frame_items(args.sources, args.max_image_pixels)
+        embed_one: EmbedOne = lambda d: client.embed_video_frames([d])[0]  # noqa: E731
+    else:
+        items = iter_sources(args.sources, stdin)
+        embed_one = lambda d: client.embed_images(d)[0]  # noqa: E731
     try:
         summary = run_embedding(
-            iter_sources(args.sources, stdin),
-            lambda data: embed_retrying(lambda d: client.embed_images(d)[0], data,
-                                        timeout_s=args.timeout_s),
+            items,
+            lambda data: embed_retrying(embed_one, data, timeout_s=args.timeout_s),
             model_id=model_id, concurrency=args.concurrency, manifest=manifest,
             skip_paths=skip, max_bytes=max_bytes, on_progress=progress)
     finally:

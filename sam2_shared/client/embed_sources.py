@@ -227,3 +227,52 @@ def _expand(sources: Iterable[str], stdin: TextIO | None,
             yield from _s3(source, s3_client)
         else:
             yield from _local(str(Path(source)) if source else source)
+
+
+def video_frame_items(sources: Iterable[str], max_pixels: int) -> Iterator[SourceItem]:
+    """Every frame of the local video files ``sources`` (MP4, WebM, MOV ... that OpenCV's
+    FFmpeg reads), in order, as ``PATH#frame=N`` items of lossless PNG bytes: the encoder
+    decodes them to the very pixels decoded here, so their ids are ``video_frame_id`` of the
+    video's frames. Frames are decoded one at a time as the consumer pulls (at most
+    ``max_pixels`` each, else that frame fails); a video that cannot be opened is one failed
+    item."""
+    import cv2  # only for videos: the client installs without OpenCV
+
+    for path in sources:
+        capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+        try:
+            if not capture.isOpened():
+                yield _failed_item(path, f"{path} is not a video OpenCV's FFmpeg can read",
+                                   "UNREADABLE" if os.path.exists(path) else "NOT_FOUND")
+                continue
+            index = 0
+            while True:
+                ok, bgr = capture.read()
+                if not ok:
+                    break
+                yield _frame_item(f"{path}#frame={index}", bgr, max_pixels)
+                index += 1
+            if index == 0:
+                yield _failed_item(path, f"{path} has no decodable frame", "UNREADABLE")
+        finally:
+            capture.release()
+
+
+def _frame_item(path: str, bgr: Any, max_pixels: int) -> SourceItem:
+    import cv2
+
+    height, width = bgr.shape[:2]
+    if height * width > max_pixels:
+        return _failed_item(path, f"{path} is {width}x{height} pixels, more than "
+                            f"{max_pixels} (--max-image-pixels)", "TOO_LARGE")
+    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])  # fast, lossless
+    data = png.tobytes() if ok else b""
+
+    def read(max_bytes: int) -> bytes:
+        if not data:
+            raise SourceError(f"{path} could not be encoded as PNG")
+        if len(data) > max_bytes:
+            raise _too_large(path, len(data), max_bytes)
+        return data
+
+    return SourceItem(path, read)

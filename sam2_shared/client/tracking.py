@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,10 @@ import grpc
 import numpy as np
 
 from sam2_shared import wire
-from sam2_shared.api.v1 import encoder_pb2, tracking_pb2, tracking_pb2_grpc
+from sam2_shared.api.v1 import tracking_pb2, tracking_pb2_grpc
 from sam2_shared.client import Sam2Client
 from sam2_shared.errors import SessionBusyError
-from sam2_shared.wire.status import error_from_rpc_error, error_from_status
+from sam2_shared.wire.status import error_from_rpc_error
 from sam2_shared.wire.tracking import (
     TrackedFrame,
     tracked_frame_from_proto,
@@ -40,6 +40,14 @@ class TrackingSession:
 # deadline. Nothing was applied by a refused call, so asking again is safe.
 BUSY_RETRY_S = 0.1
 PROPAGATE_TIMEOUT_S = 3600.0  # a whole Propagate stream (cancel() ends it sooner)
+UPLOAD_TIMEOUT_S = 600.0  # least time a StartSessionFromFrames stream may take
+
+
+def _session_from_proto(response: Any) -> TrackingSession:
+    """``StartSessionResponse`` or ``StartSessionFromFramesResponse`` (the same fields)."""
+    return TrackingSession(response.session_id, response.frame_count,
+                           (response.height_px, response.width_px),
+                           tuple(response.frame_embedding_ids))
 
 
 class PropagationStream:
@@ -117,52 +125,53 @@ class Sam2TrackingClient(Sam2Client):
     def embed_frames(self, frames: Sequence[np.ndarray], frames_per_call: int = 4) -> list[str]:
         """Embed HxWx3 uint8 RGB frames as video frames; returns their embedding ids in
         order. Frames already stored cost no encoder work."""
-        if self._encoder is None:
-            raise ValueError("this client has no encoder address")
-        ids: list[str] = []
-        for start in range(0, len(frames), max(1, frames_per_call)):
-            chunk = frames[start : start + max(1, frames_per_call)]
-            request = encoder_pb2.EmbedImagesRequest(
-                model_id=self.model_id, video_frame=True,
-                images=[wire.image_to_proto(np.ascontiguousarray(f), "rgb") for f in chunk],
-            )
-            self.stats.add(embed_calls=1, images_uploaded=len(chunk))
-            response = self._call(self._encoder.EmbedImages, request)
-            for index, result in enumerate(response.results, start=start):
-                if result.status.code != 0:
-                    error = error_from_status(result.status)
-                    raise type(error)(f"frame {index}: {error}", reason=error.reason,
-                                      **error.metadata)
-                ids.append(result.embedding.embedding_id)
-        return ids
+        return [ref.embedding_id for ref in self.embed_video_frames(frames, frames_per_call)]
 
     def start_session(self, frame_embedding_ids: Sequence[str] | None = None, *,
                       video: str | os.PathLike | bytes | None = None,
-                      frames: Sequence[np.ndarray] | None = None) -> TrackingSession:
+                      frames: Iterable[np.ndarray | bytes] | None = None) -> TrackingSession:
         """A new session over one of:
 
         - ``frame_embedding_ids``: frames already embedded (``embed_frames``), in video order;
         - ``video``: a video file (a path or its bytes: MP4, WebM, MOV ...) that the decoder
           has its encoder embed in the background (prompts and propagation wait for frames
           not embedded yet);
-        - ``frames``: HxWx3 uint8 RGB frames, embedded here first through the encoder
-          (``embed_frames``: a few frames per call, already stored ones cost nothing).
+        - ``frames``: the frames in order, streamed to the decoder one per message
+          (``StartSessionFromFrames``): HxWx3 uint8 RGB arrays or encoded images (JPEG/PNG
+          bytes; smaller on the wire), from any iterable (a generator is read as it is
+          sent); the decoder has its encoder embed them in the background, as for ``video``.
 
         The session's ``frame_embedding_ids`` can start later sessions."""
 
         if sum(source is not None for source in (frame_embedding_ids, video, frames)) != 1:
             raise ValueError("pass exactly one of frame_embedding_ids, video or frames")
         if frames is not None:
-            frame_embedding_ids = self.embed_frames(frames)
+            return self._stream_frames(frames)
         request = tracking_pb2.StartSessionRequest(model_id=self.model_id)
         if video is None:
             request.frame_embedding_ids.extend(frame_embedding_ids or ())
         else:
             request.video = video if isinstance(video, bytes) else Path(video).read_bytes()
-        response = self._once(self._tracking.StartSession, request)
-        return TrackingSession(response.session_id, response.frame_count,
-                               (response.height_px, response.width_px),
-                               tuple(response.frame_embedding_ids))
+        return _session_from_proto(self._once(self._tracking.StartSession, request))
+
+    def _stream_frames(self, frames: Iterable[np.ndarray | bytes]) -> TrackingSession:
+        """``StartSessionFromFrames``: not retried (the frames may come from a generator)."""
+
+        def messages() -> Iterator[tracking_pb2.StartSessionFromFramesRequest]:
+            yield tracking_pb2.StartSessionFromFramesRequest(model_id=self.model_id)
+            for frame in frames:
+                image = frame if isinstance(frame, bytes) else np.ascontiguousarray(frame)
+                self.stats.add(images_uploaded=1)
+                yield tracking_pb2.StartSessionFromFramesRequest(
+                    frame=wire.image_to_proto(image, "rgb"))
+
+        try:
+            response = self._tracking.StartSessionFromFrames(
+                messages(), timeout=max(self.timeout_s, UPLOAD_TIMEOUT_S),
+                metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc) from None
+        return _session_from_proto(response)
 
     def add_prompt(
         self,

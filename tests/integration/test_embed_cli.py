@@ -220,3 +220,34 @@ def test_interrupted_run_resumes_without_redoing_anything(
     # Each image computed once: the one in flight at the kill was either finished by the
     # encoder (then skipped now) or never stored (then computed now).
     assert embedded_total(metrics_port) - before == 8
+
+
+def test_a_video_is_pre_embedded_frame_by_frame_under_the_ids_tracking_uses(
+        encoder: tuple[TierProcess, int], tmp_path: Path) -> None:
+    """``sam2-embed clip.mp4 --video``: one manifest line per frame, whose id is
+    ``video_frame_id`` of the decoded frame (what StartSession takes); a rerun resumes."""
+    from sam2_shared.embedding import video_frame_id
+
+    process, _ = encoder
+    path = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (WIDTH, HEIGHT))
+    for seed in range(4):
+        writer.write(synthetic_rgb(HEIGHT, WIDTH, seed=seed))
+    writer.release()
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    frames = []
+    while (read := capture.read())[0]:
+        frames.append(cv2.cvtColor(read[1], cv2.COLOR_BGR2RGB))
+    capture.release()
+    manifest = tmp_path / "frames.jsonl"
+
+    code, summary, stderr = run_embed(process, str(path), "--video", "--manifest", str(manifest))
+
+    assert code == 0, stderr
+    assert summary["ok"] + summary["skipped"] == 4 and summary["failed"] == 0
+    entries = sorted(manifest_lines(manifest), key=lambda e: int(e["path"].split("=")[-1]))
+    assert [e["path"] for e in entries] == [f"{path}#frame={i}" for i in range(4)]
+    assert [e["embedding_id"] for e in entries] == [video_frame_id(f, MODEL_ID) for f in frames]
+    assert {(e["width"], e["height"]) for e in entries} == {(WIDTH, HEIGHT)}
+    code, summary, _ = run_embed(process, str(path), "--video", "--manifest", str(manifest))
+    assert code == 0 and summary["resumed"] == 4 and summary["ok"] == 0

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from sam2_shared.api.v1 import common_pb2, tracking_pb2
 from sam2_shared.client.tracking import Sam2TrackingClient
 from sam2_shared.embedding import content_id
 from sam2_shared.errors import (
@@ -28,7 +29,9 @@ from sam2_shared.errors import (
 from sam2_shared.inference.video import FrameResult, Sam2VideoModel
 from sam2_shared.store import open_store
 from sam2_shared.wire.tracking import TrackedFrame
+from tests.helpers import hostile_payloads as payloads
 from tests.helpers.checkpoints import present_checkpoint as present_checkpoint_file
+from tests.helpers.http_rpc import HttpRpcClient
 from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
 MODEL_ID = "sam2.1/hiera_tiny"
@@ -106,7 +109,7 @@ def fleet(present_checkpoint: Path) -> Iterator[Fleet]:
         replicas = [
             decoder_process(present_checkpoint, store, "--session-ttl-s", "600",
                             "--encoder-address", encoder.address,
-                            "--max-video-frames", str(MAX_VIDEO_FRAMES)),
+                            "--max-video-frames", str(MAX_VIDEO_FRAMES), "--http-port", "0"),
             decoder_process(present_checkpoint, store, "--session-ttl-s", "600"),
         ]
         processes += replicas
@@ -279,6 +282,24 @@ def test_bad_input(fleet: Fleet, frame_ids: list[str]) -> None:
         assert closed.value.reason == "SESSION_NOT_FOUND"
 
 
+def click_and_track(client: Sam2TrackingClient, session_id: str
+                    ) -> tuple[TrackedFrame, list[TrackedFrame]]:
+    """One click on the moving square of frame 0, then every frame tracked."""
+    first = client.add_prompt(session_id, 0, 1, points=[[55.0, 80.0]], labels=[1])
+    return first, list(client.propagate(session_id))
+
+
+def assert_tracked_alike(got: tuple[TrackedFrame, list[TrackedFrame]],
+                         want: tuple[TrackedFrame, list[TrackedFrame]]) -> None:
+    assert got[0].masks.any()  # the click found the object: a comparison that can fail
+    np.testing.assert_array_equal(got[0].masks, want[0].masks)
+    assert [f.frame_index for f in got[1]] == list(range(NUM_FRAMES))
+    for tracked, expected in zip(got[1], want[1], strict=True):
+        np.testing.assert_array_equal(tracked.masks, expected.masks)
+        np.testing.assert_allclose(tracked.object_score_logits,
+                                   expected.object_score_logits, atol=1e-5)
+
+
 def test_a_video_file_is_tracked_like_its_embedded_frames(
         fleet: Fleet, tmp_path: Path) -> None:
     """StartSession with the MP4 itself: the decoder has the encoder embed its frames in the
@@ -291,22 +312,14 @@ def test_a_video_file_is_tracked_like_its_embedded_frames(
         uploaded = client.start_session(video=path)
         assert (uploaded.frame_count, uploaded.video_hw) == (NUM_FRAMES, (HEIGHT, WIDTH))
         # Prompt and propagate at once: frames still on their way are waited for.
-        first = client.add_prompt(uploaded.session_id, 0, 1, points=[[55.0, 80.0]], labels=[1])
-        tracked = list(client.propagate(uploaded.session_id))
+        got = click_and_track(client, uploaded.session_id)
 
         ids = client.embed_frames(decoded)  # what a client that embeds first would send
         assert list(uploaded.frame_embedding_ids) == ids
         session = client.start_session(ids)
         assert list(session.frame_embedding_ids) == ids
-        expected_first = client.add_prompt(session.session_id, 0, 1, points=[[55.0, 80.0]],
-                                           labels=[1])
-        expected = list(client.propagate(session.session_id))
-    np.testing.assert_array_equal(first.masks, expected_first.masks)
-    assert [f.frame_index for f in tracked] == list(range(NUM_FRAMES))
-    for got, want in zip(tracked, expected, strict=True):
-        np.testing.assert_array_equal(got.masks, want.masks)
-        np.testing.assert_allclose(got.object_score_logits, want.object_score_logits,
-                                   atol=1e-5)
+        want = click_and_track(client, session.session_id)
+    assert_tracked_alike(got, want)
 
 
 def test_bad_videos_are_refused(fleet: Fleet, tmp_path: Path) -> None:
@@ -324,4 +337,54 @@ def test_bad_videos_are_refused(fleet: Fleet, tmp_path: Path) -> None:
     with fleet.client(fleet.replica_b) as client:
         with pytest.raises(FailedPreconditionError, match="--encoder-address"):
             client.start_session(video=write_video(tmp_path / "ok.mp4", clip()))
+    assert fleet.replica_a.process.poll() is None and fleet.replica_b.process.poll() is None
+
+
+def test_streamed_frames_are_tracked_like_their_embedded_frames(
+        fleet: Fleet, frame_ids: list[str]) -> None:
+    """StartSessionFromFrames (``start_session(frames=...)``, here from a generator): the
+    decoder hashes the streamed frames to the ids the client's own embedding gave and has
+    the encoder embed them while the client already prompts; the masks equal a session over
+    those ids. Lossless PNG frames give the same ids; over Connect (HTTP/1.1) the stream is
+    one request body and works too."""
+    frames = clip()
+    with fleet.client(fleet.replica_a) as client:
+        streamed = client.start_session(frames=(frame for frame in frames))
+        assert (streamed.frame_count, streamed.video_hw) == (NUM_FRAMES, (HEIGHT, WIDTH))
+        assert list(streamed.frame_embedding_ids) == frame_ids
+        got = click_and_track(client, streamed.session_id)
+        encoded = [cv2.imencode(".png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes()
+                   for f in frames]
+        assert list(client.start_session(frames=encoded).frame_embedding_ids) == frame_ids
+        want = click_and_track(client, client.start_session(frame_ids).session_id)
+    assert_tracked_alike(got, want)
+
+    messages = [tracking_pb2.StartSessionFromFramesRequest(model_id=MODEL_ID)] + [
+        tracking_pb2.StartSessionFromFramesRequest(frame=common_pb2.Image(encoded_bytes=data))
+        for data in encoded[:2]]
+    with HttpRpcClient(fleet.replica_a.http_url) as http:
+        reply, answers, end = http.connect_stream(
+            "/sam2.v1.TrackingService/StartSessionFromFrames", messages)
+    assert reply.status == 200 and "error" not in end, end
+    answer = tracking_pb2.StartSessionFromFramesResponse.FromString(answers[0])
+    assert list(answer.frame_embedding_ids) == frame_ids[:2]
+
+
+def test_hostile_frame_streams_are_refused_and_the_decoder_serves_on(fleet: Fleet) -> None:
+    frames = clip()
+    with fleet.client(fleet.replica_a) as client:
+        with pytest.raises(InvalidInputError) as long_stream:
+            client.start_session(frames=frames + frames[:3])  # 9 > 8 frames
+        assert long_stream.value.reason == "VIDEO_TOO_LONG"
+        assert long_stream.value.metadata.get("limit") == str(MAX_VIDEO_FRAMES)
+        with pytest.raises(InvalidInputError, match="frame 1: .*exceeds the limit"):
+            client.start_session(frames=[frames[0], payloads.png_header_only(20_000, 20_000)])
+        with pytest.raises(InvalidInputError, match="frame 1 is 100x80 pixels"):
+            client.start_session(frames=[frames[0], np.zeros((80, 100, 3), np.uint8)])
+        with pytest.raises(InvalidInputError, match="at least one"):
+            client.start_session(frames=[])
+        assert client.start_session(frames=frames[:2]).frame_count == 2  # serving on
+    with fleet.client(fleet.replica_b) as client:
+        with pytest.raises(FailedPreconditionError, match="--encoder-address"):
+            client.start_session(frames=frames[:1])
     assert fleet.replica_a.process.poll() is None and fleet.replica_b.process.poll() is None

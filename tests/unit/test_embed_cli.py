@@ -322,3 +322,42 @@ def test_a_bad_image_is_not_retried_and_the_deadline_bounds_retries() -> None:
 
     with pytest.raises(ResourceExhaustedError):
         embed_retrying(busy, b"x", timeout_s=1, sleep=lambda s: None)  # 5 s hint > 1 s left
+
+
+def test_video_frames_are_items_of_lossless_pngs_in_order(tmp_path: Path) -> None:
+    """``--video``: one item per frame, ``PATH#frame=N``, whose PNG decodes to the frame the
+    video gives (so the encoder's id is ``video_frame_id`` of it); a frame over the pixel
+    bound and a file that is no video fail as items, not as the run."""
+    import cv2
+    import numpy as np
+
+    from sam2_shared.client.embed_sources import video_frame_items
+    from sam2_shared.inference.imaging import decode_image
+
+    path = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for t in range(3):
+        writer.write(np.full((48, 64, 3), 40 * t, np.uint8))
+    writer.release()
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    decoded = []
+    while (frame := capture.read())[0]:
+        decoded.append(cv2.cvtColor(frame[1], cv2.COLOR_BGR2RGB))
+    capture.release()
+
+    items = list(video_frame_items([str(path)], max_pixels=64 * 48))
+    assert _paths(items) == [f"{path}#frame={i}" for i in range(3)]
+    for item, rgb in zip(items, decoded, strict=True):
+        np.testing.assert_array_equal(decode_image(item.read(10**6)), rgb)
+    with pytest.raises(SourceError) as large:
+        next(video_frame_items([str(path)], max_pixels=64 * 48 - 1)).read(10**6)
+    assert large.value.reason == "TOO_LARGE"
+    with pytest.raises(SourceError) as small_limit:
+        items[0].read(10)
+    assert small_limit.value.reason == "TOO_LARGE"
+    not_video = _touch(tmp_path / "notes.mp4", b"not a video" * 50)
+    for source, reason in ((not_video, "UNREADABLE"), (tmp_path / "missing.mp4", "NOT_FOUND")):
+        (failed,) = video_frame_items([str(source)], max_pixels=10**6)
+        with pytest.raises(SourceError) as refused:
+            failed.read(10**6)
+        assert refused.value.reason == reason

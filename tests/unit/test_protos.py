@@ -82,8 +82,8 @@ def test_package_and_services(descriptor_set: descriptor_pb2.FileDescriptorSet) 
     assert services == {
         "DecoderService": ["Segment", "SegmentStream"],
         "EncoderService": ["EmbedImages", "GetEmbedding", "PutEmbedding"],
-        "TrackingService": ["StartSession", "AddPrompt", "Propagate", "RemoveObject",
-                            "ResetSession", "CloseSession"],
+        "TrackingService": ["StartSession", "StartSessionFromFrames", "AddPrompt", "Propagate",
+                            "RemoveObject", "ResetSession", "CloseSession"],
     }
 
 

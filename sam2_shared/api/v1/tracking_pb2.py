@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from sam2_shared.api.v1 import common_pb2 as sam2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sam2/v1/tracking.proto\x12\x07sam2.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x14sam2/v1/common.proto\"e\n\x13StartSessionRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12!\n\x13\x66rame_embedding_ids\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05video\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"\x9f\x01\n\x14StartSessionResponse\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x66rame_count\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\theight_px\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08width_px\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12!\n\x13\x66rame_embedding_ids\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\"\xa0\x02\n\x10\x41\x64\x64PromptRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x66rame_index\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x17\n\tobject_id\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12$\n\x06points\x18\x04 \x03(\x0b\x32\x0e.sam2.v1.PointB\x04\xe2\x41\x01\x01\x12\x1f\n\x03\x62ox\x18\x05 \x01(\x0b\x32\x0c.sam2.v1.BoxB\x04\xe2\x41\x01\x01\x12\x1d\n\x0fkeep_old_points\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12(\n\x04mask\x18\x07 \x01(\x0b\x32\x14.sam2.v1.EncodedMaskB\x04\xe2\x41\x01\x01\x12.\n\x0bmask_format\x18\x08 \x01(\x0e\x32\x13.sam2.v1.MaskFormatB\x04\xe2\x41\x01\x01\"=\n\x11\x41\x64\x64PromptResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x13.sam2.v1.FrameMasksB\x04\xe2\x41\x01\x03\"S\n\nFrameMasks\x12\x19\n\x0b\x66rame_index\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x13.sam2.v1.ObjectMaskB\x04\xe2\x41\x01\x03\"q\n\nObjectMask\x12\x17\n\tobject_id\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12(\n\x04mask\x18\x02 \x01(\x0b\x32\x14.sam2.v1.EncodedMaskB\x04\xe2\x41\x01\x03\x12 \n\x12object_score_logit\x18\x03 \x01(\x02\x42\x04\xe2\x41\x01\x03\"\xdd\x01\n\x10PropagateRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x11start_frame_index\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x15\n\x07reverse\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x1d\n\nmax_frames\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12.\n\x0bmask_format\x18\x05 \x01(\x0e\x32\x13.sam2.v1.MaskFormatB\x04\xe2\x41\x01\x01\x42\x14\n\x12_start_frame_indexB\r\n\x0b_max_frames\"=\n\x11PropagateResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x13.sam2.v1.FrameMasksB\x04\xe2\x41\x01\x03\"H\n\x13RemoveObjectRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tobject_id\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\":\n\x14RemoveObjectResponse\x12\"\n\x14remaining_object_ids\x18\x01 \x03(\x05\x42\x04\xe2\x41\x01\x03\"/\n\x13ResetSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x16\n\x14ResetSessionResponse\"/\n\x13\x43loseSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x16\n\x14\x43loseSessionResponse2\xcf\x03\n\x0fTrackingService\x12K\n\x0cStartSession\x12\x1c.sam2.v1.StartSessionRequest\x1a\x1d.sam2.v1.StartSessionResponse\x12\x42\n\tAddPrompt\x12\x19.sam2.v1.AddPromptRequest\x1a\x1a.sam2.v1.AddPromptResponse\x12\x44\n\tPropagate\x12\x19.sam2.v1.PropagateRequest\x1a\x1a.sam2.v1.PropagateResponse0\x01\x12K\n\x0cRemoveObject\x12\x1c.sam2.v1.RemoveObjectRequest\x1a\x1d.sam2.v1.RemoveObjectResponse\x12K\n\x0cResetSession\x12\x1c.sam2.v1.ResetSessionRequest\x1a\x1d.sam2.v1.ResetSessionResponse\x12K\n\x0c\x43loseSession\x12\x1c.sam2.v1.CloseSessionRequest\x1a\x1d.sam2.v1.CloseSessionResponseB\x91\x01\n\x1dio.github.sam2serving.sam2.v1B\rTrackingProtoP\x01Z:github.com/sam2-serving/sam2-serving/gen/go/sam2/v1;sam2v1\xa2\x02\x03SAM\xaa\x02\x07Sam2.V1\xca\x02\x07Sam2\\V1\xea\x02\x08Sam2::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sam2/v1/tracking.proto\x12\x07sam2.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x14sam2/v1/common.proto\"e\n\x13StartSessionRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12!\n\x13\x66rame_embedding_ids\x18\x02 \x03(\tB\x04\xe2\x41\x01\x01\x12\x13\n\x05video\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x01\"\x9f\x01\n\x14StartSessionResponse\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x66rame_count\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\theight_px\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08width_px\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12!\n\x13\x66rame_embedding_ids\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\"\\\n\x1dStartSessionFromFramesRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12#\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0e.sam2.v1.ImageB\x04\xe2\x41\x01\x01\"\xa9\x01\n\x1eStartSessionFromFramesResponse\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0b\x66rame_count\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\theight_px\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x16\n\x08width_px\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12!\n\x13\x66rame_embedding_ids\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\"\xa0\x02\n\x10\x41\x64\x64PromptRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x66rame_index\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x17\n\tobject_id\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12$\n\x06points\x18\x04 \x03(\x0b\x32\x0e.sam2.v1.PointB\x04\xe2\x41\x01\x01\x12\x1f\n\x03\x62ox\x18\x05 \x01(\x0b\x32\x0c.sam2.v1.BoxB\x04\xe2\x41\x01\x01\x12\x1d\n\x0fkeep_old_points\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12(\n\x04mask\x18\x07 \x01(\x0b\x32\x14.sam2.v1.EncodedMaskB\x04\xe2\x41\x01\x01\x12.\n\x0bmask_format\x18\x08 \x01(\x0e\x32\x13.sam2.v1.MaskFormatB\x04\xe2\x41\x01\x01\"=\n\x11\x41\x64\x64PromptResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x13.sam2.v1.FrameMasksB\x04\xe2\x41\x01\x03\"S\n\nFrameMasks\x12\x19\n\x0b\x66rame_index\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12*\n\x07objects\x18\x02 \x03(\x0b\x32\x13.sam2.v1.ObjectMaskB\x04\xe2\x41\x01\x03\"q\n\nObjectMask\x12\x17\n\tobject_id\x18\x01 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12(\n\x04mask\x18\x02 \x01(\x0b\x32\x14.sam2.v1.EncodedMaskB\x04\xe2\x41\x01\x03\x12 \n\x12object_score_logit\x18\x03 \x01(\x02\x42\x04\xe2\x41\x01\x03\"\xdd\x01\n\x10PropagateRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x11start_frame_index\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x15\n\x07reverse\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x1d\n\nmax_frames\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12.\n\x0bmask_format\x18\x05 \x01(\x0e\x32\x13.sam2.v1.MaskFormatB\x04\xe2\x41\x01\x01\x42\x14\n\x12_start_frame_indexB\r\n\x0b_max_frames\"=\n\x11PropagateResponse\x12(\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x13.sam2.v1.FrameMasksB\x04\xe2\x41\x01\x03\"H\n\x13RemoveObjectRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tobject_id\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\":\n\x14RemoveObjectResponse\x12\"\n\x14remaining_object_ids\x18\x01 \x03(\x05\x42\x04\xe2\x41\x01\x03\"/\n\x13ResetSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x16\n\x14ResetSessionResponse\"/\n\x13\x43loseSessionRequest\x12\x18\n\nsession_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x16\n\x14\x43loseSessionResponse2\xbc\x04\n\x0fTrackingService\x12K\n\x0cStartSession\x12\x1c.sam2.v1.StartSessionRequest\x1a\x1d.sam2.v1.StartSessionResponse\x12k\n\x16StartSessionFromFrames\x12&.sam2.v1.StartSessionFromFramesRequest\x1a\'.sam2.v1.StartSessionFromFramesResponse(\x01\x12\x42\n\tAddPrompt\x12\x19.sam2.v1.AddPromptRequest\x1a\x1a.sam2.v1.AddPromptResponse\x12\x44\n\tPropagate\x12\x19.sam2.v1.PropagateRequest\x1a\x1a.sam2.v1.PropagateResponse0\x01\x12K\n\x0cRemoveObject\x12\x1c.sam2.v1.RemoveObjectRequest\x1a\x1d.sam2.v1.RemoveObjectResponse\x12K\n\x0cResetSession\x12\x1c.sam2.v1.ResetSessionRequest\x1a\x1d.sam2.v1.ResetSessionResponse\x12K\n\x0c\x43loseSession\x12\x1c.sam2.v1.CloseSessionRequest\x1a\x1d.sam2.v1.CloseSessionResponseB\x91\x01\n\x1dio.github.sam2serving.sam2.v1B\rTrackingProtoP\x01Z:github.com/sam2-serving/sam2-serving/gen/go/sam2/v1;sam2v1\xa2\x02\x03SAM\xaa\x02\x07Sam2.V1\xca\x02\x07Sam2\\V1\xea\x02\x08Sam2::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +50,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTSESSIONRESPONSE'].fields_by_name['width_px']._serialized_options = b'\342A\001\003'
   _globals['_STARTSESSIONRESPONSE'].fields_by_name['frame_embedding_ids']._loaded_options = None
   _globals['_STARTSESSIONRESPONSE'].fields_by_name['frame_embedding_ids']._serialized_options = b'\342A\001\003'
+  _globals['_STARTSESSIONFROMFRAMESREQUEST'].fields_by_name['model_id']._loaded_options = None
+  _globals['_STARTSESSIONFROMFRAMESREQUEST'].fields_by_name['model_id']._serialized_options = b'\342A\001\001'
+  _globals['_STARTSESSIONFROMFRAMESREQUEST'].fields_by_name['frame']._loaded_options = None
+  _globals['_STARTSESSIONFROMFRAMESREQUEST'].fields_by_name['frame']._serialized_options = b'\342A\001\001'
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['session_id']._loaded_options = None
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['session_id']._serialized_options = b'\342A\001\003'
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['frame_count']._loaded_options = None
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['frame_count']._serialized_options = b'\342A\001\003'
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['height_px']._loaded_options = None
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['height_px']._serialized_options = b'\342A\001\003'
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['width_px']._loaded_options = None
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['width_px']._serialized_options = b'\342A\001\003'
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['frame_embedding_ids']._loaded_options = None
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE'].fields_by_name['frame_embedding_ids']._serialized_options = b'\342A\001\003'
   _globals['_ADDPROMPTREQUEST'].fields_by_name['session_id']._loaded_options = None
   _globals['_ADDPROMPTREQUEST'].fields_by_name['session_id']._serialized_options = b'\342A\001\002'
   _globals['_ADDPROMPTREQUEST'].fields_by_name['frame_index']._loaded_options = None
@@ -104,30 +118,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTSESSIONREQUEST']._serialized_end=191
   _globals['_STARTSESSIONRESPONSE']._serialized_start=194
   _globals['_STARTSESSIONRESPONSE']._serialized_end=353
-  _globals['_ADDPROMPTREQUEST']._serialized_start=356
-  _globals['_ADDPROMPTREQUEST']._serialized_end=644
-  _globals['_ADDPROMPTRESPONSE']._serialized_start=646
-  _globals['_ADDPROMPTRESPONSE']._serialized_end=707
-  _globals['_FRAMEMASKS']._serialized_start=709
-  _globals['_FRAMEMASKS']._serialized_end=792
-  _globals['_OBJECTMASK']._serialized_start=794
-  _globals['_OBJECTMASK']._serialized_end=907
-  _globals['_PROPAGATEREQUEST']._serialized_start=910
-  _globals['_PROPAGATEREQUEST']._serialized_end=1131
-  _globals['_PROPAGATERESPONSE']._serialized_start=1133
-  _globals['_PROPAGATERESPONSE']._serialized_end=1194
-  _globals['_REMOVEOBJECTREQUEST']._serialized_start=1196
-  _globals['_REMOVEOBJECTREQUEST']._serialized_end=1268
-  _globals['_REMOVEOBJECTRESPONSE']._serialized_start=1270
-  _globals['_REMOVEOBJECTRESPONSE']._serialized_end=1328
-  _globals['_RESETSESSIONREQUEST']._serialized_start=1330
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1377
-  _globals['_RESETSESSIONRESPONSE']._serialized_start=1379
-  _globals['_RESETSESSIONRESPONSE']._serialized_end=1401
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1403
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1450
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1452
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1474
-  _globals['_TRACKINGSERVICE']._serialized_start=1477
-  _globals['_TRACKINGSERVICE']._serialized_end=1940
+  _globals['_STARTSESSIONFROMFRAMESREQUEST']._serialized_start=355
+  _globals['_STARTSESSIONFROMFRAMESREQUEST']._serialized_end=447
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE']._serialized_start=450
+  _globals['_STARTSESSIONFROMFRAMESRESPONSE']._serialized_end=619
+  _globals['_ADDPROMPTREQUEST']._serialized_start=622
+  _globals['_ADDPROMPTREQUEST']._serialized_end=910
+  _globals['_ADDPROMPTRESPONSE']._serialized_start=912
+  _globals['_ADDPROMPTRESPONSE']._serialized_end=973
+  _globals['_FRAMEMASKS']._serialized_start=975
+  _globals['_FRAMEMASKS']._serialized_end=1058
+  _globals['_OBJECTMASK']._serialized_start=1060
+  _globals['_OBJECTMASK']._serialized_end=1173
+  _globals['_PROPAGATEREQUEST']._serialized_start=1176
+  _globals['_PROPAGATEREQUEST']._serialized_end=1397
+  _globals['_PROPAGATERESPONSE']._serialized_start=1399
+  _globals['_PROPAGATERESPONSE']._serialized_end=1460
+  _globals['_REMOVEOBJECTREQUEST']._serialized_start=1462
+  _globals['_REMOVEOBJECTREQUEST']._serialized_end=1534
+  _globals['_REMOVEOBJECTRESPONSE']._serialized_start=1536
+  _globals['_REMOVEOBJECTRESPONSE']._serialized_end=1594
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1596
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1643
+  _globals['_RESETSESSIONRESPONSE']._serialized_start=1645
+  _globals['_RESETSESSIONRESPONSE']._serialized_end=1667
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1669
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1716
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1718
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1740
+  _globals['_TRACKINGSERVICE']._serialized_start=1743
+  _globals['_TRACKINGSERVICE']._serialized_end=2315
 # @@protoc_insertion_point(module_scope)

@@ -32,6 +32,28 @@ class StartSessionResponse(_message.Message):
     frame_embedding_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, session_id: _Optional[str] = ..., frame_count: _Optional[int] = ..., height_px: _Optional[int] = ..., width_px: _Optional[int] = ..., frame_embedding_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class StartSessionFromFramesRequest(_message.Message):
+    __slots__ = ("model_id", "frame")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    frame: _common_pb2.Image
+    def __init__(self, model_id: _Optional[str] = ..., frame: _Optional[_Union[_common_pb2.Image, _Mapping]] = ...) -> None: ...
+
+class StartSessionFromFramesResponse(_message.Message):
+    __slots__ = ("session_id", "frame_count", "height_px", "width_px", "frame_embedding_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
+    FRAME_EMBEDDING_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    frame_count: int
+    height_px: int
+    width_px: int
+    frame_embedding_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., frame_count: _Optional[int] = ..., height_px: _Optional[int] = ..., width_px: _Optional[int] = ..., frame_embedding_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AddPromptRequest(_message.Message):
     __slots__ = ("session_id", "frame_index", "object_id", "points", "box", "keep_old_points", "mask", "mask_format")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class TrackingServiceStub:
                 request_serializer=sam2_dot_v1_dot_tracking__pb2.StartSessionRequest.SerializeToString,
                 response_deserializer=sam2_dot_v1_dot_tracking__pb2.StartSessionResponse.FromString,
                 _registered_method=True)
+        self.StartSessionFromFrames = channel.stream_unary(
+                '/sam2.v1.TrackingService/StartSessionFromFrames',
+                request_serializer=sam2_dot_v1_dot_tracking__pb2.StartSessionFromFramesRequest.SerializeToString,
+                response_deserializer=sam2_dot_v1_dot_tracking__pb2.StartSessionFromFramesResponse.FromString,
+                _registered_method=True)
         self.AddPrompt = channel.unary_unary(
                 '/sam2.v1.TrackingService/AddPrompt',
                 request_serializer=sam2_dot_v1_dot_tracking__pb2.AddPromptRequest.SerializeToString,
@@ -77,6 +82,22 @@ class TrackingServiceServicer:
         EMBEDDING_NOT_FOUND) when a frame is not stored; INVALID_ARGUMENT for a
         video that cannot be decoded or has too many frames or pixels;
         FAILED_PRECONDITION when a video is sent to a decoder without an encoder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartSessionFromFrames(self, request_iterator, context):
+        """Starts a session over frames the client streams, one per message in video
+        order (encoded JPEG/PNG ... or raw pixels): the client-streaming twin of
+        StartSession's video. The decoder checks each frame as it arrives (count,
+        pixels per frame, pixels and bytes in all; INVALID_ARGUMENT naming the
+        bound), answers once the stream ends, and has the encoder tier embed the
+        frames in order in the background: prompts and propagation may start at
+        once and wait for frames not yet embedded. RESOURCE_EXHAUSTED when the
+        decoder already takes its most uploads at once; FAILED_PRECONDITION
+        without an encoder. Over HTTP/1.1 (Connect, gRPC-Web) the whole stream is
+        one request body, at most the server's message size limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +151,11 @@ def add_TrackingServiceServicer_to_server(servicer, server):
                     servicer.StartSession,
                     request_deserializer=sam2_dot_v1_dot_tracking__pb2.StartSessionRequest.FromString,
                     response_serializer=sam2_dot_v1_dot_tracking__pb2.StartSessionResponse.SerializeToString,
+            ),
+            'StartSessionFromFrames': grpc.stream_unary_rpc_method_handler(
+                    servicer.StartSessionFromFrames,
+                    request_deserializer=sam2_dot_v1_dot_tracking__pb2.StartSessionFromFramesRequest.FromString,
+                    response_serializer=sam2_dot_v1_dot_tracking__pb2.StartSessionFromFramesResponse.SerializeToString,
             ),
             'AddPrompt': grpc.unary_unary_rpc_method_handler(
                     servicer.AddPrompt,
@@ -185,6 +211,33 @@ class TrackingService:
             '/sam2.v1.TrackingService/StartSession',
             sam2_dot_v1_dot_tracking__pb2.StartSessionRequest.SerializeToString,
             sam2_dot_v1_dot_tracking__pb2.StartSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSessionFromFrames(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sam2.v1.TrackingService/StartSessionFromFrames',
+            sam2_dot_v1_dot_tracking__pb2.StartSessionFromFramesRequest.SerializeToString,
+            sam2_dot_v1_dot_tracking__pb2.StartSessionFromFramesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ from sam2_shared.errors import (
 from sam2_shared.inference.video import Sam2VideoModel
 from sam2_shared.store import open_store
 from tests.helpers.synthetic_images import synthetic_rgb
+from tests.unit.tiers.test_video_upload import video_bytes
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +139,33 @@ def test_live_sessions_fit_the_memory_budget(video: tuple[Tracker, list[str]]) -
         click(small, session_id, 1)
     small.reset(session_id)
     assert shared.store.session_revision(second) == shared.store.session_revision(third) == 2
+
+
+def test_uploads_of_expired_sessions_are_forgotten(video: tuple[Tracker, list[str]],
+                                                    tmp_path: Path) -> None:
+    """A long-running decoder must not keep an upload per video session forever: when a new
+    upload registers, those whose session expired (not closed) are dropped, and one still
+    embedding is failed, which stops it; a live session's running upload stays."""
+    shared, _ = video
+    tracker = Tracker(shared.model, open_store("memory://"), session_ttl_s=0.3)
+    data = video_bytes(tmp_path, 2)
+    uploads = []
+    for _ in range(3):
+        _, _, _, file, upload = tracker.start_video("sam2.1/hiera_tiny", data)
+        file.close()
+        uploads.append(upload)
+    uploads[1].fail(ResourceExhaustedError("encoder full"))  # a failed one is kept too
+    for index in range(2):
+        uploads[2].stored(index)
+    uploads[2].finish()
+    assert tracker.upload_count() == 3
+    time.sleep(0.5)  # every session expires
+    _, _, _, file, running = tracker.start_video("sam2.1/hiera_tiny", data)
+    file.close()
+    assert tracker.upload_count() == 1
+    assert uploads[0].failed and uploads[0].finished  # its embedding stops
+    with pytest.raises(SessionNotFoundError, match="expired"):
+        uploads[0].wait(0, timeout_s=1)
+    _, _, _, file, _ = tracker.start_video("sam2.1/hiera_tiny", data)
+    file.close()
+    assert tracker.upload_count() == 2 and not running.finished  # still live: kept

@@ -1,5 +1,5 @@
-"""Uploaded videos: bounded decoding, frame ids, and the background embedding's order,
-window, retries and failures (no network: the encoder is a coroutine here)."""
+"""Uploaded videos and streamed frames: bounded decoding, frame ids, and the background
+embedding's order, window, retries and failures (no network: the encoder is a coroutine)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import cv2
 import numpy as np
 import pytest
 
-from decoder_service.video_upload import FrameUpload, VideoFile, embed_frames, read_frame_ids
+from decoder_service.video_upload import (
+    FrameSpool,
+    FrameUpload,
+    VideoFile,
+    embed_frames,
+    read_frame_ids,
+)
 from sam2_shared.embedding import video_frame_id
 from sam2_shared.errors import (
     CorruptEntryError,
@@ -20,6 +26,7 @@ from sam2_shared.errors import (
     NotReadyError,
     ResourceExhaustedError,
 )
+from tests.helpers.synthetic_images import synthetic_rgb
 
 MODEL_ID = "sam2.1/hiera_tiny"
 
@@ -137,3 +144,79 @@ def test_a_busy_encoder_is_retried_and_a_wrong_id_fails_the_upload(tmp_path: Pat
     assert upload.failed
     with pytest.raises(CorruptEntryError):
         upload.wait(0)
+
+
+def png(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".png", rgb[:, :, ::-1])[1].tobytes()
+
+
+def spool_of(**bounds: int) -> FrameSpool:
+    return FrameSpool(MODEL_ID, "tenant", **{"max_frames": 10, "max_pixels": 10**6, **bounds})
+
+
+def test_streamed_frames_are_hashed_kept_as_sent_and_read_back_in_order() -> None:
+    frames = [synthetic_rgb(48, 64, seed=s) for s in range(4)]
+    spool = spool_of()
+    spool.add(png(frames[0]))                                 # encoded
+    spool.add(frames[1], "rgb")                               # raw RGB
+    spool.add(np.ascontiguousarray(frames[2][:, :, ::-1]), "bgr")  # raw BGR
+    spool.add(np.dstack([frames[3], np.full((48, 64), 255, np.uint8)]), "rgb")  # RGBA
+    assert spool.size == (48, 64)
+    assert spool.ids == [video_frame_id(f, MODEL_ID, "tenant") for f in frames]
+    assert [f.tobytes() for f in spool.frames()] == [f.tobytes() for f in frames]
+    assert Path(spool.path).stat().st_size == len(png(frames[0])) + 3 * 48 * 64 * 3
+    spool.close()
+    assert not Path(spool.path).exists()
+
+
+@pytest.mark.parametrize(("bounds", "frame", "reason"), [
+    ({"max_frames": 2}, None, "VIDEO_TOO_LONG"),
+    ({"max_pixels": 48 * 64 - 1}, "raw", "IMAGE_TOO_LARGE"),
+    ({"max_pixels": 48 * 64 - 1}, "png", "INVALID_ARGUMENT"),  # from the header, undecoded
+    ({"max_total_pixels": 2 * 48 * 64 + 1}, None, "VIDEO_TOO_LARGE"),
+    ({"max_bytes": 2 * 48 * 64 * 3 + 1}, None, "VIDEO_TOO_LARGE"),
+])
+def test_streamed_frames_are_bounded(bounds: dict, frame: str | None, reason: str) -> None:
+    """Every bound refuses the first frame past it, naming the bound; nothing after it is
+    kept (the stream fails) and the file goes with close()."""
+    rgb = synthetic_rgb(48, 64)
+    spool = spool_of(**bounds)
+    with pytest.raises(InvalidInputError) as refused:
+        for _ in range(3):
+            spool.add(png(rgb) if frame == "png" else rgb, "rgb")
+    assert refused.value.reason == reason
+    assert "frame" in str(refused.value) or "frames" in str(refused.value)
+    spool.close()
+
+
+def test_streamed_frames_must_be_images_of_one_size() -> None:
+    spool = spool_of()
+    with pytest.raises(InvalidInputError, match="frame 0: could not decode"):
+        spool.add(b"not an image" * 10)
+    with pytest.raises(InvalidInputError, match="send at least one"):
+        _ = spool.size
+    spool.add(synthetic_rgb(48, 64), "rgb")
+    with pytest.raises(InvalidInputError, match="frame 1 is 48x64 pixels, the video's first "
+                                                "frame 64x48"):
+        spool.add(synthetic_rgb(64, 48), "rgb")
+    spool.close()
+
+
+def test_streamed_frames_go_to_the_encoder_like_a_video_file() -> None:
+    frames = [synthetic_rgb(32, 40, seed=s) for s in range(5)]
+    spool = FrameSpool(MODEL_ID, "", max_frames=10, max_pixels=10**6)
+    for frame in frames:
+        spool.add(png(frame))
+    upload = FrameUpload(list(spool.ids))
+    sent: list[str] = []
+
+    async def embed(rgb):
+        sent.append(video_frame_id(rgb, MODEL_ID))
+        return sent[-1]
+
+    async def next_frame(it):
+        return next(it, None)
+
+    asyncio.run(embed_frames(spool, upload, embed, next_frame, 2))
+    assert sent == upload.ids and upload.frames_stored == 5 and not upload.failed
+    assert not Path(spool.path).exists()  # embed_frames closes what it read

@@ -12,7 +12,7 @@
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import { file_google_api_field_behavior } from "../../google/api/field_behavior_pb";
-import type { Box, EncodedMask, MaskFormat, Point } from "./common_pb";
+import type { Box, EncodedMask, Image, MaskFormat, Point } from "./common_pb";
 import { file_sam2_v1_common } from "./common_pb";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -20,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sam2/v1/tracking.proto.
  */
 export const file_sam2_v1_tracking: GenFile = /*@__PURE__*/
-  fileDesc("ChZzYW0yL3YxL3RyYWNraW5nLnByb3RvEgdzYW0yLnYxImUKE1N0YXJ0U2Vzc2lvblJlcXVlc3QSFgoIbW9kZWxfaWQYASABKAlCBOJBAQISIQoTZnJhbWVfZW1iZWRkaW5nX2lkcxgCIAMoCUIE4kEBARITCgV2aWRlbxgDIAEoDEIE4kEBASKfAQoUU3RhcnRTZXNzaW9uUmVzcG9uc2USGAoKc2Vzc2lvbl9pZBgBIAEoCUIE4kEBAxIZCgtmcmFtZV9jb3VudBgCIAEoBUIE4kEBAxIXCgloZWlnaHRfcHgYAyABKAVCBOJBAQMSFgoId2lkdGhfcHgYBCABKAVCBOJBAQMSIQoTZnJhbWVfZW1iZWRkaW5nX2lkcxgFIAMoCUIE4kEBAyKgAgoQQWRkUHJvbXB0UmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECEhkKC2ZyYW1lX2luZGV4GAIgASgFQgTiQQECEhcKCW9iamVjdF9pZBgDIAEoBUIE4kEBAhIkCgZwb2ludHMYBCADKAsyDi5zYW0yLnYxLlBvaW50QgTiQQEBEh8KA2JveBgFIAEoCzIMLnNhbTIudjEuQm94QgTiQQEBEh0KD2tlZXBfb2xkX3BvaW50cxgGIAEoCEIE4kEBARIoCgRtYXNrGAcgASgLMhQuc2FtMi52MS5FbmNvZGVkTWFza0IE4kEBARIuCgttYXNrX2Zvcm1hdBgIIAEoDjITLnNhbTIudjEuTWFza0Zvcm1hdEIE4kEBASI9ChFBZGRQcm9tcHRSZXNwb25zZRIoCgVmcmFtZRgBIAEoCzITLnNhbTIudjEuRnJhbWVNYXNrc0IE4kEBAyJTCgpGcmFtZU1hc2tzEhkKC2ZyYW1lX2luZGV4GAEgASgFQgTiQQEDEioKB29iamVjdHMYAiADKAsyEy5zYW0yLnYxLk9iamVjdE1hc2tCBOJBAQMicQoKT2JqZWN0TWFzaxIXCglvYmplY3RfaWQYASABKAVCBOJBAQMSKAoEbWFzaxgCIAEoCzIULnNhbTIudjEuRW5jb2RlZE1hc2tCBOJBAQMSIAoSb2JqZWN0X3Njb3JlX2xvZ2l0GAMgASgCQgTiQQEDIt0BChBQcm9wYWdhdGVSZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQISJAoRc3RhcnRfZnJhbWVfaW5kZXgYAiABKAVCBOJBAQFIAIgBARIVCgdyZXZlcnNlGAMgASgIQgTiQQEBEh0KCm1heF9mcmFtZXMYBCABKAVCBOJBAQFIAYgBARIuCgttYXNrX2Zvcm1hdBgFIAEoDjITLnNhbTIudjEuTWFza0Zvcm1hdEIE4kEBAUIUChJfc3RhcnRfZnJhbWVfaW5kZXhCDQoLX21heF9mcmFtZXMiPQoRUHJvcGFnYXRlUmVzcG9uc2USKAoFZnJhbWUYASABKAsyEy5zYW0yLnYxLkZyYW1lTWFza3NCBOJBAQMiSAoTUmVtb3ZlT2JqZWN0UmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECEhcKCW9iamVjdF9pZBgCIAEoBUIE4kEBAiI6ChRSZW1vdmVPYmplY3RSZXNwb25zZRIiChRyZW1haW5pbmdfb2JqZWN0X2lkcxgBIAMoBUIE4kEBAyIvChNSZXNldFNlc3Npb25SZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQIiFgoUUmVzZXRTZXNzaW9uUmVzcG9uc2UiLwoTQ2xvc2VTZXNzaW9uUmVxdWVzdBIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQECIhYKFENsb3NlU2Vzc2lvblJlc3BvbnNlMs8DCg9UcmFja2luZ1NlcnZpY2USSwoMU3RhcnRTZXNzaW9uEhwuc2FtMi52MS5TdGFydFNlc3Npb25SZXF1ZXN0Gh0uc2FtMi52MS5TdGFydFNlc3Npb25SZXNwb25zZRJCCglBZGRQcm9tcHQSGS5zYW0yLnYxLkFkZFByb21wdFJlcXVlc3QaGi5zYW0yLnYxLkFkZFByb21wdFJlc3BvbnNlEkQKCVByb3BhZ2F0ZRIZLnNhbTIudjEuUHJvcGFnYXRlUmVxdWVzdBoaLnNhbTIudjEuUHJvcGFnYXRlUmVzcG9uc2UwARJLCgxSZW1vdmVPYmplY3QSHC5zYW0yLnYxLlJlbW92ZU9iamVjdFJlcXVlc3QaHS5zYW0yLnYxLlJlbW92ZU9iamVjdFJlc3BvbnNlEksKDFJlc2V0U2Vzc2lvbhIcLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBodLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USSwoMQ2xvc2VTZXNzaW9uEhwuc2FtMi52MS5DbG9zZVNlc3Npb25SZXF1ZXN0Gh0uc2FtMi52MS5DbG9zZVNlc3Npb25SZXNwb25zZUKRAQodaW8uZ2l0aHViLnNhbTJzZXJ2aW5nLnNhbTIudjFCDVRyYWNraW5nUHJvdG9QAVo6Z2l0aHViLmNvbS9zYW0yLXNlcnZpbmcvc2FtMi1zZXJ2aW5nL2dlbi9nby9zYW0yL3YxO3NhbTJ2MaICA1NBTaoCB1NhbTIuVjHKAgdTYW0yXFYx6gIIU2FtMjo6VjFiBnByb3RvMw", [file_google_api_field_behavior, file_sam2_v1_common]);
+  fileDesc("ChZzYW0yL3YxL3RyYWNraW5nLnByb3RvEgdzYW0yLnYxImUKE1N0YXJ0U2Vzc2lvblJlcXVlc3QSFgoIbW9kZWxfaWQYASABKAlCBOJBAQISIQoTZnJhbWVfZW1iZWRkaW5nX2lkcxgCIAMoCUIE4kEBARITCgV2aWRlbxgDIAEoDEIE4kEBASKfAQoUU3RhcnRTZXNzaW9uUmVzcG9uc2USGAoKc2Vzc2lvbl9pZBgBIAEoCUIE4kEBAxIZCgtmcmFtZV9jb3VudBgCIAEoBUIE4kEBAxIXCgloZWlnaHRfcHgYAyABKAVCBOJBAQMSFgoId2lkdGhfcHgYBCABKAVCBOJBAQMSIQoTZnJhbWVfZW1iZWRkaW5nX2lkcxgFIAMoCUIE4kEBAyJcCh1TdGFydFNlc3Npb25Gcm9tRnJhbWVzUmVxdWVzdBIWCghtb2RlbF9pZBgBIAEoCUIE4kEBARIjCgVmcmFtZRgCIAEoCzIOLnNhbTIudjEuSW1hZ2VCBOJBAQEiqQEKHlN0YXJ0U2Vzc2lvbkZyb21GcmFtZXNSZXNwb25zZRIYCgpzZXNzaW9uX2lkGAEgASgJQgTiQQEDEhkKC2ZyYW1lX2NvdW50GAIgASgFQgTiQQEDEhcKCWhlaWdodF9weBgDIAEoBUIE4kEBAxIWCgh3aWR0aF9weBgEIAEoBUIE4kEBAxIhChNmcmFtZV9lbWJlZGRpbmdfaWRzGAUgAygJQgTiQQEDIqACChBBZGRQcm9tcHRSZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQISGQoLZnJhbWVfaW5kZXgYAiABKAVCBOJBAQISFwoJb2JqZWN0X2lkGAMgASgFQgTiQQECEiQKBnBvaW50cxgEIAMoCzIOLnNhbTIudjEuUG9pbnRCBOJBAQESHwoDYm94GAUgASgLMgwuc2FtMi52MS5Cb3hCBOJBAQESHQoPa2VlcF9vbGRfcG9pbnRzGAYgASgIQgTiQQEBEigKBG1hc2sYByABKAsyFC5zYW0yLnYxLkVuY29kZWRNYXNrQgTiQQEBEi4KC21hc2tfZm9ybWF0GAggASgOMhMuc2FtMi52MS5NYXNrRm9ybWF0QgTiQQEBIj0KEUFkZFByb21wdFJlc3BvbnNlEigKBWZyYW1lGAEgASgLMhMuc2FtMi52MS5GcmFtZU1hc2tzQgTiQQEDIlMKCkZyYW1lTWFza3MSGQoLZnJhbWVfaW5kZXgYASABKAVCBOJBAQMSKgoHb2JqZWN0cxgCIAMoCzITLnNhbTIudjEuT2JqZWN0TWFza0IE4kEBAyJxCgpPYmplY3RNYXNrEhcKCW9iamVjdF9pZBgBIAEoBUIE4kEBAxIoCgRtYXNrGAIgASgLMhQuc2FtMi52MS5FbmNvZGVkTWFza0IE4kEBAxIgChJvYmplY3Rfc2NvcmVfbG9naXQYAyABKAJCBOJBAQMi3QEKEFByb3BhZ2F0ZVJlcXVlc3QSGAoKc2Vzc2lvbl9pZBgBIAEoCUIE4kEBAhIkChFzdGFydF9mcmFtZV9pbmRleBgCIAEoBUIE4kEBAUgAiAEBEhUKB3JldmVyc2UYAyABKAhCBOJBAQESHQoKbWF4X2ZyYW1lcxgEIAEoBUIE4kEBAUgBiAEBEi4KC21hc2tfZm9ybWF0GAUgASgOMhMuc2FtMi52MS5NYXNrRm9ybWF0QgTiQQEBQhQKEl9zdGFydF9mcmFtZV9pbmRleEINCgtfbWF4X2ZyYW1lcyI9ChFQcm9wYWdhdGVSZXNwb25zZRIoCgVmcmFtZRgBIAEoCzITLnNhbTIudjEuRnJhbWVNYXNrc0IE4kEBAyJIChNSZW1vdmVPYmplY3RSZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQISFwoJb2JqZWN0X2lkGAIgASgFQgTiQQECIjoKFFJlbW92ZU9iamVjdFJlc3BvbnNlEiIKFHJlbWFpbmluZ19vYmplY3RfaWRzGAEgAygFQgTiQQEDIi8KE1Jlc2V0U2Vzc2lvblJlcXVlc3QSGAoKc2Vzc2lvbl9pZBgBIAEoCUIE4kEBAiIWChRSZXNldFNlc3Npb25SZXNwb25zZSIvChNDbG9zZVNlc3Npb25SZXF1ZXN0EhgKCnNlc3Npb25faWQYASABKAlCBOJBAQIiFgoUQ2xvc2VTZXNzaW9uUmVzcG9uc2UyvAQKD1RyYWNraW5nU2VydmljZRJLCgxTdGFydFNlc3Npb24SHC5zYW0yLnYxLlN0YXJ0U2Vzc2lvblJlcXVlc3QaHS5zYW0yLnYxLlN0YXJ0U2Vzc2lvblJlc3BvbnNlEmsKFlN0YXJ0U2Vzc2lvbkZyb21GcmFtZXMSJi5zYW0yLnYxLlN0YXJ0U2Vzc2lvbkZyb21GcmFtZXNSZXF1ZXN0Gicuc2FtMi52MS5TdGFydFNlc3Npb25Gcm9tRnJhbWVzUmVzcG9uc2UoARJCCglBZGRQcm9tcHQSGS5zYW0yLnYxLkFkZFByb21wdFJlcXVlc3QaGi5zYW0yLnYxLkFkZFByb21wdFJlc3BvbnNlEkQKCVByb3BhZ2F0ZRIZLnNhbTIudjEuUHJvcGFnYXRlUmVxdWVzdBoaLnNhbTIudjEuUHJvcGFnYXRlUmVzcG9uc2UwARJLCgxSZW1vdmVPYmplY3QSHC5zYW0yLnYxLlJlbW92ZU9iamVjdFJlcXVlc3QaHS5zYW0yLnYxLlJlbW92ZU9iamVjdFJlc3BvbnNlEksKDFJlc2V0U2Vzc2lvbhIcLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVxdWVzdBodLnNhbTIudjEuUmVzZXRTZXNzaW9uUmVzcG9uc2USSwoMQ2xvc2VTZXNzaW9uEhwuc2FtMi52MS5DbG9zZVNlc3Npb25SZXF1ZXN0Gh0uc2FtMi52MS5DbG9zZVNlc3Npb25SZXNwb25zZUKRAQodaW8uZ2l0aHViLnNhbTJzZXJ2aW5nLnNhbTIudjFCDVRyYWNraW5nUHJvdG9QAVo6Z2l0aHViLmNvbS9zYW0yLXNlcnZpbmcvc2FtMi1zZXJ2aW5nL2dlbi9nby9zYW0yL3YxO3NhbTJ2MaICA1NBTaoCB1NhbTIuVjHKAgdTYW0yXFYx6gIIU2FtMjo6VjFiBnByb3RvMw", [file_google_api_field_behavior, file_sam2_v1_common]);
 
 /**
  * Request of StartSession.
@@ -115,6 +115,88 @@ export const StartSessionResponseSchema: GenMessage<StartSessionResponse> = /*@_
   messageDesc(file_sam2_v1_tracking, 1);
 
 /**
+ * Request of StartSessionFromFrames: the stream's first message names the
+ * model; every message may carry one frame.
+ *
+ * @generated from message sam2.v1.StartSessionFromFramesRequest
+ */
+export type StartSessionFromFramesRequest = Message<"sam2.v1.StartSessionFromFramesRequest"> & {
+  /**
+   * Model of the session, e.g. "sam2.1/hiera_tiny". Required in the first
+   * message (else INVALID_ARGUMENT); later messages leave it empty or repeat it.
+   * Must be the model the server runs (INVALID_ARGUMENT, reason UNKNOWN_MODEL).
+   *
+   * @generated from field: string model_id = 1;
+   */
+  modelId: string;
+
+  /**
+   * The next frame of the video: every frame has the first frame's size, at
+   * most the server's pixel limit. A stream needs at least one frame.
+   *
+   * @generated from field: sam2.v1.Image frame = 2;
+   */
+  frame?: Image | undefined;
+};
+
+/**
+ * Describes the message sam2.v1.StartSessionFromFramesRequest.
+ * Use `create(StartSessionFromFramesRequestSchema)` to create a new message.
+ */
+export const StartSessionFromFramesRequestSchema: GenMessage<StartSessionFromFramesRequest> = /*@__PURE__*/
+  messageDesc(file_sam2_v1_tracking, 2);
+
+/**
+ * Response of StartSessionFromFrames (the fields of StartSessionResponse).
+ *
+ * @generated from message sam2.v1.StartSessionFromFramesResponse
+ */
+export type StartSessionFromFramesResponse = Message<"sam2.v1.StartSessionFromFramesResponse"> & {
+  /**
+   * Opaque id of the new session.
+   *
+   * @generated from field: string session_id = 1;
+   */
+  sessionId: string;
+
+  /**
+   * Number of frames streamed.
+   *
+   * @generated from field: int32 frame_count = 2;
+   */
+  frameCount: number;
+
+  /**
+   * Frame height in pixels.
+   *
+   * @generated from field: int32 height_px = 3;
+   */
+  heightPx: number;
+
+  /**
+   * Frame width in pixels.
+   *
+   * @generated from field: int32 width_px = 4;
+   */
+  widthPx: number;
+
+  /**
+   * Embedding ids of the frames in order: the ids the encoder stores them
+   * under, so a later session can start from them with StartSession.
+   *
+   * @generated from field: repeated string frame_embedding_ids = 5;
+   */
+  frameEmbeddingIds: string[];
+};
+
+/**
+ * Describes the message sam2.v1.StartSessionFromFramesResponse.
+ * Use `create(StartSessionFromFramesResponseSchema)` to create a new message.
+ */
+export const StartSessionFromFramesResponseSchema: GenMessage<StartSessionFromFramesResponse> = /*@__PURE__*/
+  messageDesc(file_sam2_v1_tracking, 3);
+
+/**
  * Request of AddPrompt. Carries points and/or a box, or a mask.
  *
  * @generated from message sam2.v1.AddPromptRequest
@@ -184,7 +266,7 @@ export type AddPromptRequest = Message<"sam2.v1.AddPromptRequest"> & {
  * Use `create(AddPromptRequestSchema)` to create a new message.
  */
 export const AddPromptRequestSchema: GenMessage<AddPromptRequest> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 2);
+  messageDesc(file_sam2_v1_tracking, 4);
 
 /**
  * Response of AddPrompt.
@@ -205,7 +287,7 @@ export type AddPromptResponse = Message<"sam2.v1.AddPromptResponse"> & {
  * Use `create(AddPromptResponseSchema)` to create a new message.
  */
 export const AddPromptResponseSchema: GenMessage<AddPromptResponse> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 3);
+  messageDesc(file_sam2_v1_tracking, 5);
 
 /**
  * Every object's mask on one frame.
@@ -233,7 +315,7 @@ export type FrameMasks = Message<"sam2.v1.FrameMasks"> & {
  * Use `create(FrameMasksSchema)` to create a new message.
  */
 export const FrameMasksSchema: GenMessage<FrameMasks> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 4);
+  messageDesc(file_sam2_v1_tracking, 6);
 
 /**
  * One object's mask on one frame.
@@ -268,7 +350,7 @@ export type ObjectMask = Message<"sam2.v1.ObjectMask"> & {
  * Use `create(ObjectMaskSchema)` to create a new message.
  */
 export const ObjectMaskSchema: GenMessage<ObjectMask> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 5);
+  messageDesc(file_sam2_v1_tracking, 7);
 
 /**
  * Request of Propagate.
@@ -317,7 +399,7 @@ export type PropagateRequest = Message<"sam2.v1.PropagateRequest"> & {
  * Use `create(PropagateRequestSchema)` to create a new message.
  */
 export const PropagateRequestSchema: GenMessage<PropagateRequest> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 6);
+  messageDesc(file_sam2_v1_tracking, 8);
 
 /**
  * One frame of Propagate.
@@ -338,7 +420,7 @@ export type PropagateResponse = Message<"sam2.v1.PropagateResponse"> & {
  * Use `create(PropagateResponseSchema)` to create a new message.
  */
 export const PropagateResponseSchema: GenMessage<PropagateResponse> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 7);
+  messageDesc(file_sam2_v1_tracking, 9);
 
 /**
  * Request of RemoveObject.
@@ -366,7 +448,7 @@ export type RemoveObjectRequest = Message<"sam2.v1.RemoveObjectRequest"> & {
  * Use `create(RemoveObjectRequestSchema)` to create a new message.
  */
 export const RemoveObjectRequestSchema: GenMessage<RemoveObjectRequest> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 8);
+  messageDesc(file_sam2_v1_tracking, 10);
 
 /**
  * Response of RemoveObject.
@@ -387,7 +469,7 @@ export type RemoveObjectResponse = Message<"sam2.v1.RemoveObjectResponse"> & {
  * Use `create(RemoveObjectResponseSchema)` to create a new message.
  */
 export const RemoveObjectResponseSchema: GenMessage<RemoveObjectResponse> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 9);
+  messageDesc(file_sam2_v1_tracking, 11);
 
 /**
  * Request of ResetSession.
@@ -408,7 +490,7 @@ export type ResetSessionRequest = Message<"sam2.v1.ResetSessionRequest"> & {
  * Use `create(ResetSessionRequestSchema)` to create a new message.
  */
 export const ResetSessionRequestSchema: GenMessage<ResetSessionRequest> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 10);
+  messageDesc(file_sam2_v1_tracking, 12);
 
 /**
  * Response of ResetSession.
@@ -423,7 +505,7 @@ export type ResetSessionResponse = Message<"sam2.v1.ResetSessionResponse"> & {
  * Use `create(ResetSessionResponseSchema)` to create a new message.
  */
 export const ResetSessionResponseSchema: GenMessage<ResetSessionResponse> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 11);
+  messageDesc(file_sam2_v1_tracking, 13);
 
 /**
  * Request of CloseSession.
@@ -444,7 +526,7 @@ export type CloseSessionRequest = Message<"sam2.v1.CloseSessionRequest"> & {
  * Use `create(CloseSessionRequestSchema)` to create a new message.
  */
 export const CloseSessionRequestSchema: GenMessage<CloseSessionRequest> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 12);
+  messageDesc(file_sam2_v1_tracking, 14);
 
 /**
  * Response of CloseSession.
@@ -459,7 +541,7 @@ export type CloseSessionResponse = Message<"sam2.v1.CloseSessionResponse"> & {
  * Use `create(CloseSessionResponseSchema)` to create a new message.
  */
 export const CloseSessionResponseSchema: GenMessage<CloseSessionResponse> = /*@__PURE__*/
-  messageDesc(file_sam2_v1_tracking, 13);
+  messageDesc(file_sam2_v1_tracking, 15);
 
 /**
  * Tracks objects through a video.
@@ -480,6 +562,25 @@ export const TrackingService: GenService<{
     methodKind: "unary";
     input: typeof StartSessionRequestSchema;
     output: typeof StartSessionResponseSchema;
+  },
+  /**
+   * Starts a session over frames the client streams, one per message in video
+   * order (encoded JPEG/PNG ... or raw pixels): the client-streaming twin of
+   * StartSession's video. The decoder checks each frame as it arrives (count,
+   * pixels per frame, pixels and bytes in all; INVALID_ARGUMENT naming the
+   * bound), answers once the stream ends, and has the encoder tier embed the
+   * frames in order in the background: prompts and propagation may start at
+   * once and wait for frames not yet embedded. RESOURCE_EXHAUSTED when the
+   * decoder already takes its most uploads at once; FAILED_PRECONDITION
+   * without an encoder. Over HTTP/1.1 (Connect, gRPC-Web) the whole stream is
+   * one request body, at most the server's message size limit.
+   *
+   * @generated from rpc sam2.v1.TrackingService.StartSessionFromFrames
+   */
+  startSessionFromFrames: {
+    methodKind: "client_streaming";
+    input: typeof StartSessionFromFramesRequestSchema;
+    output: typeof StartSessionFromFramesResponseSchema;
   },
   /**
    * Adds points and/or a box, or a mask, for one object on one frame; answers
