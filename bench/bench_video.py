@@ -19,6 +19,7 @@ shifted so the object stays present (speed does not depend on the weight values)
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -118,6 +119,54 @@ def run_ours(model_id: str, checkpoint: Path, checkpoints: list[int], objects: i
     return out
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def run_precision_iou(model_id: str, checkpoint: Path, num_frames: int, objects: int,
+                      margin: float) -> dict[str, Any]:
+    """Two sessions of ours, float32 and bfloat16 tracking, stepped alternately over the same
+    clip: per-frame time of each and the bfloat16 masks' IoU against float32 on every tracked
+    frame and object (plainly, and only over pixels where |float32 logit| > margin)."""
+    from sam2_shared.inference.video import FrameSource, Sam2VideoModel
+
+    exact = Sam2VideoModel.from_pretrained(model_id, checkpoint, device="cpu")
+    low = Sam2VideoModel(exact.config, exact.decoder, copy.deepcopy(exact.tracker),
+                         device="cpu", tracking_dtype="bfloat16")
+    embeddings = exact.embed_frames([frame(t) for t in range(DISTINCT_FRAMES)])
+    runs = []
+    for model in (exact, low):
+        source = FrameSource(num_frames, (HEIGHT, WIDTH),
+                             lambda i: embeddings[i % DISTINCT_FRAMES])
+        session = model.start_session(source)
+        for obj_id in range(1, objects + 1):
+            session.add_points(0, obj_id, points=click(obj_id), labels=np.array([1]))
+        runs.append(session.propagate())
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    ious, margin_ious, score_flips = [], [], 0
+    for count in range(num_frames):
+        results = []
+        for name, run in zip(times, runs, strict=True):
+            started = time.perf_counter()
+            results.append(next(run))
+            if count:
+                times[name].append(time.perf_counter() - started)
+        ref, got = results
+        for o in range(len(ref.obj_ids)):
+            ious.append(mask_iou(ref.logits[o] > 0, got.logits[o] > 0))
+            sure = np.abs(ref.logits[o]) > margin
+            margin_ious.append(mask_iou((ref.logits[o] > 0) & sure, (got.logits[o] > 0) & sure))
+            score_flips += int((ref.object_score_logits[o] > 0)
+                               != (got.object_score_logits[o] > 0))
+    return {"ms_float32": 1000 * statistics.median(times["float32"]),
+            "ms_bfloat16": 1000 * statistics.median(times["bfloat16"]),
+            "iou_mean": float(np.mean(ious)), "iou_min": float(np.min(ious)),
+            "margin": margin, "margin_iou_mean": float(np.mean(margin_ious)),
+            "margin_iou_min": float(np.min(margin_ious)), "score_flips": score_flips,
+            "frames": num_frames, "objects": objects}
+
+
 def run_reference(model_id: str, checkpoint: Path, checkpoints: list[int], objects: int
                   ) -> dict[str, Any]:
     from PIL import Image
@@ -197,11 +246,22 @@ def main() -> None:
                         "(separates memory in use from heap the allocator keeps)")
     parser.add_argument("--impl-only", choices=("ours", "reference"),
                         help="run one implementation (no table)")
+    parser.add_argument("--iou-frames", type=int, help="instead of the table: track this many "
+                        "frames with ours in float32 and bfloat16 side by side, report times "
+                        "and the bfloat16 masks' IoU against float32")
+    parser.add_argument("--margin", type=float, default=1.0, help="IoU also over the pixels "
+                        "where |float32 logit| > margin")
     parser.add_argument("--impl", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.impl:
         child(args)
+        return
+    if args.iou_frames:
+        torch.set_num_threads(args.threads)
+        checkpoint = present_checkpoint(args.model, Path(tempfile.mkdtemp(prefix="bench-ckpt-")))
+        print(json.dumps(run_precision_iou(args.model, checkpoint, args.iou_frames,
+                                           args.objects, args.margin)))
         return
     if (Path.cwd() / "sam2").is_dir():
         raise SystemExit("run from a directory without a sam2/ folder")
