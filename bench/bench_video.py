@@ -165,6 +165,8 @@ def run_precision_iou(model_id: str, checkpoint: Path, num_frames: int, objects:
         runs.append(session.propagate())
     times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     ious, margin_ious, score_flips = [], [], 0
+    fp32_pixels: list[int] = []
+    bf16_pixels: list[int] = []
     for count in range(num_frames):
         results = []
         for name, run in zip(times, runs, strict=True):
@@ -175,6 +177,8 @@ def run_precision_iou(model_id: str, checkpoint: Path, num_frames: int, objects:
         ref, got = results
         for o in range(len(ref.obj_ids)):
             ious.append(mask_iou(ref.logits[o] > 0, got.logits[o] > 0))
+            fp32_pixels.append(int((ref.logits[o] > 0).sum()))
+            bf16_pixels.append(int((got.logits[o] > 0).sum()))
             sure = np.abs(ref.logits[o]) > margin
             margin_ious.append(mask_iou((ref.logits[o] > 0) & sure, (got.logits[o] > 0) & sure))
             score_flips += int((ref.object_score_logits[o] > 0)
@@ -184,7 +188,9 @@ def run_precision_iou(model_id: str, checkpoint: Path, num_frames: int, objects:
             "iou_mean": float(np.mean(ious)), "iou_min": float(np.min(ious)),
             "margin": margin, "margin_iou_mean": float(np.mean(margin_ious)),
             "margin_iou_min": float(np.min(margin_ious)), "score_flips": score_flips,
-            "frames": num_frames, "objects": objects}
+            "frames": num_frames, "objects": objects,
+            "per_frame_iou": [round(iou, 4) for iou in ious],
+            "fp32_mask_pixels": fp32_pixels, "bf16_mask_pixels": bf16_pixels}
 
 
 def run_reference(model_id: str, checkpoint: Path, checkpoints: list[int], objects: int
