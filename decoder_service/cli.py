@@ -100,6 +100,10 @@ class DecoderSettings(TierSettings):
     max_video_frames: int = setting(
         2000, "most frames of a video sent to StartSession (its frames are embedded by the "
         "encoder; a video's frame size is bounded by --max-image-pixels)", minimum=1)
+    tracking_dtype: str = setting(
+        "float32", "dtype of tracking's memory attention, most of a tracked frame's work "
+        "(bfloat16: faster on CPUs with AVX512-BF16/AMX, masks near but not equal to float32's; "
+        "see BENCHMARKS.md)", choices=("float32", "bfloat16"))
     max_video_uploads: int = setting(
         4, "most videos whose frames are being embedded at once; beyond, RESOURCE_EXHAUSTED",
         minimum=1)
@@ -214,7 +218,8 @@ def _load_tracker(settings: DecoderSettings, store: Any, device: str) -> Any:
     from sam2_shared.inference.video import Sam2VideoModel
 
     model = Sam2VideoModel.from_pretrained(settings.model, settings.checkpoint, device=device,
-                                           with_encoder=False)
+                                           with_encoder=False,
+                                           tracking_dtype=settings.tracking_dtype)
     return Tracker(model, store, session_ttl_s=settings.session_ttl_s,
                    max_live_sessions=settings.max_live_sessions,
                    max_prompted_frames=settings.max_prompted_frames,

@@ -4,10 +4,18 @@ Four pre-norm layers, each: RoPE self-attention over the 64 x 64 frame tokens,
 RoPE cross-attention to the memories (spatial memory tokens of width 64 plus
 object-pointer tokens, which get no rotation), then a ReLU MLP. Sequences are
 batch-first here: [B, tokens, C].
+
+Low-precision mode (``MemoryAttention.in_precision(torch.bfloat16)``): the attention and MLP
+weights and matmuls run in bfloat16 while the residual stream and the LayerNorms stay
+float32. Attention then runs as chunked matmuls rather than SDPA (whose CPU bfloat16 kernel
+is no faster than float32 here), and cross-attention applies ``v_proj`` after the softmax
+average, over the 64-wide memory tokens instead of their 256-wide projections: softmax rows
+sum to 1, so ``P (M W^T + b) = (P M) W^T + b``, a quarter of that matmul's FLOPs.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -82,7 +90,6 @@ class RoPEAttention(nn.Module):
         """q [B, Nq, C], k/v [B, Nk, C_kv] -> [B, Nq, C]."""
         q = self._split_heads(self.q_proj(q))
         k = self._split_heads(self.k_proj(k))
-        v = self._split_heads(self.v_proj(v))
         rotations = self.rotations(q.shape[-2])
         num_k_rope = k.shape[-2] - num_k_exclude_rope
         if num_k_rope != q.shape[-2] and not self.rope_k_repeat:
@@ -92,9 +99,36 @@ class RoPEAttention(nn.Module):
             k = torch.cat((rotate(k[:, :, :num_k_rope], rotations), k[:, :, num_k_rope:]), dim=2)
         else:
             k = rotate(k, rotations)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if q.dtype == torch.float32:
+            out = F.scaled_dot_product_attention(q, k, self._split_heads(self.v_proj(v)))
+        else:
+            out = self._attend_low_precision(q, k, v)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _attend_low_precision(
+        self, q: torch.Tensor, k: torch.Tensor, v_in: torch.Tensor
+    ) -> torch.Tensor:
+        """Softmax attention as matmuls over query chunks (scores of one chunk at a time,
+        about 32 MiB); values projected before or after the average, whichever is narrower."""
+        heads, head_dim = self.num_heads, self.head_dim
+        project_after = v_in.shape[-1] < head_dim
+        # [B, 1, Nk, C_kv] shared by the heads, or [B, heads, Nk, head_dim].
+        v = v_in.unsqueeze(1) if project_after else self._split_heads(self.v_proj(v_in))
+        q = q * (head_dim ** -0.5)
+        k_t = k.transpose(-2, -1)
+        batch, _, num_q, _ = q.shape
+        num_k = k.shape[-2]
+        chunk = max(1, (1 << 24) // max(1, batch * heads * num_k))
+        out = q.new_empty(batch, heads, num_q, v.shape[-1])
+        for start in range(0, num_q, chunk):
+            scores = torch.matmul(q[:, :, start : start + chunk], k_t)
+            torch.matmul(torch.softmax(scores, dim=-1), v, out=out[:, :, start : start + chunk])
+        if not project_after:
+            return out
+        weight = self.v_proj.weight.reshape(heads, head_dim, -1)  # [heads, head_dim, C_kv]
+        bias = self.v_proj.bias.reshape(1, heads, 1, head_dim)
+        return torch.einsum("bhnc,hdc->bhnd", out, weight) + bias
 
 
 class MemoryAttentionLayer(nn.Module):
@@ -149,14 +183,20 @@ class MemoryAttentionLayer(nn.Module):
         memory_pos: torch.Tensor,
         num_obj_ptr_tokens: int,
     ) -> torch.Tensor:
-        """x [B, HW, C], memory / memory_pos [B, M, C_mem] -> [B, HW, C]."""
-        normed = self.norm1(x)
-        x = x + self.self_attn(normed, normed, normed)
-        normed = self.norm2(x)
+        """x [B, HW, C], memory / memory_pos [B, M, C_mem] -> [B, HW, C].
+
+        The sublayers compute in their weights' dtype (float32, or bfloat16 after
+        ``MemoryAttention.in_precision``); the residual stream stays in ``x``'s dtype.
+        """
+        dtype = self.linear1.weight.dtype
+        normed = self.norm1(x).to(dtype)
+        x = x + self.self_attn(normed, normed, normed).to(x.dtype)
+        normed = self.norm2(x).to(dtype)
         x = x + self.cross_attn_image(
-            normed, memory + memory_pos, memory, num_k_exclude_rope=num_obj_ptr_tokens
-        )
-        return x + self.linear2(F.relu(self.linear1(self.norm3(x))))
+            normed, (memory + memory_pos).to(dtype), memory.to(dtype),
+            num_k_exclude_rope=num_obj_ptr_tokens,
+        ).to(x.dtype)
+        return x + self.linear2(F.relu(self.linear1(self.norm3(x).to(dtype)))).to(x.dtype)
 
 
 class MemoryAttention(nn.Module):
@@ -175,6 +215,15 @@ class MemoryAttention(nn.Module):
             MemoryAttentionLayer(d_model, **layer_kwargs) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
+
+    def in_precision(self, dtype: torch.dtype) -> MemoryAttention:
+        """A copy whose attention and MLP weights (the matmuls) are in ``dtype``; the
+        LayerNorms and the residual stream stay float32."""
+        twin = copy.deepcopy(self)
+        for layer in twin.layers:
+            for part in (layer.self_attn, layer.cross_attn_image, layer.linear1, layer.linear2):
+                part.to(dtype)
+        return twin
 
     def forward(
         self,

@@ -171,6 +171,20 @@ class Sam2TrackerPart(nn.Module):
             nn.Linear(dim, MEM_DIM) if config.proj_tpos_enc_in_obj_ptrs else None
         )
         self.feature_pos_enc = PositionEmbeddingSine(dim)
+        # A low-precision copy of memory_attention (set_tracking_dtype), held in a tuple so
+        # that it is no submodule: state_dict and checkpoints stay float32 and unchanged.
+        self._attention_low_precision: tuple[MemoryAttention, ...] = ()
+
+    def set_tracking_dtype(self, dtype: torch.dtype) -> None:
+        """Run memory attention (most of a tracked frame's arithmetic) in ``dtype``:
+        float32 (exact, the default) or bfloat16 (its matmuls; see memory_attention.py).
+        Call after moving the part to its device."""
+        if dtype == torch.float32:
+            self._attention_low_precision = ()
+        elif dtype == torch.bfloat16:
+            self._attention_low_precision = (self.memory_attention.in_precision(dtype),)
+        else:
+            raise ValueError(f"tracking dtype must be float32 or bfloat16, not {dtype}")
 
     # ------------------------------------------------------------------ features
 
@@ -260,7 +274,8 @@ class Sam2TrackerPart(nn.Module):
         memory_pos_all = torch.cat(memory_pos, dim=1)
         curr = raw.flatten(2).transpose(1, 2).expand(batch, -1, -1)
         curr_pos = self.feature_pos_enc(raw).flatten(2).transpose(1, 2).expand(batch, -1, -1)
-        out = self.memory_attention(curr, curr_pos, memory, memory_pos_all, num_ptr_tokens)
+        attention = (self._attention_low_precision or (self.memory_attention,))[0]
+        out = attention(curr, curr_pos, memory, memory_pos_all, num_ptr_tokens)
         return out.transpose(1, 2).reshape(batch, c, h, w)
 
     def encode_memory(

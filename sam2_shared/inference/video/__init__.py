@@ -13,7 +13,7 @@ from sam2_shared.inference.video.frames import (
     FrameSource,
     encode_video_frames,
 )
-from sam2_shared.inference.video.model import Sam2VideoModel
+from sam2_shared.inference.video.model import TRACKING_DTYPES, Sam2VideoModel
 from sam2_shared.inference.video.session import VideoSession
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "FrameResult",
     "FrameSource",
     "Sam2VideoModel",
+    "TRACKING_DTYPES",
     "VideoSession",
     "encode_video_frames",
 ]

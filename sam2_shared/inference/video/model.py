@@ -22,8 +22,13 @@ if TYPE_CHECKING:
     from sam2_shared.inference.video.session import VideoSession
 
 
+# Names of the memory-attention dtypes a video model runs in (``tracking_dtype``).
+TRACKING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 class Sam2VideoModel:
-    """The network parts video tracking needs, on one device (float32)."""
+    """The network parts video tracking needs, on one device (float32; memory attention
+    optionally bfloat16, ``tracking_dtype``)."""
 
     def __init__(
         self,
@@ -32,11 +37,17 @@ class Sam2VideoModel:
         tracker: Sam2TrackerPart,
         encoder: Sam2EncoderPart | None = None,
         device: torch.device | str = "cpu",
+        tracking_dtype: str = "float32",
     ) -> None:
+        if tracking_dtype not in TRACKING_DTYPES:
+            raise ValueError(f"tracking_dtype must be one of {sorted(TRACKING_DTYPES)}, "
+                             f"not {tracking_dtype!r}")
         self.config = config
         self.device = torch.device(device)
+        self.tracking_dtype = tracking_dtype
         self.decoder = decoder.to(self.device).eval()
         self.tracker = tracker.to(self.device).eval()
+        self.tracker.set_tracking_dtype(TRACKING_DTYPES[tracking_dtype])
         self.encoder = encoder.to(self.device).eval() if encoder is not None else None
 
     @property
@@ -52,6 +63,7 @@ class Sam2VideoModel:
         with_encoder: bool = True,
         cache_dir: str | os.PathLike | None = None,
         download: bool = True,
+        tracking_dtype: str = "float32",
     ) -> Sam2VideoModel:
         """Load the decoder and tracker parts (and the encoder unless ``with_encoder=False``,
         as in a decoder tier that reads frame embeddings from the store)."""
@@ -60,7 +72,8 @@ class Sam2VideoModel:
                                      download=download)
         decoder, tracker, encoder = (modules["decoder"], modules["tracker"],
                                      modules.get("encoder"))
-        return cls(config, decoder, tracker, encoder, device=device)
+        return cls(config, decoder, tracker, encoder, device=device,
+                   tracking_dtype=tracking_dtype)
 
     @torch.inference_mode()
     def embed_frames(self, frames: Sequence[np.ndarray]) -> list[ImageEmbedding]:
