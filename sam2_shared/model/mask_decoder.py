@@ -11,6 +11,10 @@ from torch import nn
 from sam2_shared.model.common import MLP, LayerNorm2d
 from sam2_shared.model.transformer import TwoWayTransformer
 
+# Prompts x embedding rows per band of the upscaling (``MaskDecoder.upscaled_masks``): one
+# band's maps (~0.25 MiB per prompt-row and stage) then stay in a CPU's L2/L3 cache.
+_BAND_PROMPT_ROWS = 16
+
 
 @dataclass
 class DecoderOutput:
@@ -120,53 +124,63 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 2 : 2 + self.num_mask_tokens, :]
 
         h, w = image_embeddings.shape[-2:]
-        upscaled = self.upscale(src.reshape(b, h, w, -1), *high_res_features)
-
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )  # [B, 4, C/8]
-        masks = hyper_in @ upscaled.reshape(b, 16 * h * w, -1).transpose(1, 2)  # [B, 4, 16hw]
-        # Blocked (i, j, di, dj, di2, dj2) pixel order -> rows 4i+2di+di2, cols 4j+2dj+dj2.
-        masks = masks.reshape(b, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-        masks = masks.reshape(b, -1, 4 * h, 4 * w)
+        masks = self.upscaled_masks(src.reshape(b, h, w, -1), *high_res_features, hyper_in)
         iou_pred = self.iou_prediction_head(iou_token_out)
         object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
         return masks, iou_pred, mask_tokens_out, object_score_logits
 
-    def upscale(
-        self, image: torch.Tensor, feat_s0: torch.Tensor, feat_s1: torch.Tensor
+    def upscaled_masks(
+        self,
+        image: torch.Tensor,
+        feat_s0: torch.Tensor,
+        feat_s1: torch.Tensor,
+        hyper_in: torch.Tensor,
     ) -> torch.Tensor:
-        """``GELU(ConvT2(GELU(LN(ConvT1(x) + feat_s1))) + feat_s0)`` of ``output_upscaling``.
+        """``hyper_in @ GELU(ConvT2(GELU(LN(ConvT1(x) + feat_s1))) + feat_s0)``, the masks.
 
         image: channels-last [B, h, w, C]; feat_s0 [1 or B, C/8, 4h, 4w], feat_s1
-        [1 or B, C/4, 2h, 2w] (NCHW). Returns [B, h, w, 2, 2, 2, 2, C/8]: the 4h x 4w map
-        in *blocked* pixel order (i, j, di, dj, di2, dj2) for row 4i+2di+di2, column
-        4j+2dj+dj2.
+        [1 or B, C/4, 2h, 2w] (NCHW); hyper_in [B, M, C/8]. Returns [B, M, 4h, 4w] logits.
 
         A kernel-2 stride-2 transposed conv is a per-pixel matmul to 2x2 sub-pixels, and
-        everything after it up to the hypernetwork is per-pixel too, so the sub-pixels can
-        stay where the matmul puts them. Only the per-image skip features (batch 1) are
-        rearranged into that order; the big per-prompt maps are never transposed.
+        everything after it up to the hypernetwork is per-pixel too, so the sub-pixels stay
+        where the matmul puts them (*blocked* order (i, j, di, dj, di2, dj2) for row
+        4i+2di+di2, column 4j+2dj+dj2); only the per-image skip features are rearranged into
+        that order, and each band's M masks are put in raster order at the end. The work
+        runs in bands of embedding rows sized to stay in the CPU cache: the per-prompt maps
+        (16 MiB per prompt at full size) never make a round trip through memory between
+        the matmuls, the LayerNorm and the GELUs.
         """
         upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
         b, h, w, c = image.shape
         c4, c8 = feat_s1.shape[1], feat_s0.shape[1]
+        m = hyper_in.shape[1]
         # Skips plus biases as [1 or B, pixels, (sub-pixel, C)] rows: the matmuls add them in
-        # their output pass (baddbmm, broadcast over the prompts), no separate add over the
-        # large per-prompt maps.
+        # their output pass (baddbmm, broadcast over the prompts).
         skip1 = feat_s1.reshape(-1, c4, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1) + upconv1.bias
+        skip1 = skip1.contiguous().reshape(-1, h, w, 4 * c4)
         skip0 = feat_s0.reshape(-1, c8, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
-        skip0 = skip0 + upconv2.bias
+        skip0 = (skip0 + upconv2.bias).contiguous().reshape(-1, h, w, 16 * c8)
         # weight [Cin, Cout, 2, 2] -> [Cin, (di, dj, Cout)].
-        weight1 = upconv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4)
-        weight2 = upconv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8)
-        x = torch.baddbmm(skip1.reshape(-1, h * w, 4 * c4), image.reshape(b, h * w, c),
-                          weight1.expand(b, -1, -1)).reshape(b, h, w, 2, 2, c4)
-        x = act1(F.layer_norm(x, (c4,), norm1.weight, norm1.bias, norm1.eps))
-        x = torch.baddbmm(skip0.reshape(-1, 4 * h * w, 4 * c8), x.reshape(b, 4 * h * w, c4),
-                          weight2.expand(b, -1, -1))
-        return act2(x.reshape(b, h, w, 2, 2, 2, 2, c8))
+        weight1 = upconv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4).expand(b, -1, -1)
+        weight2 = upconv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8).expand(b, -1, -1)
+        masks = hyper_in.new_empty(b, m, 4 * h, 4 * w)
+        rows = max(1, min(h, _BAND_PROMPT_ROWS // b))
+        for top in range(0, h, rows):
+            bottom = min(h, top + rows)
+            n = (bottom - top) * w
+            x = torch.baddbmm(skip1[:, top:bottom].reshape(-1, n, 4 * c4),
+                              image[:, top:bottom].reshape(b, n, c), weight1)
+            x = act1(F.layer_norm(x.reshape(b, 4 * n, c4), (c4,), norm1.weight, norm1.bias,
+                                  norm1.eps))
+            x = act2(torch.baddbmm(skip0[:, top:bottom].reshape(-1, 4 * n, 4 * c8), x, weight2))
+            band = hyper_in @ x.reshape(b, 16 * n, c8).transpose(1, 2)  # [B, M, 16n]
+            band = band.reshape(b, m, bottom - top, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+            masks[:, :, 4 * top : 4 * bottom].view(b, m, bottom - top, 2, 2, w, 2, 2).copy_(band)
+        return masks
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """[..., H, W] -> [...]: area(logit > delta) / area(logit > -delta) (1 if empty)."""

@@ -94,15 +94,19 @@ class Attention(nn.Module):
         out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.reshape(self.num_heads, 1, -1)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, -1))
 
-    def attend_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Same result as ``forward`` for many queries and few keys (image -> tokens).
+    def attend_few_keys(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + forward(q, k, v)`` for many queries and few keys (image -> tokens).
 
-        q [B or 1, Nq, C], k/v [B, Nk, C] -> [B, Nq, C].
+        q [B or 1, Nq, C], k/v [B, Nk, C], residual [B or 1, Nq, C] -> [B, Nq, C].
 
         The output projection is folded into the values (``sum_h A_h (V_h W_o,h^T)``), so
         the Nq x internal x C product is never formed. With one image shared by B > 1
         prompts the queries are projected once; otherwise W_q is folded into the keys:
-        ``q_h K_h^T = q (W_q,h^T K_h^T) + b_q,h K_h^T``.
+        ``q_h K_h^T = q (W_q,h^T K_h^T) + b_q,h K_h^T``. The residual and the output bias
+        are added by the last matmul itself (each head's weights sum to 1 over the keys, so
+        ``b_o / heads`` on every value row adds ``b_o``): no pass over the Nq x C result.
         """
         b, nk, _ = k.shape
         heads = self.num_heads
@@ -111,6 +115,7 @@ class Attention(nn.Module):
         scale = kh.shape[-1] ** -0.5
         w_o = self.out_proj.weight.reshape(-1, heads, kh.shape[-1])  # [C, H, d]
         values_out = (vh @ w_o.permute(1, 2, 0)).reshape(b, heads * nk, -1)  # [B, H*Nk, C]
+        values_out = values_out + self.out_proj.bias / heads
         nq = q.shape[1]
         # Scores are laid out [.., Nk, Nq] so the softmax over the few keys runs across
         # the contiguous query axis (a last-dim softmax over 8 values is ~3x slower).
@@ -127,7 +132,7 @@ class Attention(nn.Module):
             scores = folded.reshape(b, heads * nk, -1) @ q.transpose(1, 2)  # [B, H*Nk, Nq]
             scores = scores + bias.reshape(b, heads * nk, 1)
             attn = scores.reshape(b, heads, nk, nq).softmax(dim=2).reshape(b, heads * nk, nq)
-        return attn.transpose(1, 2) @ values_out + self.out_proj.bias
+        return torch.baddbmm(residual, attn.transpose(1, 2), values_out)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -192,7 +197,7 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = keys + from_image.attend_few_keys(keys_with_pe, q, queries)
+        keys = from_image.attend_few_keys(keys_with_pe, q, queries, residual=keys)
         keys = self.norm4(keys)
         return queries, keys
 
