@@ -2,9 +2,12 @@
 image (multimask), fp32, 1080x1920, masks upsampled and thresholded at the image size.
 
 Calls alternate (ours, reference, ours, ...) so background load hits both alike; medians.
-Each image is embedded once by each implementation first (not timed).
+Each image is embedded once by each implementation first (not timed). ``--compile`` adds
+ours with ``compile_decoder=True`` (one-prompt decodes through torch.compile; compiled before
+timing) to the 1-point case.
 
-    python bench/bench_decode.py [--threads 2] [--repeats 15] [--model sam2.1/hiera_tiny]
+    python bench/bench_decode.py [--threads 2] [--repeats 15] [--model sam2.1/hiera_tiny] \\
+        [--compile]
 
 Needs Meta's ``sam2==1.1.0`` (a test dependency, see scripts/setup_env.sh).
 """
@@ -33,6 +36,8 @@ def main() -> None:
     parser.add_argument("--model", default="sam2.1/hiera_tiny")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time compile_decoder=True on the 1-point case")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoint = make_random_checkpoint(args.model)
@@ -49,10 +54,16 @@ def main() -> None:
     boxes = np.concatenate([corners, corners + sizes], axis=1).astype(np.float32)
     one = [Prompt(point, label)]
     sixteen = [Prompt(box=box) for box in boxes]
-    single = alternate({
+    single_calls = {
         "ours": lambda: ours.decode_prompts(embedding, one),
         "ref": lambda: predictor.predict(point, label, multimask_output=True),
-    }, args.repeats)
+    }
+    if args.compile:
+        compiled = Sam2Model.from_pretrained(args.model, checkpoint=checkpoint, parts="decoder",
+                                             compile_decoder=True)
+        compiled.decode_prompts(embedding, one)  # compiles
+        single_calls["compiled"] = lambda: compiled.decode_prompts(embedding, one)
+    single = alternate(single_calls, args.repeats)
     many = alternate({
         "ours": lambda: ours.decode_prompts(embedding, sixteen),
         "ref": lambda: predictor.predict(box=boxes, multimask_output=True),
@@ -63,6 +74,9 @@ def main() -> None:
     for name, timing in (("1 point, multimask", single), ("16 boxes, multimask", many)):
         print(f"| {name} | {timing['ref'] * 1e3:.1f} | {timing['ours'] * 1e3:.1f} | "
               f"{timing['ref'] / timing['ours']:.2f}x |")
+    if "compiled" in single:
+        print(f"| 1 point, multimask, compile_decoder=True | {single['ref'] * 1e3:.1f} | "
+              f"{single['compiled'] * 1e3:.1f} | {single['ref'] / single['compiled']:.2f}x |")
 
 
 if __name__ == "__main__":

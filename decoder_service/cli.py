@@ -62,6 +62,9 @@ class DecoderSettings(TierSettings):
         400_000_000, "most full-size mask pixels (candidates x height x width) one request "
         "may produce (bounds its work and response; masks are made one at a time)", minimum=1)
     batching: bool = setting(True, "decode concurrent requests on one image in one forward")
+    compile_decoder: bool = setting(
+        False, "one-prompt decodes through torch.compile (compiled at start-up, seconds; "
+        "needs a C++ compiler on CPU, else decodes eagerly with a warning)")
     max_batch_prompts: int = setting(
         16, "most prompts in one decoder forward (a bigger request is decoded in several; "
         "each prompt of a forward costs ~25 MiB)", minimum=1)
@@ -194,6 +197,7 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
     model = Sam2Model.from_pretrained(
         settings.model, settings.checkpoint, device=device, parts="decoder",
         precision=precision, max_pixels=settings.max_image_pixels,
+        compile_decoder=settings.compile_decoder,
     )
     return Segmenter(
         model,

@@ -139,6 +139,7 @@ class Sam2Model:
         sam2_image_embeddings_cache: Sam2ImageEmbeddingsInMemoryCache | None = None,
         sam2_low_resolution_masks_cache: Sam2LowResolutionMasksInMemoryCache | None = None,
         max_pixels: int = 100_000_000,
+        compile_decoder: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -148,6 +149,9 @@ class Sam2Model:
         dtype = _weights_dtype(precision)
         self.encoder = encoder.to(self.device, dtype).eval() if encoder is not None else None
         self.decoder = decoder.to(self.device, dtype).eval() if decoder is not None else None
+        if compile_decoder and self.decoder is not None:
+            # One-click decodes through torch.compile; the first one compiles (seconds).
+            self.decoder.sam_mask_decoder.compile_one_prompt_upscaling()
         self.embeddings_cache = sam2_image_embeddings_cache
         self.low_res_masks_cache = sam2_low_resolution_masks_cache
         self.max_pixels = max_pixels
@@ -169,11 +173,14 @@ class Sam2Model:
         cache_dir: str | os.PathLike | None = None,
         download: bool = True,
         max_pixels: int = 100_000_000,
+        compile_decoder: bool = False,
     ) -> Sam2Model:
         """Load an official model id (e.g. ``"sam2.1/hiera_b_plus"``) from its checkpoint.
 
         ``checkpoint`` is a path; without it the file is looked up in ``cache_dir``
         (``$SAM2_CHECKPOINT_DIR`` or ``~/.cache/sam2``) and downloaded from Meta if absent.
+        ``compile_decoder``: one-prompt decodes run their upscaling through ``torch.compile``
+        (faster clicks; the first decode compiles for seconds; a CPU needs a C++ compiler).
         """
         if parts not in _PARTS:
             raise ValueError(f"parts must be one of {_PARTS}, got {parts!r}")
@@ -190,6 +197,7 @@ class Sam2Model:
             sam2_image_embeddings_cache=sam2_image_embeddings_cache,
             sam2_low_resolution_masks_cache=sam2_low_resolution_masks_cache,
             max_pixels=max_pixels,
+            compile_decoder=compile_decoder,
         )
 
     # ------------------------------------------------------------------ encoding

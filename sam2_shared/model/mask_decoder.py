@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 from sam2_shared.model.common import MLP, LayerNorm2d
 from sam2_shared.model.transformer import TwoWayTransformer
+
+logger = logging.getLogger(__name__)
 
 # Prompts x embedding rows per band of the upscaling (``MaskDecoder.upscaled_masks``): a band's
 # maps (~0.25 MiB per prompt-row and stage) stay in the CPU's last-level cache, and few bands
@@ -135,7 +138,37 @@ class MaskDecoder(nn.Module):
         object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
         return masks, iou_pred, mask_tokens_out, object_score_logits
 
+    def compile_one_prompt_upscaling(self) -> None:
+        """Run ``upscaled_masks`` of a one-prompt forward through ``torch.compile``.
+
+        Inductor fuses the LayerNorm, the GELUs and the reorders around the two matmuls, the
+        element-wise passes that make up much of a single click's cost on a CPU. Only batch 1
+        (an interactive click) is compiled: its shapes do not depend on the prompt, so there
+        is one compile (seconds, at warm-up) for every click. Batches of several prompts
+        keep the eager code, where compiling measured little gain and every batch size would
+        be a compile of its own. On a CPU this needs a C++ compiler at run time.
+        """
+        self._one_prompt_upscaling = torch.compile(self._upscaled_masks, dynamic=False)
+
     def upscaled_masks(
+        self,
+        image: torch.Tensor,
+        feat_s0: torch.Tensor,
+        feat_s1: torch.Tensor,
+        hyper_in: torch.Tensor,
+    ) -> torch.Tensor:
+        """The masks, [B, M, 4h, 4w] logits (see ``_upscaled_masks``)."""
+        compiled = getattr(self, "_one_prompt_upscaling", None)
+        if compiled is not None and image.shape[0] == 1 and not self.training:
+            try:
+                return compiled(image, feat_s0, feat_s1, hyper_in)
+            except Exception:  # e.g. no C++ compiler: the same numbers, eagerly, from now on
+                logger.warning("torch.compile of the mask upscaling failed; decoding eagerly",
+                               exc_info=True)
+                self._one_prompt_upscaling = None
+        return self._upscaled_masks(image, feat_s0, feat_s1, hyper_in)
+
+    def _upscaled_masks(
         self,
         image: torch.Tensor,
         feat_s0: torch.Tensor,

@@ -344,6 +344,46 @@ def test_batched_decode_equals_one_by_one(fx: Fixture) -> None:
         _assert_same_prediction(got, alone)
 
 
+def test_compiled_decoder_gives_the_eager_results(tiny_checkpoint: Path, fx: Fixture) -> None:
+    """``compile_decoder=True``: one-prompt forwards go through torch.compile (inductor), with
+    the eager numbers; forwards of several prompts stay eager."""
+    compiled = Sam2Model.from_pretrained(TINY, checkpoint=tiny_checkpoint, parts="decoder",
+                                         compile_decoder=True)
+    decoder = compiled.decoder.sam_mask_decoder
+    inner, batch_sizes = decoder._one_prompt_upscaling, []
+
+    def counting(*args: torch.Tensor) -> torch.Tensor:
+        batch_sizes.append(args[0].shape[0])
+        return inner(*args)
+
+    decoder._one_prompt_upscaling = counting
+    (earlier,) = fx.model.segment_images(embeddings=fx.a, boxes=BOX_A1)
+    prompts = [
+        Prompt(point_coords=np.array([[35.0, 50.0]]), point_labels=np.array([1])),
+        Prompt(box=np.array(BOX_A2), point_coords=np.array([[90.0, 25.0]]),
+               point_labels=np.array([0])),
+        Prompt(mask_input=earlier.logits[0].numpy()),
+        Prompt(point_coords=np.array([[60.0, 60.0]]), point_labels=np.array([1]),
+               multimask_output=False),
+    ]
+    for prompt in prompts:
+        (got,) = compiled.decode_prompts(fx.a, [prompt])
+        (eager,) = fx.model.decode_prompts(fx.a, [prompt])
+        _assert_same_prediction(got, eager)
+    assert batch_sizes == [1] * len(prompts)
+    pair = compiled.decode_prompts(fx.a, prompts[:1] * 2)
+    assert batch_sizes == [1] * len(prompts)  # two prompts: the eager code
+    _assert_same_prediction(pair[1], fx.model.decode_prompts(fx.a, prompts[:1])[0])
+
+    def no_compiler(*args: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler")
+
+    decoder._one_prompt_upscaling = no_compiler  # a compile that fails: eager, from then on
+    (got,) = compiled.decode_prompts(fx.a, prompts[:1])
+    _assert_same_prediction(got, fx.model.decode_prompts(fx.a, prompts[:1])[0])
+    assert decoder._one_prompt_upscaling is None
+
+
 # ----- embeddings cache ---------------------------------------------------------------------
 
 
