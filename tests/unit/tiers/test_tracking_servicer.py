@@ -89,9 +89,8 @@ class _FrameTracker:
             raise UnknownModelError(f"not {model_id!r}")
         return FrameSpool(model_id, namespace, max_frames=3, max_pixels=48 * 64)
 
-    def start_frames(self, spool: FrameSpool) -> tuple:
-        upload = FrameUpload(list(spool.ids))
-        return "session", len(upload.ids), spool.size, upload
+    def start_frames(self, spool: FrameSpool, upload: FrameUpload) -> tuple:
+        return "session", len(spool.ids), spool.size
 
 
 class _Encoder:
