@@ -275,7 +275,7 @@ class FrameStream:
         if self._read >= self._spooled:
             return None
         self._read += 1
-        return await self._run(next, frames)
+        return await self._run(next, frames, None)
 
     def close(self) -> None:
         if self.ended:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +85,14 @@ class _FrameTracker:
 
     model_id = MODEL_ID
 
+    def __init__(self) -> None:
+        self.spools: list[FrameSpool] = []
+
     def frame_spool(self, model_id: str, namespace: str) -> FrameSpool:
         if model_id != self.model_id:
             raise UnknownModelError(f"not {model_id!r}")
-        return FrameSpool(model_id, namespace, max_frames=3, max_pixels=48 * 64)
+        self.spools.append(FrameSpool(model_id, namespace, max_frames=3, max_pixels=48 * 64))
+        return self.spools[-1]
 
     def start_frames(self, spool: FrameSpool, upload: FrameUpload) -> tuple:
         return "session", len(spool.ids), spool.size
@@ -143,7 +146,8 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
     """Bad streams fail with the bound they break; a stream being received holds an upload
     slot (the client sets its pace), an idle one is ended, and every failure frees it."""
     rgb = synthetic_rgb(48, 64)
-    servicer = TrackingServicer(_FrameTracker(), encoder_client=_Encoder(),  # type: ignore
+    tracker = _FrameTracker()
+    servicer = TrackingServicer(tracker, encoder_client=_Encoder(),  # type: ignore[arg-type]
                                 max_video_uploads=1, stream_idle_timeout_s=0.2)
 
     async def start(*messages, stall: asyncio.Event | None = None):
@@ -172,8 +176,8 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
             await start(frame_message(rgb, MODEL_ID))
         with pytest.raises(StreamIdleError):  # the slow one never sent its next message
             await slow
-        assert servicer._receiving == 0 and not list(Path(tempfile.gettempdir()).glob(
-            "sam2-frames-*"))
+        assert servicer._receiving == 0 and not servicer._uploads
+        assert tracker.spools and not any(Path(s.path).exists() for s in tracker.spools)
         response = await start(frame_message(rgb, MODEL_ID))  # serving on
         assert response.frame_count == 1
         await asyncio.gather(*servicer._uploads)
@@ -252,7 +256,8 @@ def test_a_stream_that_fails_midway_cancels_the_embedding_it_started() -> None:
     rgb = synthetic_rgb(48, 64)
     events: list[str] = []
     encoder = _WatchedEncoder(events)  # never released: frame 0 stays in flight
-    servicer = TrackingServicer(_FrameTracker(), encoder_client=encoder,  # type: ignore
+    tracker = _FrameTracker()
+    servicer = TrackingServicer(tracker, encoder_client=encoder,  # type: ignore[arg-type]
                                 max_video_uploads=1)
 
     async def scenario() -> None:
@@ -262,7 +267,7 @@ def test_a_stream_that_fails_midway_cancels_the_embedding_it_started() -> None:
         assert events.index("embed 0") < events.index("send 2")  # the bad frame
         assert encoder.cancelled >= 1 and not servicer._uploads
         assert servicer._receiving == 0 and servicer.video_frames_embedded == 0
-        assert not list(Path(tempfile.gettempdir()).glob("sam2-frames-*"))
+        assert len(tracker.spools) == 1 and not Path(tracker.spools[0].path).exists()
         encoder.release.set()
         response = await servicer.StartSessionFromFrames(  # the slot is free again
             stream_of(frame_message(rgb, MODEL_ID)), None)
@@ -286,14 +291,14 @@ def test_an_encoder_failure_while_the_stream_arrives_fails_the_stream() -> None:
 
     encoder = _WrongIds(events)
     encoder.release.set()
-    servicer = TrackingServicer(_FrameTracker(), encoder_client=encoder)  # type: ignore[arg-type]
+    tracker = _FrameTracker()
+    servicer = TrackingServicer(tracker, encoder_client=encoder)  # type: ignore[arg-type]
 
     async def scenario() -> None:
         with pytest.raises(CorruptEntryError, match="disagree on ids"):
             await servicer.StartSessionFromFrames(
                 watched_stream(frames, events, encoder), None)
-        assert not servicer._uploads
-        assert not list(Path(tempfile.gettempdir()).glob("sam2-frames-*"))
+        assert not servicer._uploads and not Path(tracker.spools[0].path).exists()
         await servicer.close()
 
     asyncio.run(scenario())
