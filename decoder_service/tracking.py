@@ -214,15 +214,13 @@ class Tracker:
         return FrameSpool(model_id, namespace, max_frames=min(self.max_video_frames, MAX_FRAMES),
                           max_pixels=self.max_video_pixels)
 
-    def start_frames(self, spool: FrameSpool) -> tuple[str, int, tuple[int, int], FrameUpload]:
-        """A new session over the streamed frames, none of them embedded yet: like
-        ``start_video``, the caller has the encoder embed them from ``spool``
-        (``video_upload.embed_frames``). Returns the session's id, frame count, (H, W) and
-        the upload."""
-        upload = FrameUpload(list(spool.ids))
-        session_id, count, video_hw = self._new_session(upload.ids, spool.size,
-                                                        spool.namespace, upload)
-        return session_id, count, video_hw, upload
+    def start_frames(self, spool: FrameSpool, upload: FrameUpload
+                     ) -> tuple[str, int, tuple[int, int]]:
+        """A new session over the streamed frames, which the caller has the encoder embed
+        from ``spool`` into ``upload`` (``video_upload.embed_frames``, already while they
+        arrived): tracking waits for frames not stored yet, as with ``start_video``. Returns
+        the session's id, frame count and (H, W)."""
+        return self._new_session(list(spool.ids), spool.size, spool.namespace, upload)
 
     def _check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
@@ -243,6 +241,7 @@ class Tracker:
             # Registered once the session is in the store (pruning drops uploads of sessions
             # not stored) and before its id is returned (no frame is loaded before).
             self._prune_uploads()
+            upload.session_id = session_id
             with self._guard:
                 self._uploads[session_id] = upload
         return session_id, session.num_frames, session.video_hw

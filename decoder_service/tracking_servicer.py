@@ -22,7 +22,12 @@ import grpc
 
 from decoder_service.servicer import next_request
 from decoder_service.tracking import Tracker
-from decoder_service.video_upload import FrameSpool, FrameUpload, VideoFile, embed_frames
+from decoder_service.video_upload import (
+    FrameStream,
+    FrameUpload,
+    VideoFile,
+    embed_frames,
+)
 from sam2_shared import wire
 from sam2_shared.api.v1 import tracking_pb2, tracking_pb2_grpc
 from sam2_shared.errors import (
@@ -116,7 +121,7 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self._check_upload_slot()
         session_id, frame_count, (height, width), video, upload = await self._run(
             tracker.start_video, request.model_id, request.video, current_namespace())
-        self._embed_in_background(session_id, video, upload, request.model_id)
+        self._embed_in_background(video, upload, request.model_id)
         return tracking_pb2.StartSessionResponse(
             session_id=session_id, frame_count=frame_count, height_px=height, width_px=width,
             frame_embedding_ids=upload.ids,
@@ -130,27 +135,38 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         if first is None or not first.model_id:
             raise InvalidInputError("the stream's first message must name the model (model_id)")
         self._check_upload_slot()
-        self._receiving += 1  # a slot from here: the client sets the pace of the stream
+        # A slot from here (the client sets the pace of the stream): this count holds it
+        # until the embedding of the frames, which starts with the first one, does.
+        self._receiving += 1
         try:
             spool = await self._run(tracker.frame_spool, first.model_id, current_namespace())
-            try:
-                message: Any = first
-                while message is not None:
-                    if message.model_id not in ("", first.model_id):
-                        raise InvalidInputError(
-                            f"model_id {message.model_id!r} in a later message differs from "
-                            f"the first message's {first.model_id!r}")
-                    if message.HasField("frame"):
-                        await self._run(spool.add, *wire.image_from_proto(message.frame))
-                    message = await next_request(requests, self.stream_idle_timeout_s)
-                session_id, frame_count, (height, width), upload = await self._run(
-                    tracker.start_frames, spool)
-            except BaseException:
-                spool.close()
-                raise
+            stream = FrameStream(spool, self._run)
+            upload = FrameUpload(spool.ids)  # grows as frames arrive
+            embedding = self._embed_in_background(stream, upload, first.model_id)
         finally:
             self._receiving -= 1
-        self._embed_in_background(session_id, spool, upload, first.model_id)
+        try:
+            message: Any = first
+            while message is not None:
+                if message.model_id not in ("", first.model_id):
+                    raise InvalidInputError(
+                        f"model_id {message.model_id!r} in a later message differs from "
+                        f"the first message's {first.model_id!r}")
+                if message.HasField("frame"):
+                    await stream.add(*wire.image_from_proto(message.frame))
+                if upload.error is not None:  # the encoder failed: no session to start
+                    raise upload.error
+                message = await next_request(requests, self.stream_idle_timeout_s)
+            stream.end()
+            session_id, frame_count, (height, width) = await self._run(
+                tracker.start_frames, spool, upload)
+        except BaseException:
+            # No embedding left running for a stream that failed (nor its frames kept).
+            stream.end()
+            embedding.cancel()
+            await asyncio.wait({embedding})
+            stream.close()
+            raise
         return tracking_pb2.StartSessionFromFramesResponse(
             session_id=session_id, frame_count=frame_count, height_px=height, width_px=width,
             frame_embedding_ids=upload.ids,
@@ -168,9 +184,10 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                 f"{busy} videos are being received or embedded here, the most at once; "
                 "retry shortly", limit=str(self.max_video_uploads))
 
-    def _embed_in_background(self, session_id: str, frames: VideoFile | FrameSpool,
-                             upload: FrameUpload, model_id: str) -> None:
-        """Have the encoder embed the session's frames in order, after the call answers."""
+    def _embed_in_background(self, frames: VideoFile | FrameStream, upload: FrameUpload,
+                             model_id: str) -> asyncio.Task[None]:
+        """Have the encoder embed the session's frames in order, also after the call answers
+        (a stream's, while it arrives)."""
         encoder = self.encoder_client
         assert encoder is not None  # _check_upload_slot refused the call otherwise
 
@@ -182,17 +199,20 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
 
         async def upload_frames() -> None:
             outlive_the_call()  # the frames are embedded after the call has answered
+            read = frames.next_frame if isinstance(frames, FrameStream) else next_frame
             try:
-                await embed_frames(frames, upload, embed, next_frame, self.upload_window)
+                await embed_frames(frames, upload, embed, read, self.upload_window)
             finally:
                 self.video_frames_embedded += upload.frames_stored
-            logger.info("video of session %s: %d/%d frames embedded%s", session_id,
+            logger.info("video of session %s: %d/%d frames embedded%s",
+                        upload.session_id or "(not started)",
                         upload.frames_stored, len(upload.ids),
                         " (failed)" if upload.failed else "")
 
         task = asyncio.create_task(upload_frames())
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
+        return task
 
     async def AddPrompt(self, request, context) -> tracking_pb2.AddPromptResponse:
         tracker = self._ready()

@@ -9,18 +9,22 @@ encoder's error. Decoded frames are never all held: one pass hashes them, a seco
 to the encoder with at most ``window`` in flight.
 
 Frames a client streams (``StartSessionFromFrames``) take the same path: ``FrameSpool`` checks
-and hashes each as it arrives and keeps it as sent in a temporary file, the session starts when
-the stream ends, and ``embed_frames`` reads the spool as it reads a video file.
+and hashes each as it arrives and keeps it as sent in a temporary file, and ``embed_frames``
+reads the spool as it reads a video file, but already while the stream arrives
+(``FrameStream`` hands it each frame once it is spooled), so that most frames are embedded
+when the stream ends and the session starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -157,7 +161,8 @@ class FrameSpool:
 
     ``add`` admits one frame within ``FrameBounds`` and ``max_bytes`` kept in all;
     ``frames()`` decodes them again in order for the encoder (what ``embed_frames`` reads,
-    like a ``VideoFile``). Where each frame lies in the file is kept here, not read back.
+    like a ``VideoFile``), also while more are added (on another thread: the file is used
+    under a lock). Where each frame lies in the file is kept here, not read back.
     """
 
     def __init__(self, model_id: str, namespace: str, *, max_frames: int, max_pixels: int,
@@ -171,6 +176,7 @@ class FrameSpool:
         self.ids: list[str] = []
         self._records: list[tuple[int, int, bool]] = []  # (offset, length, encoded)
         self._bytes = 0
+        self._file_lock = threading.Lock()  # one seek-and-read/write at a time
         handle, self.path = tempfile.mkstemp(prefix="sam2-frames-", suffix=".bin")
         self._file = os.fdopen(handle, "w+b")
 
@@ -193,8 +199,9 @@ class FrameSpool:
                 f"the frames sent so far take more than {self.max_bytes} bytes, the most this "
                 "server keeps for one upload; send fewer frames, or encode them (JPEG/PNG)",
                 reason="VIDEO_TOO_LARGE", limit=str(self.max_bytes))
-        self._file.seek(self._bytes)
-        self._file.write(payload)
+        with self._file_lock:
+            self._file.seek(self._bytes)
+            self._file.write(payload)
         self._records.append((self._bytes, payload.nbytes, encoded))
         self._bytes += payload.nbytes
         self.ids.append(video_frame_id(rgb, self.model_id, self.namespace))
@@ -206,37 +213,93 @@ class FrameSpool:
         return self.bounds.size
 
     def frames(self) -> Iterator[np.ndarray]:
-        """The frames as HxWx3 uint8 RGB, in order (decoded again from the file)."""
-        height, width = self.size
-        for offset, length, encoded in self._records:
-            self._file.seek(offset)
-            data = self._file.read(length)
+        """The frames as HxWx3 uint8 RGB, in order (decoded again from the file): those added
+        so far, and those added before the iterator gets there."""
+        index = 0
+        while index < len(self._records):
+            offset, length, encoded = self._records[index]
+            with self._file_lock:
+                self._file.seek(offset)
+                data = self._file.read(length)
             if encoded:
                 yield decode_image(data, "rgb", max_pixels=self.bounds.max_pixels)
             else:
+                height, width = self.size
                 yield np.frombuffer(data, np.uint8).reshape(height, width, 3)
+            index += 1
 
     def close(self) -> None:
-        self._file.close()
+        with self._file_lock:  # not while a frame is being written or read
+            self._file.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
 
+class FrameStream:
+    """A client's frame stream while it is received into ``spool`` and embedded at once.
+
+    The receiver ``add``s frames and ``end``s the stream (also when it fails);
+    ``embed_frames`` reads ``spool`` with ``next_frame``, which waits for the next frame
+    until the stream ended. ``run(function, *args)`` runs a call off the event loop.
+    ``close()`` (``embed_frames`` calls it when it stops) closes the spool once the stream
+    ended; before that, the receiver still writes to it, and closes it when it fails.
+    """
+
+    def __init__(self, spool: FrameSpool, run: Callable[..., Awaitable[Any]]) -> None:
+        self.spool = spool
+        self._run = run
+        self._spooled = 0  # frames the embedding may read
+        self._read = 0  # frames handed to the embedding
+        self.ended = False
+        self._changed = asyncio.Event()
+
+    async def add(self, image: bytes | np.ndarray, input_color_format: str = "rgb") -> None:
+        await self._run(self.spool.add, image, input_color_format)
+        self._spooled += 1
+        self._changed.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._changed.set()
+
+    def frames(self) -> Iterator[np.ndarray]:
+        return self.spool.frames()
+
+    async def next_frame(self, frames: Iterator[np.ndarray]) -> np.ndarray | None:
+        """The next frame of ``frames()`` once it is spooled; None when the stream ended."""
+        while self._read >= self._spooled and not self.ended:
+            self._changed.clear()
+            await self._changed.wait()
+        if self._read >= self._spooled:
+            return None
+        self._read += 1
+        return await self._run(next, frames, None)
+
+    def close(self) -> None:
+        if self.ended:
+            self.spool.close()
+
+
 class FrameUpload:
-    """Which of a video's frames are stored, or why they will not be."""
+    """Which of a video's frames are stored, or why they will not be.
+
+    ``ids`` may still grow while the frames are embedded (a ``FrameSpool``'s, while the
+    stream arrives); a frame is embedded only once its id is there.
+    """
 
     def __init__(self, ids: list[str]) -> None:
         self.ids = ids
-        self._stored = [False] * len(ids)
+        self.session_id = ""  # the session that waits for the frames, once there is one
+        self._stored: set[int] = set()
         self._error: Sam2Error | None = None
         self._done = False
         self._changed = threading.Condition()
 
     @property
     def frames_stored(self) -> int:
-        return sum(self._stored)
+        return len(self._stored)
 
     @property
     def finished(self) -> bool:
@@ -247,9 +310,14 @@ class FrameUpload:
     def failed(self) -> bool:
         return self._error is not None
 
+    @property
+    def error(self) -> Sam2Error | None:
+        """Why the frames will not all be stored (None: no failure so far)."""
+        return self._error
+
     def stored(self, index: int) -> None:
         with self._changed:
-            self._stored[index] = True
+            self._stored.add(index)
             self._changed.notify_all()
 
     def fail(self, error: Sam2Error) -> None:
@@ -266,15 +334,15 @@ class FrameUpload:
         """Block until frame ``index`` is stored; the upload's error if it failed."""
         with self._changed:
             if not self._changed.wait_for(
-                    lambda: self._stored[index] or self._error is not None, timeout_s):
+                    lambda: index in self._stored or self._error is not None, timeout_s):
                 raise NotReadyError(f"frame {index} of the video was not embedded within "
                                     f"{timeout_s:.0f} s; the encoder tier is overloaded or down")
-            if not self._stored[index] and self._error is not None:
+            if index not in self._stored and self._error is not None:
                 raise self._error
 
 
 async def embed_frames(
-    video: VideoFile | FrameSpool,
+    video: VideoFile | FrameSpool | FrameStream,
     upload: FrameUpload,
     embed: Callable[[np.ndarray], Awaitable[str]],
     next_frame: Callable[[Iterator[np.ndarray]], Awaitable[np.ndarray | None]],
@@ -287,7 +355,8 @@ async def embed_frames(
     session). Closes ``video`` in the end.
 
     ``embed(rgb)`` returns the id the encoder stored the frame under; ``next_frame(it)``
-    decodes the next frame off the event loop (None at the end).
+    decodes the next frame off the event loop (None at the end): a ``FrameStream``'s
+    ``next_frame`` waits for frames still arriving.
     """
     slots = asyncio.Semaphore(max(1, window))
     pending: set[asyncio.Task[None]] = set()
@@ -335,7 +404,10 @@ async def embed_frames(
     finally:
         for task in list(pending):
             task.cancel()
-        frames.close()
+        # Cancelled while a frame is decoded on a worker thread, the iterator cannot be
+        # closed here ("generator already executing"); it ends when it is collected.
+        with contextlib.suppress(ValueError):
+            frames.close()
         video.close()
 
 

@@ -139,7 +139,7 @@ class Sam2TrackingClient(Sam2Client):
         - ``frames``: the frames in order, streamed to the decoder one per message
           (``StartSessionFromFrames``): HxWx3 uint8 RGB arrays or encoded images (JPEG/PNG
           bytes; smaller on the wire), from any iterable (a generator is read as it is
-          sent); the decoder has its encoder embed them in the background, as for ``video``.
+          sent); the decoder has its encoder embed them as they arrive, as for ``video``.
 
         The session's ``frame_embedding_ids`` can start later sessions."""
 

@@ -92,9 +92,9 @@ class TrackingServiceServicer:
         order (encoded JPEG/PNG ... or raw pixels): the client-streaming twin of
         StartSession's video. The decoder checks each frame as it arrives (count,
         pixels per frame, pixels and bytes in all; INVALID_ARGUMENT naming the
-        bound), answers once the stream ends, and has the encoder tier embed the
-        frames in order in the background: prompts and propagation may start at
-        once and wait for frames not yet embedded. RESOURCE_EXHAUSTED when the
+        bound), has the encoder tier embed them in order as they arrive, and
+        answers once the stream ends: prompts and propagation may start at once
+        and wait for frames not yet embedded. RESOURCE_EXHAUSTED when the
         decoder already takes its most uploads at once; FAILED_PRECONDITION
         without an encoder. Over HTTP/1.1 (Connect, gRPC-Web) the whole stream is
         one request body, at most the server's message size limit.

@@ -4,7 +4,7 @@ starts sessions over client-streamed frames within its upload slots."""
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from sam2_shared import wire
 from sam2_shared.api.v1 import tracking_pb2
 from sam2_shared.embedding import video_frame_id
 from sam2_shared.errors import (
+    CorruptEntryError,
     FailedPreconditionError,
     InvalidInputError,
     ResourceExhaustedError,
@@ -84,14 +85,17 @@ class _FrameTracker:
 
     model_id = MODEL_ID
 
+    def __init__(self) -> None:
+        self.spools: list[FrameSpool] = []
+
     def frame_spool(self, model_id: str, namespace: str) -> FrameSpool:
         if model_id != self.model_id:
             raise UnknownModelError(f"not {model_id!r}")
-        return FrameSpool(model_id, namespace, max_frames=3, max_pixels=48 * 64)
+        self.spools.append(FrameSpool(model_id, namespace, max_frames=3, max_pixels=48 * 64))
+        return self.spools[-1]
 
-    def start_frames(self, spool: FrameSpool) -> tuple:
-        upload = FrameUpload(list(spool.ids))
-        return "session", len(upload.ids), spool.size, upload
+    def start_frames(self, spool: FrameSpool, upload: FrameUpload) -> tuple:
+        return "session", len(spool.ids), spool.size
 
 
 class _Encoder:
@@ -142,7 +146,8 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
     """Bad streams fail with the bound they break; a stream being received holds an upload
     slot (the client sets its pace), an idle one is ended, and every failure frees it."""
     rgb = synthetic_rgb(48, 64)
-    servicer = TrackingServicer(_FrameTracker(), encoder_client=_Encoder(),  # type: ignore
+    tracker = _FrameTracker()
+    servicer = TrackingServicer(tracker, encoder_client=_Encoder(),  # type: ignore[arg-type]
                                 max_video_uploads=1, stream_idle_timeout_s=0.2)
 
     async def start(*messages, stall: asyncio.Event | None = None):
@@ -171,8 +176,8 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
             await start(frame_message(rgb, MODEL_ID))
         with pytest.raises(StreamIdleError):  # the slow one never sent its next message
             await slow
-        assert servicer._receiving == 0 and not list(Path(tempfile.gettempdir()).glob(
-            "sam2-frames-*"))
+        assert servicer._receiving == 0 and not servicer._uploads
+        assert tracker.spools and not any(Path(s.path).exists() for s in tracker.spools)
         response = await start(frame_message(rgb, MODEL_ID))  # serving on
         assert response.frame_count == 1
         await asyncio.gather(*servicer._uploads)
@@ -184,3 +189,116 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
     with pytest.raises(FailedPreconditionError, match="no encoder"):
         asyncio.run(no_encoder.StartSessionFromFrames(
             stream_of(frame_message(rgb, MODEL_ID)), None))
+
+
+class _WatchedEncoder(_Encoder):
+    """Records when each frame is asked for and answers once ``release`` is set; a call
+    cancelled meanwhile is recorded too."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = 0
+        self.calls = 0
+
+    async def embed_image(self, rgb, color_format, model_id, video_frame=False) -> str:
+        self.events.append(f"embed {self.calls}")
+        self.calls += 1
+        self.asked.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return await super().embed_image(rgb, color_format, model_id, video_frame)
+
+
+async def watched_stream(frames, events: list[str], encoder: _WatchedEncoder):
+    """The model, then each frame; before the last one, waits (10 s at most: the old
+    behaviour never embeds a frame before the stream ends) until the encoder was asked."""
+    yield frame_message(model_id=MODEL_ID)
+    for index, frame in enumerate(frames):
+        if index == len(frames) - 1:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(encoder.asked.wait(), 10)
+        events.append(f"send {index}")
+        yield frame_message(frame)
+
+
+def test_streamed_frames_are_embedded_while_the_stream_still_arrives() -> None:
+    frames = [synthetic_rgb(48, 64, seed=s) for s in range(3)]
+    events: list[str] = []
+    encoder = _WatchedEncoder(events)
+    encoder.release.set()
+    servicer = TrackingServicer(_FrameTracker(), encoder_client=encoder)  # type: ignore[arg-type]
+
+    async def scenario() -> tracking_pb2.StartSessionFromFramesResponse:
+        response = await servicer.StartSessionFromFrames(
+            watched_stream(frames, events, encoder), None)
+        await asyncio.gather(*servicer._uploads)
+        await servicer.close()
+        return response
+
+    response = asyncio.run(scenario())
+    assert events.index("embed 0") < events.index("send 2")  # before the last was sent
+    assert [e for e in events if e.startswith("send")] == ["send 0", "send 1", "send 2"]
+    ids = [video_frame_id(f, MODEL_ID) for f in frames]
+    assert list(response.frame_embedding_ids) == ids == encoder.embedded  # in order
+    assert servicer.video_frames_embedded == 3
+
+
+def test_a_stream_that_fails_midway_cancels_the_embedding_it_started() -> None:
+    """Frame 0 is being embedded when a frame of another size arrives: the stream fails
+    with INVALID_ARGUMENT, the encoder call in flight is cancelled, the spool is gone and
+    the slot is free."""
+    rgb = synthetic_rgb(48, 64)
+    events: list[str] = []
+    encoder = _WatchedEncoder(events)  # never released: frame 0 stays in flight
+    tracker = _FrameTracker()
+    servicer = TrackingServicer(tracker, encoder_client=encoder,  # type: ignore[arg-type]
+                                max_video_uploads=1)
+
+    async def scenario() -> None:
+        with pytest.raises(InvalidInputError, match="same size"):
+            await servicer.StartSessionFromFrames(
+                watched_stream([rgb, rgb, synthetic_rgb(32, 64)], events, encoder), None)
+        assert events.index("embed 0") < events.index("send 2")  # the bad frame
+        assert encoder.cancelled >= 1 and not servicer._uploads
+        assert servicer._receiving == 0 and servicer.video_frames_embedded == 0
+        assert len(tracker.spools) == 1 and not Path(tracker.spools[0].path).exists()
+        encoder.release.set()
+        response = await servicer.StartSessionFromFrames(  # the slot is free again
+            stream_of(frame_message(rgb, MODEL_ID)), None)
+        assert response.frame_count == 1
+        await asyncio.gather(*servicer._uploads)
+        await servicer.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_encoder_failure_while_the_stream_arrives_fails_the_stream() -> None:
+    """A frame the encoder stores under another id (or any failure after the retries) ends
+    the stream with that error at the next frame; no session starts."""
+    frames = [synthetic_rgb(48, 64, seed=s) for s in range(3)]
+    events: list[str] = []
+
+    class _WrongIds(_WatchedEncoder):
+        async def embed_image(self, *args, **kwargs) -> str:
+            await super().embed_image(*args, **kwargs)
+            return "someone-elses-id"
+
+    encoder = _WrongIds(events)
+    encoder.release.set()
+    tracker = _FrameTracker()
+    servicer = TrackingServicer(tracker, encoder_client=encoder)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        with pytest.raises(CorruptEntryError, match="disagree on ids"):
+            await servicer.StartSessionFromFrames(
+                watched_stream(frames, events, encoder), None)
+        assert not servicer._uploads and not Path(tracker.spools[0].path).exists()
+        await servicer.close()
+
+    asyncio.run(scenario())

@@ -14,6 +14,7 @@ import pytest
 
 from decoder_service.video_upload import (
     FrameSpool,
+    FrameStream,
     FrameUpload,
     VideoFile,
     embed_frames,
@@ -220,3 +221,39 @@ def test_streamed_frames_go_to_the_encoder_like_a_video_file() -> None:
     asyncio.run(embed_frames(spool, upload, embed, next_frame, 2))
     assert sent == upload.ids and upload.frames_stored == 5 and not upload.failed
     assert not Path(spool.path).exists()  # embed_frames closes what it read
+
+
+def test_a_frame_stream_is_embedded_as_it_arrives_and_closed_once_both_ends_are_done() -> None:
+    """``embed_frames`` over a ``FrameStream`` sends each frame once it is spooled, waits
+    for the next until the stream ends, and leaves the spool to the receiver while it is
+    still receiving (the receiver closes it if it fails)."""
+    frames = [synthetic_rgb(32, 40, seed=s) for s in range(3)]
+    spool = FrameSpool(MODEL_ID, "", max_frames=10, max_pixels=10**6)
+    events: list[str] = []
+
+    async def run(function, *args):
+        return function(*args)
+
+    async def embed(rgb):
+        events.append(f"embed {len([e for e in events if e.startswith('embed')])}")
+        return video_frame_id(rgb, MODEL_ID)
+
+    async def main() -> FrameUpload:
+        stream = FrameStream(spool, run)
+        upload = FrameUpload(spool.ids)
+        embedding = asyncio.create_task(embed_frames(stream, upload, embed, stream.next_frame))
+        for index, frame in enumerate(frames):
+            await stream.add(png(frame))
+            events.append(f"added {index}")
+            for _ in range(5):  # let the embedding run (no thread hop here)
+                await asyncio.sleep(0)
+        stream.close()  # still receiving: not closed yet
+        assert Path(spool.path).exists() and not embedding.done()
+        stream.end()
+        await embedding
+        return upload
+
+    upload = asyncio.run(main())
+    assert events == ["added 0", "embed 0", "added 1", "embed 1", "added 2", "embed 2"]
+    assert upload.finished and not upload.failed and upload.frames_stored == 3
+    assert not Path(spool.path).exists()  # the stream ended: embed_frames closed it
