@@ -27,6 +27,7 @@ from sam2_shared.serving.server import build_server
 from sam2_shared.serving.settings import load_settings
 from sam2_shared.wire.status import error_from_rpc_error
 from tests.helpers import REPO_ROOT
+from tests.helpers.fake_servicers import FrameCountingTracking
 
 KEY = secrets.token_urlsafe(32)
 OTHER_KEY = secrets.token_urlsafe(32)
@@ -173,28 +174,12 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServiceServicer):
             self.open_streams -= 1
 
 
-class FakeTracking(tracking_pb2_grpc.TrackingServiceServicer):
-    """StartSessionFromFrames (client-streaming) counts the frames until the client closes
-    its stream; ``receiving`` is set once a stream has its first message."""
-
-    def __init__(self) -> None:
-        self.receiving = asyncio.Event()
-
-    async def StartSessionFromFrames(self, request_iterator, context  # type: ignore[no-untyped-def]
-                                     ) -> tracking_pb2.StartSessionFromFramesResponse:
-        frames = 0
-        async for _message in request_iterator:
-            frames += 1
-            self.receiving.set()
-        return tracking_pb2.StartSessionFromFramesResponse(frame_count=frames)
-
-
 async def _serve(interceptor: AuthInterceptor, fake: FakeDecoder,  # noqa: ANN202
-                 tracking: FakeTracking | None = None, **kwargs):
+                 tracking: FrameCountingTracking | None = None, **kwargs):
     server, port = build_server(
         [lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(fake, s),
          lambda s: tracking_pb2_grpc.add_TrackingServiceServicer_to_server(
-             tracking or FakeTracking(), s)],
+             tracking or FrameCountingTracking(), s)],
         ["sam2.v1.DecoderService", "sam2.v1.TrackingService"], port=0, host="127.0.0.1",
         grace_s=0, interceptors=[interceptor], **kwargs)
     await server.start()
@@ -289,8 +274,7 @@ def test_connections_from_one_address_share_the_session_limit() -> None:
             assert (await first.read()).request_id == "1"
             second = decoder_pb2_grpc.DecoderServiceStub(second_channel).SegmentStream(
                 timeout=10)
-            await second.write(decoder_pb2.SegmentStreamRequest(request_id="2"))
-            try:
+            try:  # nothing written: a write racing the refusal fails on the client (INTERNAL)
                 await second.read()
                 outcome = "second stream served"
             except grpc.aio.AioRpcError as exc:
@@ -317,7 +301,7 @@ def test_client_streaming_uploads_count_against_the_session_limit() -> None:
     """An open StartSessionFromFrames upload holds one of its key's stream slots (the same
     budget as SegmentStream): one more stream of that key is refused until it ends; another
     key has its own budget."""
-    tracking = FakeTracking()
+    tracking = FrameCountingTracking()
     interceptor = AuthInterceptor(ApiKeyRing([auth.ApiKey(KEY), auth.ApiKey(OTHER_KEY)]),
                                   max_streams_per_key=1)
     frame = tracking_pb2.StartSessionFromFramesRequest(model_id="m")
@@ -330,27 +314,36 @@ def test_client_streaming_uploads_count_against_the_session_limit() -> None:
                 tracker = tracking_pb2_grpc.TrackingServiceStub(channel)
                 decoder = decoder_pb2_grpc.DecoderServiceStub(channel)
 
+                def outcome(exc: grpc.aio.AioRpcError) -> str:
+                    return f"{exc.code().name} {error_from_rpc_error(exc).reason}"
+
+                async def refused(key: str) -> str:
+                    """Open an upload and wait for its answer, writing nothing: a write racing
+                    the refusal would fail on the client (INTERNAL), not with its status."""
+                    try:
+                        await tracker.StartSessionFromFrames(timeout=10,
+                                                             metadata=(("x-api-key", key),))
+                        return "served"
+                    except grpc.aio.AioRpcError as exc:
+                        return outcome(exc)
+
                 async def upload(key: str) -> str:
                     call = tracker.StartSessionFromFrames(timeout=10,
                                                           metadata=(("x-api-key", key),))
-                    try:
-                        await call.write(frame)
-                        await call.done_writing()
-                        return f"OK {(await call).frame_count}"
-                    except grpc.aio.AioRpcError as exc:
-                        return f"{exc.code().name} {error_from_rpc_error(exc).reason}"
+                    await call.write(frame)
+                    await call.done_writing()
+                    return f"OK {(await call).frame_count}"
 
                 held = tracker.StartSessionFromFrames(timeout=10, metadata=(("x-api-key", KEY),))
                 await held.write(frame)
                 await tracking.receiving.wait()  # the upload holds KEY's one slot
-                outcomes.append(await upload(KEY))
+                outcomes.append(await refused(KEY))
                 segment = decoder.SegmentStream(timeout=10, metadata=(("x-api-key", KEY),))
-                await segment.write(decoder_pb2.SegmentStreamRequest(request_id="1"))
                 try:
                     await segment.read()
                     outcomes.append("SegmentStream served")
                 except grpc.aio.AioRpcError as exc:
-                    outcomes.append(f"{exc.code().name} {error_from_rpc_error(exc).reason}")
+                    outcomes.append(outcome(exc))
                 outcomes.append(await upload(OTHER_KEY))
                 await held.write(frame)
                 await held.done_writing()

@@ -35,6 +35,7 @@ from sam2_shared.errors import (
 from sam2_shared.serving.auth import ApiKey, ApiKeyRing, AuthInterceptor, current_namespace
 from sam2_shared.serving.metrics import Sam2Metrics
 from sam2_shared.serving.server import Sam2Server, build_server
+from tests.helpers.fake_servicers import FrameCountingTracking
 from tests.helpers.http_rpc import (
     HttpReply,
     HttpRpcClient,
@@ -85,18 +86,7 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServiceServicer):
             yield decoder_pb2.SegmentStreamResponse(request_id=request.request_id)
 
 
-class FakeTracking(tracking_pb2_grpc.TrackingServiceServicer):
-    def __init__(self) -> None:
-        self.receiving = asyncio.Event()
-
-    async def StartSessionFromFrames(self, request_iterator, context  # type: ignore[no-untyped-def]
-                                     ) -> tracking_pb2.StartSessionFromFramesResponse:
-        frames = 0
-        async for _message in request_iterator:
-            frames += 1
-            self.receiving.set()
-        return tracking_pb2.StartSessionFromFramesResponse(frame_count=frames)
-
+class FakeTracking(FrameCountingTracking):
     async def Propagate(self, request, context):  # type: ignore[no-untyped-def]
         for index in range(3):
             if request.session_id == "fails" and index == 2:
