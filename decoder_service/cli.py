@@ -74,8 +74,9 @@ class DecoderSettings(TierSettings):
     max_queue: int = setting(256, "most requests waiting; beyond, RESOURCE_EXHAUSTED",
                              minimum=1)
     max_sessions_per_key: int = setting(
-        16, "most concurrent SegmentStream sessions per API key (per client address without "
-        "keys); 0: no limit", minimum=0)
+        16, "most concurrent streaming calls (SegmentStream, Propagate, "
+        "StartSessionFromFrames) per API key (per client address without keys); 0: no limit",
+        minimum=0)
     stream_idle_timeout_s: float = setting(
         600.0, "a SegmentStream or StartSessionFromFrames stream that sends no request for "
         "this long is ended "

@@ -44,10 +44,13 @@ Tenancy
     the caller's key and the remaining deadline to the encoder.
 
 Sessions per client
-    ``max_streams_per_key`` bounds the concurrent streaming calls (``SegmentStream``
-    sessions) of one key (of one client address, whatever its port and connection, when
-    auth is off); one more gets ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a
-    retry hint.
+    ``max_streams_per_key`` bounds the concurrent streaming calls of one key (of one client
+    address, whatever its port and connection, when auth is off): client-streaming
+    (``StartSessionFromFrames``, ``PutEmbedding``), server-streaming (``Propagate``) and
+    bidirectional (``SegmentStream``) calls share the one budget; one more gets
+    ``RESOURCE_EXHAUSTED`` reason ``TOO_MANY_SESSIONS`` with a retry hint. A slot is held
+    until the call ends (over HTTP, which reads a request stream whole first, while the
+    call runs).
 """
 
 from __future__ import annotations
@@ -386,7 +389,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         assert caller is not None
         with self.stats._lock:
             self.stats.accepted += 1
-        streaming = bool(handler.stream_stream or handler.unary_stream)
+        # Every kind of stream counts: a client-streaming upload holds server resources
+        # (a video's frames being received) for as long as the client keeps it open.
+        streaming = bool(handler.request_streaming or handler.response_streaming)
         limit_key = caller.api_key if self.keys is not None else None
         return _replace_behaviour(
             handler, lambda behaviour: self._with_caller(

@@ -3,7 +3,9 @@
 and truncated image bytes, raw images with lying shapes; PutEmbedding uploads (random bytes, a
 real entry with flipped bytes or rewritten metadata, lying headers, any chunking);
 SegmentStream request sequences; every TrackingService method with random field values, in
-random order on a live session. Every answer is OK or a clean error with an ErrorInfo reason,
+random order on a live session; StartSessionFromFrames streams (no or a wrong model_id, random,
+corrupt, bomb and lying raw frames, huge declared sizes, frames of another size, an empty
+stream). Every answer is OK or a clean error with an ErrorInfo reason,
 never INTERNAL/UNKNOWN, never internal text; the servers stay healthy. Examples are bounded
 (count and per-example deadline) to keep CI short."""
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ from sam2_shared.client.channels import channel_options
 from sam2_shared.client.tracking import Sam2TrackingClient
 from sam2_shared.errors import EmbeddingNotFoundError
 from sam2_shared.store import codec
+from sam2_shared.wire import image_to_proto
 from sam2_shared.wire.status import error_from_rpc_error, error_from_status
 from tests.helpers import hostile_payloads as payloads
 from tests.helpers.synthetic_images import synthetic_rgb
@@ -49,12 +53,15 @@ FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=10_000, derandomize=Tru
                                                 HealthCheck.too_slow],
                          # a failure is shrunk and reported, not explained (minutes with uploads)
                          phases=[p for p in Phase if p is not Phase.explain])
-# Uploads move up to 8 MiB, streams decode several requests, tracking calls propagate: fewer
-# examples (measured on the 2-core machine: 8 s, 8 s and 35 s).
+# Uploads move up to 8 MiB, streams decode several requests, tracking calls propagate, frame
+# streams have new frames embedded: fewer examples (measured on the 2-core machine: 8 s, 8 s,
+# 35 s and 1-3 s).
 UPLOAD_SETTINGS = settings(FUZZ_SETTINGS, max_examples=60)
 STREAM_SETTINGS = settings(FUZZ_SETTINGS, max_examples=80)
 TRACKING_SETTINGS = settings(FUZZ_SETTINGS, max_examples=60, deadline=30_000)
 FRAME_COUNT = 3
+# The video frames the fixture embeds: a stream of them is accepted without new encoder work.
+VIDEO_FRAMES = [synthetic_rgb(48, 64, seed=30 + i) for i in range(FRAME_COUNT)]
 
 
 @dataclass
@@ -80,8 +87,7 @@ def stack(tiny_checkpoint: Path) -> Iterator[FuzzStack]:
         decoder.start()
         with Sam2TrackingClient(encoder.address, decoder.address) as client:
             [ref] = client.embed_images(synthetic_rgb(120, 160, seed=3), input_color_format="rgb")
-            frame_ids = client.embed_frames([synthetic_rgb(48, 64, seed=30 + i)
-                                             for i in range(FRAME_COUNT)])
+            frame_ids = client.embed_frames(VIDEO_FRAMES)
         channels = [grpc.insecure_channel(p.address, options=channel_options())
                     for p in (decoder, encoder)]
         encoder_stub = encoder_pb2_grpc.EncoderServiceStub(channels[1])
@@ -502,6 +508,86 @@ def test_fuzzed_tracking_calls_get_clean_answers(stack: FuzzStack, with_object: 
                 client.close_session(session_id)
             except EmbeddingNotFoundError:
                 pass
+
+
+# ----------------------------------------------------------------------- StartSessionFromFrames
+
+OTHER_SIZE_FRAMES = [_png(32, 40, 7), synthetic_rgb(32, 40, seed=7)]
+FRAME_MODEL_ID = st.sampled_from(["", "sam2.1/nope", "sam2.1/hiera_large"]) | st.text(max_size=40)
+
+
+@st.composite
+def stream_frames(draw) -> common_pb2.Image | None:  # noqa: ANN001
+    """One frame of a streamed video: mostly one of the fixture's frames (PNG or raw RGB),
+    else no frame, a fuzzed image, a raw frame declaring a huge size or sending too few
+    pixels for its size, or a frame of another size than the video's."""
+    kind = draw(mostly(st.sampled_from(["png", "raw"]), st.sampled_from(
+        ["none", "fuzzed", "huge_raw", "short_raw", "other_size"])))
+    if kind == "none":
+        return None
+    if kind == "fuzzed":
+        return draw(images())
+    if kind == "other_size":
+        return image_to_proto(draw(st.sampled_from(OTHER_SIZE_FRAMES)))
+    rgb = draw(st.sampled_from(VIDEO_FRAMES))
+    if kind == "png":
+        return image_to_proto(cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1]
+                              .tobytes())
+    image = image_to_proto(rgb)
+    if kind == "huge_raw":  # a size in the billions of pixels over a few bytes
+        image.raw.height_px = draw(st.integers(10_000, 2**31 - 1))
+        image.raw.width_px = draw(st.integers(10_000, 2**31 - 1))
+        image.raw.pixels = image.raw.pixels[: draw(st.integers(0, 4096))]
+    elif kind == "short_raw":
+        image.raw.pixels = image.raw.pixels[: draw(st.integers(0, len(image.raw.pixels) - 1))]
+    return image
+
+
+@st.composite
+def frame_streams(draw) -> list[tracking_pb2.StartSessionFromFramesRequest]:  # noqa: ANN001
+    """0-5 messages: the first mostly names the served model, later ones mostly name none
+    (a few name another); each mostly carries a frame."""
+    messages = []
+    for index in range(draw(mostly(st.integers(1, 5), st.integers(0, 5)))):
+        usual_model = MODEL_ID if index == 0 else ""
+        message = tracking_pb2.StartSessionFromFramesRequest(
+            model_id=draw(mostly(usual_model, FRAME_MODEL_ID | st.just(MODEL_ID))))
+        frame = draw(stream_frames())
+        if frame is not None:
+            message.frame.CopyFrom(frame)
+        messages.append(message)
+    return messages
+
+
+def start_session_from_frames(stack: FuzzStack, messages: list
+                             ) -> tracking_pb2.StartSessionFromFramesResponse | None:
+    """The response, or None after checking the error is clean. While earlier examples'
+    frames are being embedded the upload slots are full (RESOURCE_EXHAUSTED, clean too): try
+    again for a while, so that the stream's own content is what gets checked."""
+    give_up = time.monotonic() + 20
+    while True:
+        try:
+            return stack.tracking_stub.StartSessionFromFrames(iter(messages), timeout=30)
+        except grpc.RpcError as exc:
+            check_clean_rpc_error(exc)
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > give_up:
+                return None
+        time.sleep(0.25)
+
+
+@TRACKING_SETTINGS
+@given(messages=frame_streams())
+def test_fuzzed_frame_streams_get_clean_answers(stack: FuzzStack, messages: list) -> None:
+    response = start_session_from_frames(stack, messages)
+    if response is None:
+        return
+    event("OK")
+    # accepted: a session over every frame sent, of the served model
+    sent = [m for m in messages if m.HasField("frame")]
+    assert response.frame_count == len(sent) == len(response.frame_embedding_ids) >= 1
+    assert messages[0].model_id == MODEL_ID and response.height_px * response.width_px > 0
+    stack.tracking_stub.CloseSession(
+        tracking_pb2.CloseSessionRequest(session_id=response.session_id), timeout=30)
 
 
 def test_servers_are_healthy_after_fuzzing(stack: FuzzStack) -> None:

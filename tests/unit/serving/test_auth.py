@@ -19,7 +19,7 @@ import yaml
 
 from decoder_service.cli import DecoderSettings
 from encoder_service import cli as encoder_cli
-from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
+from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 from sam2_shared.serving import auth
 from sam2_shared.serving.auth import ApiKeyRing, AuthInterceptor
 from sam2_shared.serving.metrics import Sam2Metrics
@@ -27,6 +27,7 @@ from sam2_shared.serving.server import build_server
 from sam2_shared.serving.settings import load_settings
 from sam2_shared.wire.status import error_from_rpc_error
 from tests.helpers import REPO_ROOT
+from tests.helpers.fake_servicers import FrameCountingTracking
 
 KEY = secrets.token_urlsafe(32)
 OTHER_KEY = secrets.token_urlsafe(32)
@@ -173,11 +174,14 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServiceServicer):
             self.open_streams -= 1
 
 
-async def _serve(interceptor: AuthInterceptor, fake: FakeDecoder, **kwargs):  # noqa: ANN202
+async def _serve(interceptor: AuthInterceptor, fake: FakeDecoder,  # noqa: ANN202
+                 tracking: FrameCountingTracking | None = None, **kwargs):
     server, port = build_server(
-        [lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(fake, s)],
-        ["sam2.v1.DecoderService"], port=0, host="127.0.0.1", grace_s=0,
-        interceptors=[interceptor], **kwargs)
+        [lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(fake, s),
+         lambda s: tracking_pb2_grpc.add_TrackingServiceServicer_to_server(
+             tracking or FrameCountingTracking(), s)],
+        ["sam2.v1.DecoderService", "sam2.v1.TrackingService"], port=0, host="127.0.0.1",
+        grace_s=0, interceptors=[interceptor], **kwargs)
     await server.start()
     await server.mark_serving()
     return server, f"127.0.0.1:{port}"
@@ -270,8 +274,7 @@ def test_connections_from_one_address_share_the_session_limit() -> None:
             assert (await first.read()).request_id == "1"
             second = decoder_pb2_grpc.DecoderServiceStub(second_channel).SegmentStream(
                 timeout=10)
-            await second.write(decoder_pb2.SegmentStreamRequest(request_id="2"))
-            try:
+            try:  # nothing written: a write racing the refusal fails on the client (INTERNAL)
                 await second.read()
                 outcome = "second stream served"
             except grpc.aio.AioRpcError as exc:
@@ -292,3 +295,65 @@ def test_connections_from_one_address_share_the_session_limit() -> None:
     assert asyncio.run(main()) == "RESOURCE_EXHAUSTED TOO_MANY_SESSIONS"
     assert len(fake.peers) == 2 and fake.peers[0] != fake.peers[1]  # two source ports
     assert {auth.peer_address(p) for p in fake.peers} == {"ipv4:127.0.0.1"}
+
+
+def test_client_streaming_uploads_count_against_the_session_limit() -> None:
+    """An open StartSessionFromFrames upload holds one of its key's stream slots (the same
+    budget as SegmentStream): one more stream of that key is refused until it ends; another
+    key has its own budget."""
+    tracking = FrameCountingTracking()
+    interceptor = AuthInterceptor(ApiKeyRing([auth.ApiKey(KEY), auth.ApiKey(OTHER_KEY)]),
+                                  max_streams_per_key=1)
+    frame = tracking_pb2.StartSessionFromFramesRequest(model_id="m")
+
+    async def main() -> list[str]:
+        server, address = await _serve(interceptor, FakeDecoder(), tracking)
+        outcomes = []
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                tracker = tracking_pb2_grpc.TrackingServiceStub(channel)
+                decoder = decoder_pb2_grpc.DecoderServiceStub(channel)
+
+                def outcome(exc: grpc.aio.AioRpcError) -> str:
+                    return f"{exc.code().name} {error_from_rpc_error(exc).reason}"
+
+                async def refused(key: str) -> str:
+                    """Open an upload and wait for its answer, writing nothing: a write racing
+                    the refusal would fail on the client (INTERNAL), not with its status."""
+                    try:
+                        await tracker.StartSessionFromFrames(timeout=10,
+                                                             metadata=(("x-api-key", key),))
+                        return "served"
+                    except grpc.aio.AioRpcError as exc:
+                        return outcome(exc)
+
+                async def upload(key: str) -> str:
+                    call = tracker.StartSessionFromFrames(timeout=10,
+                                                          metadata=(("x-api-key", key),))
+                    await call.write(frame)
+                    await call.done_writing()
+                    return f"OK {(await call).frame_count}"
+
+                held = tracker.StartSessionFromFrames(timeout=10, metadata=(("x-api-key", KEY),))
+                await held.write(frame)
+                await tracking.receiving.wait()  # the upload holds KEY's one slot
+                outcomes.append(await refused(KEY))
+                segment = decoder.SegmentStream(timeout=10, metadata=(("x-api-key", KEY),))
+                try:
+                    await segment.read()
+                    outcomes.append("SegmentStream served")
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(outcome(exc))
+                outcomes.append(await upload(OTHER_KEY))
+                await held.write(frame)
+                await held.done_writing()
+                outcomes.append(f"OK {(await held).frame_count}")  # the end frees the slot
+                outcomes.append(await upload(KEY))
+        finally:
+            await server.stop(0)
+        return outcomes
+
+    assert asyncio.run(main()) == [
+        "RESOURCE_EXHAUSTED TOO_MANY_SESSIONS", "RESOURCE_EXHAUSTED TOO_MANY_SESSIONS",
+        "OK 1", "OK 2", "OK 1"]
+    assert interceptor.stats.sessions_refused == 2

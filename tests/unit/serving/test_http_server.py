@@ -35,6 +35,7 @@ from sam2_shared.errors import (
 from sam2_shared.serving.auth import ApiKey, ApiKeyRing, AuthInterceptor, current_namespace
 from sam2_shared.serving.metrics import Sam2Metrics
 from sam2_shared.serving.server import Sam2Server, build_server
+from tests.helpers.fake_servicers import FrameCountingTracking
 from tests.helpers.http_rpc import (
     HttpReply,
     HttpRpcClient,
@@ -47,6 +48,7 @@ from tests.helpers.http_rpc import (
 SEGMENT = "/sam2.v1.DecoderService/Segment"
 SEGMENT_STREAM = "/sam2.v1.DecoderService/SegmentStream"
 PROPAGATE = "/sam2.v1.TrackingService/Propagate"
+FRAMES = "/sam2.v1.TrackingService/StartSessionFromFrames"
 CHECK = "/grpc.health.v1.Health/Check"
 KEY = secrets.token_urlsafe(24)
 TENANT_KEY = secrets.token_urlsafe(24)
@@ -84,7 +86,7 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServiceServicer):
             yield decoder_pb2.SegmentStreamResponse(request_id=request.request_id)
 
 
-class FakeTracking(tracking_pb2_grpc.TrackingServiceServicer):
+class FakeTracking(FrameCountingTracking):
     async def Propagate(self, request, context):  # type: ignore[no-untyped-def]
         for index in range(3):
             if request.session_id == "fails" and index == 2:
@@ -94,15 +96,17 @@ class FakeTracking(tracking_pb2_grpc.TrackingServiceServicer):
 
 @contextlib.asynccontextmanager
 async def running(static_dir: Path | None = None, keys: bool = False,
+                  sessions_per_key: int = 0, tracking: FakeTracking | None = None,
                   **kwargs: Any) -> AsyncIterator[tuple[Sam2Server, FakeDecoder, Sam2Metrics]]:
-    decoder, tracking = FakeDecoder(), FakeTracking()
+    decoder, tracking = FakeDecoder(), tracking or FakeTracking()
     metrics = Sam2Metrics(process_collectors=False)
     ring = ApiKeyRing([ApiKey(KEY), ApiKey(TENANT_KEY, "tenant")]) if keys else None
     server, _ = build_server(
         [lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(decoder, s),
          lambda s: tracking_pb2_grpc.add_TrackingServiceServicer_to_server(tracking, s)],
         ["sam2.v1.DecoderService", "sam2.v1.TrackingService"], port=0, host="127.0.0.1",
-        interceptors=[metrics.interceptor(), AuthInterceptor(ring)], http_port=0,
+        interceptors=[metrics.interceptor(),
+                      AuthInterceptor(ring, max_streams_per_key=sessions_per_key)], http_port=0,
         static_dir=static_dir, **kwargs)
     await server.start()
     await server.mark_serving()
@@ -277,6 +281,40 @@ def test_api_keys_from_bearer_or_x_api_key_with_tenancy() -> None:
             assert trailers["grpc-status"] == "0"
             health = await call(server, lambda c: c.connect_json(CHECK, {}))
             assert health.status == 200  # open, like on the gRPC port
+
+    run(scenario())
+
+
+def test_http_streams_share_the_keys_session_limit_with_grpc() -> None:
+    """The HTTP port runs the same interceptor: with a key's one stream slot held by a gRPC
+    upload, a Connect client-streaming call of that key is refused, another key's is not,
+    and the slot is free again once the upload ends."""
+    tracking = FakeTracking()
+    frame = tracking_pb2.StartSessionFromFramesRequest(model_id="m")
+
+    async def upload(server: Sam2Server, key: str) -> dict[str, Any]:
+        _, messages, end = await call(server, lambda c: c.connect_stream(
+            FRAMES, [frame, frame], headers={"x-api-key": key}))
+        if messages:
+            return {"frames": tracking_pb2.StartSessionFromFramesResponse.FromString(
+                messages[0]).frame_count}
+        return {"code": end["error"]["code"],
+                "reason": end["error"]["details"][0]["debug"]["reason"]}
+
+    async def scenario() -> None:
+        async with running(keys=True, sessions_per_key=1, tracking=tracking) as (
+                server, _, _metrics):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                held = tracking_pb2_grpc.TrackingServiceStub(channel).StartSessionFromFrames(
+                    timeout=30, metadata=(("x-api-key", KEY),))
+                await held.write(frame)
+                await tracking.receiving.wait()
+                assert await upload(server, KEY) == {"code": "resource_exhausted",
+                                                     "reason": "TOO_MANY_SESSIONS"}
+                assert await upload(server, TENANT_KEY) == {"frames": 2}
+                await held.done_writing()
+                assert (await held).frame_count == 1
+            assert await upload(server, KEY) == {"frames": 2}
 
     run(scenario())
 
