@@ -168,7 +168,7 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
         assert large.value.reason == "IMAGE_TOO_LARGE"
         with pytest.raises(InvalidInputError, match="differs"):
             await start(frame_message(rgb, MODEL_ID), frame_message(rgb, "other"))
-        assert servicer._receiving == 0
+        assert not servicer._receiving
         stall = asyncio.Event()
         slow = asyncio.create_task(start(frame_message(rgb, MODEL_ID), stall=stall))
         await asyncio.sleep(0.05)
@@ -176,7 +176,7 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
             await start(frame_message(rgb, MODEL_ID))
         with pytest.raises(StreamIdleError):  # the slow one never sent its next message
             await slow
-        assert servicer._receiving == 0 and not servicer._uploads
+        assert not servicer._receiving and not servicer._uploads
         assert tracker.spools and not any(Path(s.path).exists() for s in tracker.spools)
         response = await start(frame_message(rgb, MODEL_ID))  # serving on
         assert response.frame_count == 1
@@ -266,7 +266,7 @@ def test_a_stream_that_fails_midway_cancels_the_embedding_it_started() -> None:
                 watched_stream([rgb, rgb, synthetic_rgb(32, 64)], events, encoder), None)
         assert events.index("embed 0") < events.index("send 2")  # the bad frame
         assert encoder.cancelled >= 1 and not servicer._uploads
-        assert servicer._receiving == 0 and servicer.video_frames_embedded == 0
+        assert not servicer._receiving and servicer.video_frames_embedded == 0
         assert len(tracker.spools) == 1 and not Path(tracker.spools[0].path).exists()
         encoder.release.set()
         response = await servicer.StartSessionFromFrames(  # the slot is free again
