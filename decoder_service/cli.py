@@ -111,6 +111,19 @@ class DecoderSettings(TierSettings):
     max_video_uploads: int = setting(
         4, "most videos whose frames are being embedded at once; beyond, RESOURCE_EXHAUSTED",
         minimum=1)
+    max_video_uploads_per_key: int | None = setting(
+        None, "most of those uploads (received or still being embedded) one API key holds at "
+        "once; beyond, RESOURCE_EXHAUSTED reason TOO_MANY_VIDEO_UPLOADS (default: half of "
+        "--max-video-uploads, rounded up; without --api-keys-file every caller is one "
+        "identity and only --max-video-uploads applies)", minimum=1)
+
+    def video_uploads_per_key(self) -> int:
+        """The per-key upload bound the servicer applies; 0 (none) without API keys, where
+        callers cannot be told apart and any bound below the global one would only lower it."""
+        if not self.api_keys_file:
+            return 0
+        share = self.max_video_uploads_per_key or -(-self.max_video_uploads // 2)
+        return min(share, self.max_video_uploads)
 
 
 async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -> None:
@@ -127,6 +140,8 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     servicer = DecoderServicer(stream_idle_timeout_s=settings.stream_idle_timeout_s)
     tracking_servicer = TrackingServicer(workers=settings.tracking_workers,
                                          max_video_uploads=settings.max_video_uploads,
+                                         max_video_uploads_per_key=(
+                                             settings.video_uploads_per_key()),
                                          stream_idle_timeout_s=settings.stream_idle_timeout_s)
     auth = auth_interceptor(settings.api_keys_file,
                             max_streams_per_key=settings.max_sessions_per_key)

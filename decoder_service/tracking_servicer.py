@@ -11,6 +11,7 @@ the shared interceptor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -36,7 +37,7 @@ from sam2_shared.errors import (
     NotReadyError,
     ResourceExhaustedError,
 )
-from sam2_shared.serving.auth import current_namespace, outlive_the_call
+from sam2_shared.serving.auth import current_caller, current_namespace, outlive_the_call
 from sam2_shared.serving.encoder_client import AsyncEncoderClient
 from sam2_shared.wire.tracking import frame_to_proto, tracking_prompt_from_proto
 
@@ -53,10 +54,12 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     def __init__(self, tracker: Tracker | None = None, workers: int = 2,
                  encoder_client: AsyncEncoderClient | None = None,
                  max_video_uploads: int = 4, upload_window: int = 2,
-                 stream_idle_timeout_s: float = 0.0) -> None:
+                 stream_idle_timeout_s: float = 0.0, max_video_uploads_per_key: int = 0
+                 ) -> None:
         self.tracker = tracker
         self.encoder_client = encoder_client
         self.max_video_uploads = max(1, int(max_video_uploads))
+        self.max_video_uploads_per_key = max(0, int(max_video_uploads_per_key))  # 0: no bound
         self.upload_window = max(1, int(upload_window))
         self.stream_idle_timeout_s = stream_idle_timeout_s  # frame streams; 0: no limit
         self.propagations_cancelled = 0
@@ -65,8 +68,10 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self.video_frames_embedded = 0  # uploaded videos' frames the encoder stored
         self._executor = ThreadPoolExecutor(max(1, int(workers)),
                                             thread_name_prefix="tracking")
-        self._uploads: set[asyncio.Task[None]] = set()  # videos being embedded
-        self._receiving = 0  # frame streams being received
+        # Upload slots, each held by the caller's API key (see _upload_slot): one entry per
+        # video being received (before its embedding starts), then per video being embedded.
+        self._receiving: list[str] = []
+        self._uploads: dict[asyncio.Task[None], str] = {}
 
     async def _run(self, function: Callable[..., _Result], *args: Any, **kwargs: Any
                    ) -> _Result:
@@ -118,10 +123,10 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         """A session over an uploaded video; its frames go to the encoder in the background."""
         if request.frame_embedding_ids:
             raise InvalidInputError("send either frame_embedding_ids or a video, not both")
-        self._check_upload_slot()
-        session_id, frame_count, (height, width), video, upload = await self._run(
-            tracker.start_video, request.model_id, request.video, current_namespace())
-        self._embed_in_background(video, upload, request.model_id)
+        with self._upload_slot() as caller:
+            session_id, frame_count, (height, width), video, upload = await self._run(
+                tracker.start_video, request.model_id, request.video, current_namespace())
+            self._embed_in_background(video, upload, request.model_id, caller)
         return tracking_pb2.StartSessionResponse(
             session_id=session_id, frame_count=frame_count, height_px=height, width_px=width,
             frame_embedding_ids=upload.ids,
@@ -134,17 +139,13 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         first = await next_request(requests, self.stream_idle_timeout_s)
         if first is None or not first.model_id:
             raise InvalidInputError("the stream's first message must name the model (model_id)")
-        self._check_upload_slot()
-        # A slot from here (the client sets the pace of the stream): this count holds it
-        # until the embedding of the frames, which starts with the first one, does.
-        self._receiving += 1
-        try:
+        # A slot from here (the client sets the pace of the stream) until the embedding of
+        # the frames, which starts with the first one, holds it.
+        with self._upload_slot() as caller:
             spool = await self._run(tracker.frame_spool, first.model_id, current_namespace())
             stream = FrameStream(spool, self._run)
             upload = FrameUpload(spool.ids)  # grows as frames arrive
-            embedding = self._embed_in_background(stream, upload, first.model_id)
-        finally:
-            self._receiving -= 1
+            embedding = self._embed_in_background(stream, upload, first.model_id, caller)
         try:
             message: Any = first
             while message is not None:
@@ -172,22 +173,45 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
             frame_embedding_ids=upload.ids,
         )
 
-    def _check_upload_slot(self) -> None:
-        """Refuse a video before reading it when the most are being received or embedded."""
+    def uploads_of(self, caller: str) -> int:
+        """Videos of the caller with this API key being received or embedded."""
+        return self._receiving.count(caller) + sum(
+            1 for holder in self._uploads.values() if holder == caller)
+
+    @contextlib.contextmanager
+    def _upload_slot(self) -> Iterator[str]:
+        """Take an upload slot for the caller (refused before the video is read) and hold it
+        until the embedding task started inside takes it over; yields the caller's key."""
+        caller = current_caller().api_key or ""  # "" for every caller without a key
+        self._check_upload_slot(caller)
+        self._receiving.append(caller)
+        try:
+            yield caller
+        finally:
+            self._receiving.remove(caller)
+
+    def _check_upload_slot(self, caller: str) -> None:
+        """Refuse a video when the caller has its share of the slots, or all are taken."""
         if self.encoder_client is None:
             raise FailedPreconditionError(
                 "this decoder has no encoder (--encoder-address) to embed a video's frames; "
                 "embed them with EmbedImages (video_frame set) and send their ids")
-        busy = len(self._uploads) + self._receiving
+        share = self.max_video_uploads_per_key
+        if share and self.uploads_of(caller) >= share:
+            raise ResourceExhaustedError(
+                f"this API key already has {share} videos being received or embedded here, "
+                f"its share of the {self.max_video_uploads} upload slots; retry when one "
+                "has finished", reason="TOO_MANY_VIDEO_UPLOADS", limit=str(share))
+        busy = len(self._uploads) + len(self._receiving)
         if busy >= self.max_video_uploads:
             raise ResourceExhaustedError(
                 f"{busy} videos are being received or embedded here, the most at once; "
                 "retry shortly", limit=str(self.max_video_uploads))
 
     def _embed_in_background(self, frames: VideoFile | FrameStream, upload: FrameUpload,
-                             model_id: str) -> asyncio.Task[None]:
+                             model_id: str, caller: str) -> asyncio.Task[None]:
         """Have the encoder embed the session's frames in order, also after the call answers
-        (a stream's, while it arrives)."""
+        (a stream's, while it arrives); the task holds the caller's upload slot until done."""
         encoder = self.encoder_client
         assert encoder is not None  # _check_upload_slot refused the call otherwise
 
@@ -210,8 +234,8 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
                         " (failed)" if upload.failed else "")
 
         task = asyncio.create_task(upload_frames())
-        self._uploads.add(task)
-        task.add_done_callback(self._uploads.discard)
+        self._uploads[task] = caller
+        task.add_done_callback(self._uploads.pop)  # frees the slot, for the caller too
         return task
 
     async def AddPrompt(self, request, context) -> tracking_pb2.AddPromptResponse:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from decoder_service.cli import DecoderSettings
 from decoder_service.tracking_servicer import TrackingServicer
 from decoder_service.video_upload import FrameSpool, FrameUpload
 from sam2_shared import wire
@@ -23,6 +24,8 @@ from sam2_shared.errors import (
     StreamIdleError,
     UnknownModelError,
 )
+from sam2_shared.serving import auth
+from sam2_shared.serving.settings import load_settings
 from tests.helpers.synthetic_images import synthetic_rgb
 
 MODEL_ID = "sam2.1/hiera_tiny"
@@ -168,7 +171,7 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
         assert large.value.reason == "IMAGE_TOO_LARGE"
         with pytest.raises(InvalidInputError, match="differs"):
             await start(frame_message(rgb, MODEL_ID), frame_message(rgb, "other"))
-        assert servicer._receiving == 0
+        assert not servicer._receiving
         stall = asyncio.Event()
         slow = asyncio.create_task(start(frame_message(rgb, MODEL_ID), stall=stall))
         await asyncio.sleep(0.05)
@@ -176,7 +179,7 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
             await start(frame_message(rgb, MODEL_ID))
         with pytest.raises(StreamIdleError):  # the slow one never sent its next message
             await slow
-        assert servicer._receiving == 0 and not servicer._uploads
+        assert not servicer._receiving and not servicer._uploads
         assert tracker.spools and not any(Path(s.path).exists() for s in tracker.spools)
         response = await start(frame_message(rgb, MODEL_ID))  # serving on
         assert response.frame_count == 1
@@ -266,7 +269,7 @@ def test_a_stream_that_fails_midway_cancels_the_embedding_it_started() -> None:
                 watched_stream([rgb, rgb, synthetic_rgb(32, 64)], events, encoder), None)
         assert events.index("embed 0") < events.index("send 2")  # the bad frame
         assert encoder.cancelled >= 1 and not servicer._uploads
-        assert servicer._receiving == 0 and servicer.video_frames_embedded == 0
+        assert not servicer._receiving and servicer.video_frames_embedded == 0
         assert len(tracker.spools) == 1 and not Path(tracker.spools[0].path).exists()
         encoder.release.set()
         response = await servicer.StartSessionFromFrames(  # the slot is free again
@@ -302,3 +305,88 @@ def test_an_encoder_failure_while_the_stream_arrives_fails_the_stream() -> None:
         await servicer.close()
 
     asyncio.run(scenario())
+
+
+class _GatedEncoder(_Encoder):
+    """Answers each frame once ``gate`` is set; with ``wrong_ids`` under an id that is not
+    the frame's (the upload fails after its session started)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.wrong_ids = False
+
+    async def embed_image(self, rgb, color_format, model_id, video_frame=False) -> str:
+        await self.gate.wait()
+        frame_id = await super().embed_image(rgb, color_format, model_id, video_frame)
+        return "someone-elses-id" if self.wrong_ids else frame_id
+
+
+def test_one_api_key_holds_at_most_its_share_of_the_upload_slots() -> None:
+    """Key A at its share (2 of 4 slots, its videos still being embedded) is refused with
+    TOO_MANY_VIDEO_UPLOADS while key B is served; A's count goes back down when its uploads
+    finish and when they fail, and then A is served again."""
+    rgb = synthetic_rgb(48, 64)
+    encoder = _GatedEncoder()
+    servicer = TrackingServicer(_FrameTracker(), encoder_client=encoder,  # type: ignore[arg-type]
+                                max_video_uploads=4, max_video_uploads_per_key=2)
+
+    async def as_caller(key: str) -> tracking_pb2.StartSessionFromFramesResponse:
+        auth._current_caller.set(auth.Caller(api_key=key))  # this task's own context
+        return await servicer.StartSessionFromFrames(
+            stream_of(frame_message(rgb, MODEL_ID)), None)
+
+    async def start(key: str) -> tracking_pb2.StartSessionFromFramesResponse:
+        return await asyncio.create_task(as_caller(key))
+
+    async def scenario() -> None:
+        for _ in range(2):  # sessions start; their frames wait for the encoder
+            assert (await start("key-a")).frame_count == 1
+        assert servicer.uploads_of("key-a") == 2 and len(servicer._uploads) == 2
+        with pytest.raises(ResourceExhaustedError, match="this API key already has 2") as a:
+            await start("key-a")
+        assert a.value.reason == "TOO_MANY_VIDEO_UPLOADS" and a.value.metadata["limit"] == "2"
+        for _ in range(2):  # B is still served, up to its own share
+            assert (await start("key-b")).frame_count == 1
+        with pytest.raises(ResourceExhaustedError, match="4 videos are being") as full:
+            await start("key-c")  # every slot taken: the global bound
+        assert full.value.reason == "RESOURCE_EXHAUSTED"
+        assert servicer.uploads_of("key-a") == servicer.uploads_of("key-b") == 2
+
+        encoder.gate.set()  # the uploads finish
+        await asyncio.gather(*servicer._uploads)
+        assert servicer.uploads_of("key-a") == 0 and not servicer._uploads
+        assert servicer.video_frames_embedded == 4
+
+        encoder.gate, encoder.wrong_ids = asyncio.Event(), True
+        for _ in range(2):  # A's share again, its uploads fail in the background
+            await start("key-a")
+        with pytest.raises(ResourceExhaustedError) as again:
+            await start("key-a")
+        assert again.value.reason == "TOO_MANY_VIDEO_UPLOADS"
+        encoder.gate.set()
+        results = await asyncio.gather(*servicer._uploads, return_exceptions=True)
+        assert len(results) == 2 and servicer.uploads_of("key-a") == 0
+        assert servicer.video_frames_embedded == 4  # the failed ones stored nothing
+        encoder.wrong_ids = False
+        assert (await start("key-a")).frame_count == 1  # A served again
+        await asyncio.gather(*servicer._uploads)
+        await servicer.close()
+
+    asyncio.run(scenario())
+    assert not servicer._receiving and not servicer._uploads
+
+
+@pytest.mark.parametrize(("flags", "share"), [
+    (["--api-keys-file", "keys.txt"], 2),  # half of the default 4
+    (["--api-keys-file", "keys.txt", "--max-video-uploads", "5"], 3),  # rounded up
+    (["--api-keys-file", "keys.txt", "--max-video-uploads-per-key", "1"], 1),
+    (["--api-keys-file", "keys.txt", "--max-video-uploads-per-key", "9"], 4),  # <= global
+    ([], 0),  # no keys: callers are one identity, only --max-video-uploads applies
+    (["--max-video-uploads-per-key", "1"], 0),
+])
+def test_the_per_key_upload_share_setting(flags: list[str], share: int) -> None:
+    settings = load_settings(DecoderSettings, flags, env={})
+    assert settings.video_uploads_per_key() == share
+    env = {"SAM2_MAX_VIDEO_UPLOADS_PER_KEY": "1", "SAM2_API_KEYS_FILE": "keys.txt"}
+    assert load_settings(DecoderSettings, [], env=env).video_uploads_per_key() == 1
