@@ -32,10 +32,10 @@ from sam2_shared.errors import (
     InvalidInputError,
     ResourceExhaustedError,
 )
-from sam2_shared.serving.auth import ApiKey, ApiKeyRing, AuthInterceptor, current_namespace
+from sam2_shared.serving.auth import ApiKey, ApiKeyRing, AuthInterceptor
 from sam2_shared.serving.metrics import Sam2Metrics
 from sam2_shared.serving.server import Sam2Server, build_server
-from tests.helpers.fake_servicers import FrameCountingTracking
+from tests.helpers.fake_servicers import FakeDecoder, FrameCountingTracking
 from tests.helpers.http_rpc import (
     HttpReply,
     HttpRpcClient,
@@ -64,28 +64,6 @@ FAILURES: dict[str, Exception] = {
 }
 
 
-class FakeDecoder(decoder_pb2_grpc.DecoderServiceServicer):
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.entered = asyncio.Event()
-
-    async def Segment(self, request, context):  # type: ignore[no-untyped-def]
-        if request.embedding_id in FAILURES:
-            raise FAILURES[request.embedding_id]
-        if request.embedding_id == "slow":
-            self.entered.set()
-            await self.release.wait()
-        # Echo what the servicer saw: the request and the caller's namespace.
-        embedding = common_pb2.Embedding(embedding_id=request.embedding_id,
-                                         model_id=current_namespace(),
-                                         height_px=len(request.prompts))
-        return decoder_pb2.SegmentResponse(embedding=embedding)
-
-    async def SegmentStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for request in request_iterator:
-            yield decoder_pb2.SegmentStreamResponse(request_id=request.request_id)
-
-
 class FakeTracking(FrameCountingTracking):
     async def Propagate(self, request, context):  # type: ignore[no-untyped-def]
         for index in range(3):
@@ -98,7 +76,7 @@ class FakeTracking(FrameCountingTracking):
 async def running(static_dir: Path | None = None, keys: bool = False,
                   sessions_per_key: int = 0, tracking: FakeTracking | None = None,
                   **kwargs: Any) -> AsyncIterator[tuple[Sam2Server, FakeDecoder, Sam2Metrics]]:
-    decoder, tracking = FakeDecoder(), tracking or FakeTracking()
+    decoder, tracking = FakeDecoder(FAILURES), tracking or FakeTracking()
     metrics = Sam2Metrics(process_collectors=False)
     ring = ApiKeyRing([ApiKey(KEY), ApiKey(TENANT_KEY, "tenant")]) if keys else None
     server, _ = build_server(

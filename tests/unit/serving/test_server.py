@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+from sam2_shared.api.v1 import decoder_pb2, decoder_pb2_grpc
 from sam2_shared.errors import (
     CorruptEntryError,
     EmbeddingNotFoundError,
@@ -31,6 +31,7 @@ from sam2_shared.serving.server import Sam2Server, build_server
 from sam2_shared.store.errors import StoreUnavailableError
 from sam2_shared.wire import status as status_table
 from sam2_shared.wire.status import error_from_rpc_error
+from tests.helpers.fake_servicers import FakeDecoder
 
 SERVICE = "sam2.v1.DecoderService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -50,30 +51,9 @@ FAILURES: dict[str, Exception] = {
 }
 
 
-class FakeDecoder(decoder_pb2_grpc.DecoderServiceServicer):
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def Segment(self, request, context):  # type: ignore[no-untyped-def]
-        if request.embedding_id in FAILURES:
-            raise FAILURES[request.embedding_id]
-        if request.embedding_id == "slow":
-            self.entered.set()
-            await self.release.wait()
-        embedding = common_pb2.Embedding(embedding_id=request.embedding_id)
-        return decoder_pb2.SegmentResponse(embedding=embedding)
-
-    async def SegmentStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for request in request_iterator:
-            if request.segment.embedding_id in FAILURES:
-                raise FAILURES[request.segment.embedding_id]
-            yield decoder_pb2.SegmentStreamResponse(request_id=request.request_id)
-
-
 @contextlib.asynccontextmanager
 async def running(**kwargs) -> AsyncIterator[tuple[Sam2Server, FakeDecoder, grpc.aio.Channel]]:  # type: ignore[no-untyped-def]
-    servicer = FakeDecoder()
+    servicer = FakeDecoder(FAILURES)
     server, port = build_server(
         [lambda s: decoder_pb2_grpc.add_DecoderServiceServicer_to_server(servicer, s)],
         [SERVICE],
