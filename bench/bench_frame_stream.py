@@ -32,6 +32,7 @@ from sam2_shared.client.tracking import Sam2TrackingClient  # noqa: E402
 from sam2_shared.store import open_store  # noqa: E402
 from tests.helpers import tier_processes  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.scratch import use_scratch_tempdir  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 
 MODEL_ID = "sam2.1/hiera_tiny"
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--code", type=Path, action="append",
                         help="a tree whose tiers to run (repeat to compare; default: this)")
     args = parser.parse_args()
+    use_scratch_tempdir("sam2-bench-", remove_at_exit=True)
     height, width = map(int, args.size.split("x"))
     codes = [path.resolve() for path in args.code or [REPO]]
     checkpoint = make_random_checkpoint(MODEL_ID)

@@ -52,6 +52,7 @@ from sam2_shared.client.channels import channel_options  # noqa: E402
 from sam2_shared.inference.sam2_model import Sam2Model  # noqa: E402
 from sam2_shared.store import open_store  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.scratch import use_scratch_tempdir  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 from tests.helpers.tier_processes import TierProcess  # noqa: E402
 
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--profile-concurrency", type=int, default=16)
     parser.add_argument("--profile-format", default="raw_bits")
     args = parser.parse_args()
+    use_scratch_tempdir("sam2-bench-", remove_at_exit=True)
     phases = set(args.phases.split(","))
     profile: list[tuple[str, float, float]] = []
     checkpoint = args.checkpoint or make_random_checkpoint(MODEL_ID)

@@ -39,6 +39,7 @@ from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa
 from sam2_shared.client import Sam2Client  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
 from tests.helpers.http_rpc import HttpRpcClient  # noqa: E402
+from tests.helpers.scratch import use_scratch_tempdir  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 from tests.helpers.tier_processes import TierProcess  # noqa: E402
 
@@ -250,6 +251,7 @@ def main() -> None:
     parser.add_argument("--layers", action="store_true",
                         help="also compare the HTTP layers alone (ours, connect-python)")
     args = parser.parse_args()
+    use_scratch_tempdir("sam2-bench-", remove_at_exit=True)
     checkpoint = args.checkpoint or make_random_checkpoint(MODEL_ID)
     request, answer = bench_tiers(checkpoint, args.requests)
     if args.layers:

@@ -147,6 +147,7 @@ def main() -> None:
     from sam2_shared.client import Sam2Client
     from sam2_shared.inference.sam2_model import Sam2Model
     from tests.helpers.checkpoints import make_random_checkpoint
+    from tests.helpers.scratch import use_scratch_tempdir
     from tests.helpers.synthetic_images import synthetic_rgb
     from tests.helpers.tier_processes import decoder_process, encoder_process
 
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--images", type=int, default=4)
     args = parser.parse_args()
+    use_scratch_tempdir("sam2-bench-", remove_at_exit=True)
     checkpoint = args.checkpoint or make_random_checkpoint(MODEL_ID)
     store = "diskcache://" + tempfile.mkdtemp(prefix="sam2-bench-load-")
     encoder = encoder_process(checkpoint, store, "--store-dtype", "float32").start()

@@ -292,6 +292,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global HEIGHT, WIDTH
+    from tests.helpers.scratch import use_scratch_tempdir
+
+    use_scratch_tempdir("sam2-bench-", remove_at_exit=True)
     WIDTH, HEIGHT = (int(n) for n in args.size.lower().split("x"))
     if args.impl:
         child(args)

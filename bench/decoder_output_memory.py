@@ -40,6 +40,7 @@ from sam2_shared.store import open_store  # noqa: E402
 from sam2_shared.wire import logits_to_bytes  # noqa: E402
 from tests.helpers import tier_processes  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.scratch import use_scratch_tempdir  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 
 MODEL_ID = "sam2.1/hiera_tiny"
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--masks", choices=("random", "objects"), default="random")
     parser.add_argument("--format", choices=("coco_rle", "png", "raw_bits"), default="coco_rle")
     args = parser.parse_args()
+    use_scratch_tempdir("sam2-bench-", remove_at_exit=True)
     torch.set_num_threads(2)
 
     checkpoint = make_random_checkpoint(MODEL_ID)

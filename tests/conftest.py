@@ -12,6 +12,7 @@ they are printed as a table and written to ``tests/.parity_report.json``.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +21,28 @@ import pytest
 
 from tests.helpers.checkpoints import DEFAULT_SEED, make_random_checkpoint
 from tests.helpers.parity_stats import PARITY_STATS, ParityStats
+from tests.helpers.scratch import use_scratch_tempdir
 from tests.helpers.synthetic_images import synthetic_rgb
 
 PARITY_REPORT_PATH = Path(__file__).parent / ".parity_report.json"
+_SCRATCH_ROOT_KEY = pytest.StashKey[Path]()
+_RUN_FAILED_KEY = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Everything this session makes with ``tempfile`` goes in one folder, removed when the
+    session passes (kept for a look when it fails)."""
+    config.stash[_SCRATCH_ROOT_KEY] = use_scratch_tempdir("sam2-tests-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_SCRATCH_ROOT_KEY, None)
+    if root is None:
+        return
+    if config.stash.get(_RUN_FAILED_KEY, False):
+        print(f"\nscratch files of this failed run are kept in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +81,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_RUN_FAILED_KEY] = exitstatus not in (0, 5)  # 5: nothing collected
     if PARITY_STATS.models:
         PARITY_REPORT_PATH.write_text(json.dumps(PARITY_STATS.as_dict(), indent=2) + "\n")
 
