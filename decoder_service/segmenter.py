@@ -106,12 +106,13 @@ class ImageInput:
 
 @dataclass
 class SegmentResult:
-    """One ``Sam2BatchedPrediction`` (P = 1) and one logits handle per candidate, per prompt;
-    its ``masks`` are ``DeferredMasks``, made one candidate at a time when indexed."""
+    """One ``Sam2BatchedPrediction`` (P = 1) and one logits handle per candidate, per prompt
+    (None when the caller asked for no handles); its ``masks`` are ``DeferredMasks``, made one
+    candidate at a time when indexed."""
 
     embedding: EmbeddingRef
     predictions: list[Sam2BatchedPrediction]
-    logits_handles: list[list[str]]
+    logits_handles: list[list[str]] | None
 
 
 @dataclass
@@ -336,11 +337,13 @@ class Segmenter:
         image: ImageInput | None = None,
         model_id: str = "",
         namespace: str = "",
+        logits_handles: bool = True,
     ) -> SegmentResult:
         """Decode ``prompts`` on the embedding named by ``embedding_id`` and/or ``image``.
 
         ``namespace``: the caller's tenant (``sam2_shared.serving.auth``); ids and logits handles
         of other namespaces are NOT_FOUND, new handles are made in it.
+        ``logits_handles=False``: make no handles (no cache entry, no store write).
 
         Raises ``InvalidInputError`` (bad prompt, limits, id not matching the image),
         ``UnknownModelError``, ``EmbeddingNotFoundError`` (in no tier and no way to compute it).
@@ -367,7 +370,7 @@ class Segmenter:
         for index, prompt in enumerate(prompts):
             _validate(index, prompt, embedding.original_hw)
         predictions = await self._batcher.submit(_Job(embedding, list(prompts)))
-        handles = await self._share_logits(predictions, namespace)
+        handles = await self._share_logits(predictions, namespace) if logits_handles else None
         ref = EmbeddingRef(embedding.embedding_id, embedding.model_id, embedding.original_hw)
         return SegmentResult(ref, predictions, handles)
 

@@ -106,7 +106,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServiceServicer):
             prompts = wire.prompts_from_proto(request.prompts, resolve)
         result = await decoder.segment(
             prompts, embedding_id=request.embedding_id, image=image, model_id=request.model_id,
-            namespace=namespace,
+            namespace=namespace, logits_handles=not request.omit_logits_handles,
         )
         started = time.perf_counter()
         results = await asyncio.to_thread(

@@ -302,7 +302,10 @@ class Sam2Client:
         )
         predictions = []
         for target, prompts in zip(targets, per_image):
-            rows, _ = self.segment_prompts(target, prompts, include_logits=include_logits)
+            # The logits come back inline (or are not wanted): no server-side handles, which
+            # spares the decoder a store write per click.
+            rows, _ = self.segment_prompts(target, prompts, include_logits=include_logits,
+                                           logits_handles=False)
             batched = Sam2BatchedPrediction.concatenate(rows)
             predictions.append(Sam2Prediction.from_batched(batched.converted(self._to_array)))
         return predictions
@@ -314,11 +317,13 @@ class Sam2Client:
         *,
         include_logits: bool = True,
         input_color_format: str = "bgr",
+        logits_handles: bool = True,
     ) -> tuple[list[Sam2BatchedPrediction], list[list[str]]]:
         """Lower level: one image (embedding id, reference or image input) and its prompts.
 
         Returns one numpy ``Sam2BatchedPrediction`` (P = 1) and the candidates' logits
-        handles per prompt.
+        handles per prompt (empty strings with ``logits_handles=False``: the server then
+        keeps no copy of the logits).
         """
         if isinstance(target, _Image):
             image: _Image | None = target
@@ -335,6 +340,7 @@ class Sam2Client:
             model_id=self.model_id,
             prompts=[wire.prompt_to_proto(p) for p in prompts],
             include_logits=include_logits,
+            omit_logits_handles=not logits_handles,
         )
         try:
             response = self._segment(request)

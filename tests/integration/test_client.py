@@ -14,7 +14,7 @@ import pytest
 from sam2_shared.client import EmbeddingRef, Sam2Client
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError, UnknownModelError
 from sam2_shared.inference.sam2_model import Sam2Model
-from sam2_shared.prompts import Sam2Prediction
+from sam2_shared.prompts import Prompt, Sam2Prediction
 from tests.helpers.synthetic_images import synthetic_rgb
 from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
 
@@ -118,6 +118,17 @@ def test_embed_images_returns_references_usable_for_segmenting(client: Sam2Clien
     [want] = model.segment_images(rgb, point_coordinates=[[70, 50]], point_labels=[1],
                                   input_color_format="rgb", use_mask_input_cache=False)
     assert_same_prediction(got, want)
+
+
+def test_handles_only_when_asked(client: Sam2Client) -> None:
+    """``segment_images`` gets its logits inline and asks for no handles (no store write per
+    click on the decoder); ``segment_prompts`` gets them by default."""
+    [ref] = client.embed_images(synthetic_rgb(100, 140, seed=8), input_color_format="rgb")
+    prompt = Prompt(np.array([[70.0, 50.0]], np.float32), np.array([1], np.int32))
+    bare_rows, bare = client.segment_prompts(ref, [prompt], logits_handles=False)
+    rows, handles = client.segment_prompts(ref, [prompt])
+    assert bare == [["", "", ""]] and all(handles[0])
+    np.testing.assert_array_equal(bare_rows[0].logits, rows[0].logits)
 
 
 def test_client_without_encoder_lets_the_decoder_fetch_the_embedding(tiers) -> None:

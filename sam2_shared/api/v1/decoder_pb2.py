@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from sam2_shared.api.v1 import common_pb2 as sam2_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sam2/v1/decoder.proto\x12\x07sam2.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a\x14sam2/v1/common.proto\"\xdf\x01\n\x0eSegmentRequest\x12\x1a\n\x0c\x65mbedding_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x0e.sam2.v1.ImageB\x04\xe2\x41\x01\x01\x12\x16\n\x08model_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x07prompts\x18\x04 \x03(\x0b\x32\x0f.sam2.v1.PromptB\x04\xe2\x41\x01\x02\x12.\n\x0bmask_format\x18\x05 \x01(\x0e\x32\x13.sam2.v1.MaskFormatB\x04\xe2\x41\x01\x01\x12\x1c\n\x0einclude_logits\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x01\"l\n\x0fSegmentResponse\x12+\n\tembedding\x18\x01 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x03\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x15.sam2.v1.PromptResultB\x04\xe2\x41\x01\x03\"`\n\x14SegmentStreamRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12.\n\x07segment\x18\x02 \x01(\x0b\x32\x17.sam2.v1.SegmentRequestB\x04\xe2\x41\x01\x02\"\x8e\x01\n\x15SegmentStreamResponse\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x07segment\x18\x02 \x01(\x0b\x32\x18.sam2.v1.SegmentResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"\xc7\x01\n\x06Prompt\x12$\n\x06points\x18\x01 \x03(\x0b\x32\x0e.sam2.v1.PointB\x04\xe2\x41\x01\x01\x12\x1f\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0c.sam2.v1.BoxB\x04\xe2\x41\x01\x01\x12\x17\n\rlogits_handle\x18\x03 \x01(\tH\x00\x12\x15\n\x0bmask_logits\x18\x04 \x01(\x0cH\x00\x12#\n\x10multimask_output\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x42\x0c\n\nmask_inputB\x13\n\x11_multimask_output\"|\n\x0cPromptResult\x12\x30\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.sam2.v1.MaskCandidateB\x04\xe2\x41\x01\x03\x12\x18\n\nbest_index\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12 \n\x12object_score_logit\x18\x03 \x01(\x02\x42\x04\xe2\x41\x01\x03\"\x81\x01\n\rMaskCandidate\x12(\n\x04mask\x18\x01 \x01(\x0b\x32\x14.sam2.v1.EncodedMaskB\x04\xe2\x41\x01\x03\x12\x13\n\x05score\x18\x02 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rlogits_handle\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06logits\x18\x04 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x32\xa2\x01\n\x0e\x44\x65\x63oderService\x12<\n\x07Segment\x12\x17.sam2.v1.SegmentRequest\x1a\x18.sam2.v1.SegmentResponse\x12R\n\rSegmentStream\x12\x1d.sam2.v1.SegmentStreamRequest\x1a\x1e.sam2.v1.SegmentStreamResponse(\x01\x30\x01\x42\x90\x01\n\x1dio.github.sam2serving.sam2.v1B\x0c\x44\x65\x63oderProtoP\x01Z:github.com/sam2-serving/sam2-serving/gen/go/sam2/v1;sam2v1\xa2\x02\x03SAM\xaa\x02\x07Sam2.V1\xca\x02\x07Sam2\\V1\xea\x02\x08Sam2::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sam2/v1/decoder.proto\x12\x07sam2.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x17google/rpc/status.proto\x1a\x14sam2/v1/common.proto\"\x82\x02\n\x0eSegmentRequest\x12\x1a\n\x0c\x65mbedding_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x0e.sam2.v1.ImageB\x04\xe2\x41\x01\x01\x12\x16\n\x08model_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\x12&\n\x07prompts\x18\x04 \x03(\x0b\x32\x0f.sam2.v1.PromptB\x04\xe2\x41\x01\x02\x12.\n\x0bmask_format\x18\x05 \x01(\x0e\x32\x13.sam2.v1.MaskFormatB\x04\xe2\x41\x01\x01\x12\x1c\n\x0einclude_logits\x18\x06 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12!\n\x13omit_logits_handles\x18\x07 \x01(\x08\x42\x04\xe2\x41\x01\x01\"l\n\x0fSegmentResponse\x12+\n\tembedding\x18\x01 \x01(\x0b\x32\x12.sam2.v1.EmbeddingB\x04\xe2\x41\x01\x03\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x15.sam2.v1.PromptResultB\x04\xe2\x41\x01\x03\"`\n\x14SegmentStreamRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x01\x12.\n\x07segment\x18\x02 \x01(\x0b\x32\x17.sam2.v1.SegmentRequestB\x04\xe2\x41\x01\x02\"\x8e\x01\n\x15SegmentStreamResponse\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x07segment\x18\x02 \x01(\x0b\x32\x18.sam2.v1.SegmentResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"\xc7\x01\n\x06Prompt\x12$\n\x06points\x18\x01 \x03(\x0b\x32\x0e.sam2.v1.PointB\x04\xe2\x41\x01\x01\x12\x1f\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0c.sam2.v1.BoxB\x04\xe2\x41\x01\x01\x12\x17\n\rlogits_handle\x18\x03 \x01(\tH\x00\x12\x15\n\x0bmask_logits\x18\x04 \x01(\x0cH\x00\x12#\n\x10multimask_output\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x42\x0c\n\nmask_inputB\x13\n\x11_multimask_output\"|\n\x0cPromptResult\x12\x30\n\ncandidates\x18\x01 \x03(\x0b\x32\x16.sam2.v1.MaskCandidateB\x04\xe2\x41\x01\x03\x12\x18\n\nbest_index\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12 \n\x12object_score_logit\x18\x03 \x01(\x02\x42\x04\xe2\x41\x01\x03\"\x81\x01\n\rMaskCandidate\x12(\n\x04mask\x18\x01 \x01(\x0b\x32\x14.sam2.v1.EncodedMaskB\x04\xe2\x41\x01\x03\x12\x13\n\x05score\x18\x02 \x01(\x02\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rlogits_handle\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06logits\x18\x04 \x01(\x0c\x42\x04\xe2\x41\x01\x03\x32\xa2\x01\n\x0e\x44\x65\x63oderService\x12<\n\x07Segment\x12\x17.sam2.v1.SegmentRequest\x1a\x18.sam2.v1.SegmentResponse\x12R\n\rSegmentStream\x12\x1d.sam2.v1.SegmentStreamRequest\x1a\x1e.sam2.v1.SegmentStreamResponse(\x01\x30\x01\x42\x90\x01\n\x1dio.github.sam2serving.sam2.v1B\x0c\x44\x65\x63oderProtoP\x01Z:github.com/sam2-serving/sam2-serving/gen/go/sam2/v1;sam2v1\xa2\x02\x03SAM\xaa\x02\x07Sam2.V1\xca\x02\x07Sam2\\V1\xea\x02\x08Sam2::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +47,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTREQUEST'].fields_by_name['mask_format']._serialized_options = b'\342A\001\001'
   _globals['_SEGMENTREQUEST'].fields_by_name['include_logits']._loaded_options = None
   _globals['_SEGMENTREQUEST'].fields_by_name['include_logits']._serialized_options = b'\342A\001\001'
+  _globals['_SEGMENTREQUEST'].fields_by_name['omit_logits_handles']._loaded_options = None
+  _globals['_SEGMENTREQUEST'].fields_by_name['omit_logits_handles']._serialized_options = b'\342A\001\001'
   _globals['_SEGMENTRESPONSE'].fields_by_name['embedding']._loaded_options = None
   _globals['_SEGMENTRESPONSE'].fields_by_name['embedding']._serialized_options = b'\342A\001\003'
   _globals['_SEGMENTRESPONSE'].fields_by_name['results']._loaded_options = None
@@ -78,19 +80,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MASKCANDIDATE'].fields_by_name['logits']._loaded_options = None
   _globals['_MASKCANDIDATE'].fields_by_name['logits']._serialized_options = b'\342A\001\003'
   _globals['_SEGMENTREQUEST']._serialized_start=115
-  _globals['_SEGMENTREQUEST']._serialized_end=338
-  _globals['_SEGMENTRESPONSE']._serialized_start=340
-  _globals['_SEGMENTRESPONSE']._serialized_end=448
-  _globals['_SEGMENTSTREAMREQUEST']._serialized_start=450
-  _globals['_SEGMENTSTREAMREQUEST']._serialized_end=546
-  _globals['_SEGMENTSTREAMRESPONSE']._serialized_start=549
-  _globals['_SEGMENTSTREAMRESPONSE']._serialized_end=691
-  _globals['_PROMPT']._serialized_start=694
-  _globals['_PROMPT']._serialized_end=893
-  _globals['_PROMPTRESULT']._serialized_start=895
-  _globals['_PROMPTRESULT']._serialized_end=1019
-  _globals['_MASKCANDIDATE']._serialized_start=1022
-  _globals['_MASKCANDIDATE']._serialized_end=1151
-  _globals['_DECODERSERVICE']._serialized_start=1154
-  _globals['_DECODERSERVICE']._serialized_end=1316
+  _globals['_SEGMENTREQUEST']._serialized_end=373
+  _globals['_SEGMENTRESPONSE']._serialized_start=375
+  _globals['_SEGMENTRESPONSE']._serialized_end=483
+  _globals['_SEGMENTSTREAMREQUEST']._serialized_start=485
+  _globals['_SEGMENTSTREAMREQUEST']._serialized_end=581
+  _globals['_SEGMENTSTREAMRESPONSE']._serialized_start=584
+  _globals['_SEGMENTSTREAMRESPONSE']._serialized_end=726
+  _globals['_PROMPT']._serialized_start=729
+  _globals['_PROMPT']._serialized_end=928
+  _globals['_PROMPTRESULT']._serialized_start=930
+  _globals['_PROMPTRESULT']._serialized_end=1054
+  _globals['_MASKCANDIDATE']._serialized_start=1057
+  _globals['_MASKCANDIDATE']._serialized_end=1186
+  _globals['_DECODERSERVICE']._serialized_start=1189
+  _globals['_DECODERSERVICE']._serialized_end=1351
 # @@protoc_insertion_point(module_scope)

@@ -10,20 +10,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SegmentRequest(_message.Message):
-    __slots__ = ("embedding_id", "image", "model_id", "prompts", "mask_format", "include_logits")
+    __slots__ = ("embedding_id", "image", "model_id", "prompts", "mask_format", "include_logits", "omit_logits_handles")
     EMBEDDING_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MASK_FORMAT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_LOGITS_HANDLES_FIELD_NUMBER: _ClassVar[int]
     embedding_id: str
     image: _common_pb2.Image
     model_id: str
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
     mask_format: _common_pb2.MaskFormat
     include_logits: bool
-    def __init__(self, embedding_id: _Optional[str] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., mask_format: _Optional[_Union[_common_pb2.MaskFormat, str]] = ..., include_logits: _Optional[bool] = ...) -> None: ...
+    omit_logits_handles: bool
+    def __init__(self, embedding_id: _Optional[str] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., mask_format: _Optional[_Union[_common_pb2.MaskFormat, str]] = ..., include_logits: _Optional[bool] = ..., omit_logits_handles: _Optional[bool] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
     __slots__ = ("embedding", "results")

@@ -91,3 +91,42 @@ def test_a_recent_handle_whose_write_never_lands_is_not_found_after_the_grace(
             await segmenter.close()
 
     asyncio.run(main())
+
+
+class CountingLogitsWrites:
+    """A store that counts its logits writes."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.writes = store, 0
+
+    def put_logits(self, *args: Any) -> None:
+        self.writes += 1
+        self.store.put_logits(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_no_handles_asked_means_no_logits_kept(model: Sam2Model) -> None:
+    """``logits_handles=False`` (the wire's ``omit_logits_handles``): the same predictions, no
+    handle, nothing written to the store or cached; the default still makes and writes them."""
+    async def main() -> None:
+        store = CountingLogitsWrites(open_store("memory://"))
+        [embedding] = model.embed_images(synthetic_rgb(*HW, seed=4), input_color_format="rgb")
+        store.put_embedding(embedding)
+        segmenter = Segmenter(model, store)  # type: ignore[arg-type]
+        prompts = [Prompt(np.array([[40.0, 30.0]], np.float32), np.array([1], np.int32))]
+        try:
+            bare = await segmenter.segment(prompts, embedding_id=embedding.embedding_id,
+                                           logits_handles=False)
+            await asyncio.sleep(0.2)  # a write behind the response would have landed
+            assert bare.logits_handles is None
+            assert store.writes == 0 and len(segmenter.logits_cache) == 0
+            full = await segmenter.segment(prompts, embedding_id=embedding.embedding_id)
+            await asyncio.sleep(0.2)
+            assert len(full.logits_handles[0]) == 3 and store.writes == 1
+            np.testing.assert_array_equal(bare.predictions[0].logits, full.predictions[0].logits)
+        finally:
+            await segmenter.close()
+
+    asyncio.run(main())
