@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,8 @@ class MaskDecoder(nn.Module):
         self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
         self.stability_delta = dynamic_multimask_stability_delta
         self.stability_thresh = dynamic_multimask_stability_thresh
+        # Set by ``compile_one_prompt_upscaling``; None: eager.
+        self._one_prompt_upscaling: Callable[..., torch.Tensor] | None = None
 
     def predict_masks(
         self,
@@ -158,7 +161,7 @@ class MaskDecoder(nn.Module):
         hyper_in: torch.Tensor,
     ) -> torch.Tensor:
         """The masks, [B, M, 4h, 4w] logits (see ``_upscaled_masks``)."""
-        compiled = getattr(self, "_one_prompt_upscaling", None)
+        compiled = self._one_prompt_upscaling
         if compiled is not None and image.shape[0] == 1 and not self.training:
             try:
                 return compiled(image, feat_s0, feat_s1, hyper_in)
