@@ -8,6 +8,12 @@ from torch import nn
 
 from sam2_shared.model.common import MLP
 
+# Prompts x image tokens per band of the image update (``TwoWayTransformer``): a band's
+# [.., C] fp32 maps are 4 MiB each, within a CPU's last-level cache; smaller bands measured
+# slower (each of the ~12 ops per band waits on the OpenMP threads), 16 bands for 16 prompts
+# 1.2x faster than none.
+_BAND_PROMPT_TOKENS = 4096
+
 
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v project to ``embedding_dim / downsample_rate``.
@@ -85,13 +91,27 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(stacked, kh, vh)  # [1, H, B*Nq, d]
             out = out.reshape(self.num_heads, b, nq, -1).permute(1, 2, 0, 3)
             return self.out_proj(out.reshape(b, nq, -1))
+        scores = self.queries_in_key_space(q) @ k.transpose(1, 2)  # [B, H*Nq, Nk]
+        return self.attend_scored_keys(scores, v)
+
+    def queries_in_key_space(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, Nq, C] -> [B, H*Nq, C_kv]: ``scale * q_h W_k,h`` per head, so that the
+        attention scores against raw keys k [B, Nk, C_kv] are ``result @ k^T`` (the key bias
+        adds a constant per query, which cancels in the softmax)."""
+        qh = self._split_heads(self.q_proj(q))  # [B, H, Nq, d]
         scale = qh.shape[-1] ** -0.5
-        q_in_key_space = qh @ self._head_weights(self.k_proj)  # [B, H, Nq, C_kv]
-        scores = (q_in_key_space * scale).flatten(1, 2) @ k.transpose(1, 2)  # [B, H*Nq, Nk]
+        return ((qh * scale) @ self._head_weights(self.k_proj)).flatten(1, 2)
+
+    def attend_scored_keys(self, scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention's output from ``queries_in_key_space(q) @ k^T`` [B, H*Nq, Nk] and the
+        raw values v [B or 1, Nk, C_kv] -> [B, Nq, C]: ``A V_h = (A v) W_v,h^T + b_v,h`` (rows
+        of A sum to 1)."""
+        b, heads = scores.shape[0], self.num_heads
+        nq = scores.shape[1] // heads
         attn = scores.softmax(dim=-1)
-        mixed = (attn @ v).reshape(b, self.num_heads, nq, -1)  # [B, H, Nq, C_kv]
+        mixed = (attn @ v).reshape(b, heads, nq, -1)  # [B, H, Nq, C_kv]
         w_v = self._head_weights(self.v_proj)  # [H, d, C_kv]
-        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.reshape(self.num_heads, 1, -1)
+        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.reshape(heads, 1, -1)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, -1))
 
     def attend_few_keys(
@@ -100,6 +120,28 @@ class Attention(nn.Module):
         """``residual + forward(q, k, v)`` for many queries and few keys (image -> tokens).
 
         q [B or 1, Nq, C], k/v [B, Nk, C], residual [B or 1, Nq, C] -> [B, Nq, C].
+        ``few_keys(k, v)`` then ``attend_prepared_keys``; the second works on any rows of
+        the queries (bands of the image).
+        """
+        return self.attend_prepared_keys(q, self.few_keys(k, v), residual)
+
+    def few_keys(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key side of ``attend_prepared_keys``: k/v [B, Nk, C] -> (scaled keys
+        [B, H, Nk, d], values with the output projection folded in [B, H*Nk, C])."""
+        b, nk, _ = k.shape
+        heads = self.num_heads
+        kh = self._split_heads(self.k_proj(k))  # [B, H, Nk, d]
+        vh = self._split_heads(self.v_proj(v))
+        w_o = self.out_proj.weight.reshape(-1, heads, kh.shape[-1])  # [C, H, d]
+        values_out = (vh @ w_o.permute(1, 2, 0)).reshape(b, heads * nk, -1)  # [B, H*Nk, C]
+        return kh * kh.shape[-1] ** -0.5, values_out + self.out_proj.bias / heads
+
+    def attend_prepared_keys(
+        self, q: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], residual: torch.Tensor
+    ) -> torch.Tensor:
+        """``residual + forward(q, k, v)`` with ``keys = few_keys(k, v)``.
+
+        q [B or 1, Nq, C], residual [B or 1, Nq, C] -> [B, Nq, C].
 
         The output projection is folded into the values (``sum_h A_h (V_h W_o,h^T)``), so
         the Nq x internal x C product is never formed. With one image shared by B > 1
@@ -108,27 +150,21 @@ class Attention(nn.Module):
         are added by the last matmul itself (each head's weights sum to 1 over the keys, so
         ``b_o / heads`` on every value row adds ``b_o``): no pass over the Nq x C result.
         """
-        b, nk, _ = k.shape
-        heads = self.num_heads
-        kh = self._split_heads(self.k_proj(k))  # [B, H, Nk, d]
-        vh = self._split_heads(self.v_proj(v))
-        scale = kh.shape[-1] ** -0.5
-        w_o = self.out_proj.weight.reshape(-1, heads, kh.shape[-1])  # [C, H, d]
-        values_out = (vh @ w_o.permute(1, 2, 0)).reshape(b, heads * nk, -1)  # [B, H*Nk, C]
-        values_out = values_out + self.out_proj.bias / heads
+        kh, values_out = keys
+        b, heads, nk, _ = kh.shape
         nq = q.shape[1]
         # Scores are laid out [.., Nk, Nq] so the softmax over the few keys runs across
         # the contiguous query axis (a last-dim softmax over 8 values is ~3x slower).
         if q.shape[0] == 1 and b > 1:
             qh = self._split_heads(self.q_proj(q))[0]  # [H, Nq, d]
-            keys = kh.transpose(0, 1).reshape(heads, b * nk, -1)  # [H, B*Nk, d]
-            scores = (keys * scale) @ qh.transpose(1, 2)  # [H, B*Nk, Nq]
+            stacked = kh.transpose(0, 1).reshape(heads, b * nk, -1)  # [H, B*Nk, d]
+            scores = stacked @ qh.transpose(1, 2)  # [H, B*Nk, Nq]
             attn = scores.reshape(heads, b, nk, nq).softmax(dim=2)
             attn = attn.transpose(0, 1).reshape(b, heads * nk, nq)
         else:
             w_q = self._head_weights(self.q_proj)  # [H, d, C]
-            folded = (kh @ w_q) * scale  # [B, H, Nk, C]
-            bias = (kh @ self.q_proj.bias.reshape(heads, -1, 1)) * scale  # [B, H, Nk, 1]
+            folded = kh @ w_q  # [B, H, Nk, C]
+            bias = kh @ self.q_proj.bias.reshape(heads, -1, 1)  # [B, H, Nk, 1]
             scores = folded.reshape(b, heads * nk, -1) @ q.transpose(1, 2)  # [B, H*Nk, Nq]
             scores = scores + bias.reshape(b, heads * nk, 1)
             attn = scores.reshape(b, heads, nk, nq).softmax(dim=2).reshape(b, heads * nk, nq)
@@ -181,25 +217,52 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [B, Nq, C], keys [B or 1, HW, C] -> updated ([B, Nq, C], [B, HW, C])."""
+        """queries [B, Nq, C], keys [B or 1, HW, C] -> updated ([B, Nq, C], [B, HW, C]).
+
+        The block on its own, the whole image at once; ``TwoWayTransformer`` runs the same
+        steps with the image side in bands.
+        """
+        queries = self.attend_tokens(queries, query_pe)
+        keys_with_pe = keys + key_pe
+        from_image = self.cross_attn_token_to_image.attend_few_queries(
+            queries + query_pe, keys_with_pe, keys
+        )
+        queries = self.finish_tokens(queries, from_image)
+        keys = self.update_image(keys, keys_with_pe, self.image_side_keys(queries, query_pe))
+        return queries, keys
+
+    def attend_tokens(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """Token self-attention and norm1: [B, Nq, C] -> [B, Nq, C]."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
+        return self.norm1(queries)
 
-        keys_with_pe = keys + key_pe
-        to_image, from_image = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        queries = queries + to_image.attend_few_queries(queries + query_pe, keys_with_pe, keys)
-        queries = self.norm2(queries)
+    def finish_tokens(self, queries: torch.Tensor, from_image: torch.Tensor) -> torch.Tensor:
+        """The token->image attention's residual and norm2, then the MLP and norm3."""
+        queries = self.norm2(queries + from_image)
+        return self.norm3(queries + self.mlp(queries))
 
-        queries = self.norm3(queries + self.mlp(queries))
+    def image_side_keys(
+        self, queries: torch.Tensor, query_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens as keys/values of the image->token attention (``Attention.few_keys``)."""
+        return self.cross_attn_image_to_token.few_keys(queries + query_pe, queries)
 
-        q = queries + query_pe
-        keys = from_image.attend_few_keys(keys_with_pe, q, queries, residual=keys)
-        keys = self.norm4(keys)
-        return queries, keys
+    def update_image(
+        self,
+        keys: torch.Tensor,
+        keys_with_pe: torch.Tensor,
+        token_keys: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Image->token attention with its residual, then norm4, for any rows of the image:
+        keys / keys_with_pe [B or 1, rows, C] -> [B, rows, C]."""
+        attended = self.cross_attn_image_to_token.attend_prepared_keys(
+            keys_with_pe, token_keys, residual=keys
+        )
+        return self.norm4(attended)
 
 
 class TwoWayTransformer(nn.Module):
@@ -249,11 +312,57 @@ class TwoWayTransformer(nn.Module):
         # NCHW views costs more than the attention itself on a CPU.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
-        queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn_out = self.final_attn_token_to_image.attend_few_queries(
-            queries + point_embedding, keys + key_pe, keys
+        query_pe = point_embedding
+        first = self.layers[0]
+        queries = first.attend_tokens(point_embedding, query_pe)
+        from_image = first.cross_attn_token_to_image.attend_few_queries(
+            queries + query_pe, keys + key_pe, keys
         )
-        queries = self.norm_final_attn(queries + attn_out)
+        queries = first.finish_tokens(queries, from_image)
+        for i, layer in enumerate(self.layers):
+            # Layer i's image update runs in bands together with the scores of the next
+            # token->image attention (layer i+1's, or the final one), whose queries depend
+            # on the tokens only.
+            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if following is not None:
+                next_queries = following.attend_tokens(queries, query_pe)
+                to_image = following.cross_attn_token_to_image
+            else:
+                next_queries, to_image = queries, self.final_attn_token_to_image
+            keys, scores = self._update_image_in_bands(
+                layer, layer.image_side_keys(queries, query_pe), keys, key_pe,
+                to_image.queries_in_key_space(next_queries + query_pe),
+            )
+            from_image = to_image.attend_scored_keys(scores, keys)
+            if following is not None:
+                queries = following.finish_tokens(next_queries, from_image)
+            else:
+                queries = self.norm_final_attn(queries + from_image)
         return queries, keys
+
+    @staticmethod
+    def _update_image_in_bands(
+        layer: TwoWayAttentionBlock,
+        token_keys: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        key_pe: torch.Tensor,
+        next_queries: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer.update_image`` of keys [B or 1, HW, C] -> [B, HW, C], and the next
+        attention's scores ``next_queries @ (new keys + key_pe)^T`` [B, H*Nq, HW].
+
+        Everything here is per image row, so it runs in bands of rows: a band's per-prompt
+        maps (residual, attention output, LayerNorm, the pe sum) stay in the CPU cache
+        instead of making ~6 round trips through memory per prompt at [HW, C] each.
+        """
+        b, hw = next_queries.shape[0], keys.shape[1]
+        new_keys = keys.new_empty(b, hw, keys.shape[2])
+        scores = keys.new_empty(b, next_queries.shape[1], hw)
+        rows = max(1, _BAND_PROMPT_TOKENS // b)
+        for top in range(0, hw, rows):
+            band = slice(top, min(hw, top + rows))
+            old, pe = keys[:, band], key_pe[:, band]
+            updated = layer.update_image(old, old + pe, token_keys)
+            new_keys[:, band] = updated
+            scores[:, :, band] = next_queries @ (updated + pe).transpose(1, 2)
+        return new_keys, scores
