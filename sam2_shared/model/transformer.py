@@ -315,8 +315,9 @@ class TwoWayTransformer(nn.Module):
         query_pe = point_embedding
         first = self.layers[0]
         queries = first.attend_tokens(point_embedding, query_pe)
+        keys_with_pe: torch.Tensor | None = keys + key_pe
         from_image = first.cross_attn_token_to_image.attend_few_queries(
-            queries + query_pe, keys + key_pe, keys
+            queries + query_pe, keys_with_pe, keys
         )
         queries = first.finish_tokens(queries, from_image)
         for i, layer in enumerate(self.layers):
@@ -331,8 +332,9 @@ class TwoWayTransformer(nn.Module):
                 next_queries, to_image = queries, self.final_attn_token_to_image
             keys, scores = self._update_image_in_bands(
                 layer, layer.image_side_keys(queries, query_pe), keys, key_pe,
-                to_image.queries_in_key_space(next_queries + query_pe),
+                to_image.queries_in_key_space(next_queries + query_pe), keys_with_pe,
             )
+            keys_with_pe = None  # the bands add it to the new keys themselves
             from_image = to_image.attend_scored_keys(scores, keys)
             if following is not None:
                 queries = following.finish_tokens(next_queries, from_image)
@@ -347,9 +349,11 @@ class TwoWayTransformer(nn.Module):
         keys: torch.Tensor,
         key_pe: torch.Tensor,
         next_queries: torch.Tensor,
+        keys_with_pe: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer.update_image`` of keys [B or 1, HW, C] -> [B, HW, C], and the next
         attention's scores ``next_queries @ (new keys + key_pe)^T`` [B, H*Nq, HW].
+        ``keys_with_pe``: ``keys + key_pe`` where the caller has it (None: made per band).
 
         Everything here is per image row, so it runs in bands of rows: a band's per-prompt
         maps (residual, attention output, LayerNorm, the pe sum) stay in the CPU cache
@@ -362,7 +366,8 @@ class TwoWayTransformer(nn.Module):
         for top in range(0, hw, rows):
             band = slice(top, min(hw, top + rows))
             old, pe = keys[:, band], key_pe[:, band]
-            updated = layer.update_image(old, old + pe, token_keys)
+            old_with_pe = old + pe if keys_with_pe is None else keys_with_pe[:, band]
+            updated = layer.update_image(old, old_with_pe, token_keys)
             new_keys[:, band] = updated
             scores[:, :, band] = next_queries @ (updated + pe).transpose(1, 2)
         return new_keys, scores
