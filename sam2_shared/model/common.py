@@ -2,9 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ValueT = TypeVar("ValueT")
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place write counter of ``tensor`` (-1 for inference tensors, which have none)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
+class TensorMemo(Generic[ValueT]):
+    """Values derived from a few recent sets of tensors, reused while the same tensor objects
+    come back unmodified: per-image work of the decoder that a run of prompts on one image
+    would otherwise redo. Keyed by identity (the sources are held, so an id cannot be reused)
+    and in-place write counters; inference-mode tensors have none, and nothing in the model
+    writes into its inputs. Holds at most ``size`` entries, most recent kept.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: list[tuple[tuple[torch.Tensor, ...], tuple[int, ...], ValueT]] = []
+
+    def get(self, sources: tuple[torch.Tensor, ...], make: Callable[[], ValueT]) -> ValueT:
+        """The value remembered for ``sources``, else ``make()`` (then remembered)."""
+        versions = tuple(_version(t) for t in sources)
+        for held, seen, value in self._entries:
+            if seen == versions and all(a is b for a, b in zip(held, sources, strict=True)):
+                return value
+        value = make()
+        self._entries = [*self._entries[len(self._entries) + 1 - self.size :],
+                         (sources, versions, value)]
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class LayerNorm2d(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam2_shared.model.common import MLP, LayerNorm2d
+from sam2_shared.model.common import MLP, LayerNorm2d, TensorMemo
 from sam2_shared.model.transformer import TwoWayTransformer
 
 logger = logging.getLogger(__name__)
@@ -20,10 +20,11 @@ logger = logging.getLogger(__name__)
 # keep the per-op thread synchronisation (7 ops a band) cheap on a loaded machine, where 16
 # measured slower than no banding at all.
 _BAND_PROMPT_ROWS = 128
-# Images whose skip features ``MaskDecoder`` keeps in its blocked order (``_blocked_skips``):
-# clicks come in runs on one image, and the rearrangement costs a one-prompt click ~15 %.
-# Each entry holds 12 MiB (fp32) plus the source features it was made from.
-_SKIP_MEMO_IMAGES = 2
+# Images whose per-image decoder work ``MaskDecoder`` keeps (``TensorMemo``): clicks come in
+# runs on one image. The skip features in blocked order (12 MiB fp32 an image; rearranging
+# them cost a one-prompt click ~15 %) and the transformer's first-layer image side (14 MiB:
+# keys with the no-mask embedding and the positional encoding, and their projections).
+_MEMO_IMAGES = 2
 
 
 @dataclass
@@ -40,11 +41,6 @@ class DecoderOutput:
     iou_scores: torch.Tensor
     object_score_logits: torch.Tensor
     sam_tokens: torch.Tensor
-
-
-def _version(tensor: torch.Tensor) -> int:
-    """In-place write counter of ``tensor`` (-1 for inference tensors, which have none)."""
-    return -1 if tensor.is_inference() else tensor._version
 
 
 class MaskDecoder(nn.Module):
@@ -114,9 +110,8 @@ class MaskDecoder(nn.Module):
         self.stability_thresh = dynamic_multimask_stability_thresh
         # Set by ``compile_one_prompt_upscaling``; None: eager.
         self._one_prompt_upscaling: Callable[..., torch.Tensor] | None = None
-        # (feat_s0, feat_s1, their versions, blocked skips), most recent last.
-        self._skip_memo: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int],
-                                    tuple[torch.Tensor, torch.Tensor]]] = []
+        self._skip_memo: TensorMemo[tuple[torch.Tensor, torch.Tensor]] = TensorMemo(_MEMO_IMAGES)
+        self._image_memo: TensorMemo[dict[str, torch.Tensor]] = TensorMemo(_MEMO_IMAGES)
 
     def predict_masks(
         self,
@@ -138,8 +133,13 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat(
             (output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings), dim=1
         )
-        src = image_embeddings + dense_prompt_embeddings
-        hs, src = self.transformer(src, image_pe, tokens)
+        image_side = self._image_side(image_embeddings, image_pe, dense_prompt_embeddings)
+        src = None if image_side is None else image_side.get("src")
+        if src is None:
+            src = image_embeddings + dense_prompt_embeddings
+        if image_side is not None:
+            image_side["src"] = src
+        hs, src = self.transformer(src, image_pe, tokens, image_side)
         iou_token_out = hs[:, 1, :]
         mask_tokens_out = hs[:, 2 : 2 + self.num_mask_tokens, :]
 
@@ -152,6 +152,24 @@ class MaskDecoder(nn.Module):
         iou_pred = self.iou_prediction_head(iou_token_out)
         object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
         return masks, iou_pred, mask_tokens_out, object_score_logits
+
+    def _image_side(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """The remembered image-only work for this image (``TensorMemo``), or None where
+        there is none to share: training, several images, or a mask prompt (the dense
+        embedding then differs per prompt; without one it is one vector broadcast over the
+        grid, and the entry is only used for that same vector)."""
+        if (self.training or torch.is_grad_enabled() or image_embeddings.shape[0] != 1
+                or dense.shape[0] != 1 or dense.stride()[-2:] != (0, 0)):
+            return None
+        vector = dense[0, :, 0, 0]
+        side = self._image_memo.get((image_embeddings, image_pe), dict)
+        if "dense" not in side:
+            side["dense"] = vector.clone()
+        elif not torch.equal(side["dense"], vector):
+            return None
+        return side
 
     def compile_one_prompt_upscaling(self) -> None:
         """Run ``upscaled_masks`` of a one-prompt forward through ``torch.compile``.
@@ -192,16 +210,18 @@ class MaskDecoder(nn.Module):
 
         feat_s0 [1 or B, C/8, 4h, 4w], feat_s1 [1 or B, C/4, 2h, 2w]. Row 4i+2di+di2 and column
         4j+2dj+dj2 of feat_s0 go to pixel (i, j), sub-pixel (di, dj, di2, dj2); feat_s1 likewise
-        with (di, dj). Outside training the result is remembered for the last few images (the
-        same tensor objects, unmodified since), so a run of clicks on one image pays it once.
-        Inference-mode tensors have no version counter; nothing here writes into features.
+        with (di, dj). Outside training the result is remembered for the last few images
+        (``TensorMemo``), so a run of clicks on one image pays it once.
         """
-        memo = not self.training and not torch.is_grad_enabled()
-        versions = (_version(feat_s0), _version(feat_s1))
-        if memo:
-            for s0, s1, seen, skips in self._skip_memo:
-                if s0 is feat_s0 and s1 is feat_s1 and seen == versions:
-                    return skips
+        if self.training or torch.is_grad_enabled():
+            return self._rearranged_skips(feat_s0, feat_s1)
+        return self._skip_memo.get(
+            (feat_s0, feat_s1), lambda: self._rearranged_skips(feat_s0, feat_s1)
+        )
+
+    def _rearranged_skips(
+        self, feat_s0: torch.Tensor, feat_s1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         upconv1, upconv2 = self.output_upscaling[0], self.output_upscaling[3]
         c8, c4 = feat_s0.shape[1], feat_s1.shape[1]
         h, w = feat_s1.shape[2] // 2, feat_s1.shape[3] // 2
@@ -209,9 +229,6 @@ class MaskDecoder(nn.Module):
         skip1 = skip1.contiguous().reshape(-1, h, w, 4 * c4)
         skip0 = feat_s0.reshape(-1, c8, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
         skip0 = (skip0 + upconv2.bias).contiguous().reshape(-1, h, w, 16 * c8)
-        if memo:
-            self._skip_memo = [*self._skip_memo[1 - _SKIP_MEMO_IMAGES :],
-                               (feat_s0, feat_s1, versions, (skip0, skip1))]
         return skip0, skip1
 
     def _upscaled_masks(

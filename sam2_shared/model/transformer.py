@@ -71,28 +71,40 @@ class Attention(nn.Module):
         """[internal, C_in] weight -> [heads, head_dim, C_in]."""
         return linear.weight.reshape(self.num_heads, -1, linear.weight.shape[1])
 
-    def attend_few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend_few_queries(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Same result as ``forward`` for few queries and many keys (tokens -> image).
 
-        q [B, Nq, C], k/v [B or 1, Nk, C_kv] -> [B, Nq, C].
+        q [B, Nq, C], k/v [B or 1, Nk, C_kv] -> [B, Nq, C]; ``projected``: ``project(k, v)``
+        where the caller keeps it (one image's, reused across calls).
 
-        With one image shared by B > 1 prompts, keys and values are projected once and
-        the prompts' queries are stacked into one attention call. Otherwise the
-        projections are folded into the Nq queries instead of applied to the Nk keys:
-        ``q_h K_h^T = (q_h W_k,h) k^T`` (the key bias adds a constant per query, which
+        With one image shared by B > 1 prompts (or its projections given), keys and values
+        are projected once and the prompts' queries are stacked into one attention call.
+        Otherwise the projections are folded into the Nq queries instead of applied to the Nk
+        keys: ``q_h K_h^T = (q_h W_k,h) k^T`` (the key bias adds a constant per query, which
         cancels in the softmax) and ``A V_h = (A v) W_v,h^T + b_v,h`` (rows of A sum to 1).
         """
         b, nq, _ = q.shape
-        qh = self._split_heads(self.q_proj(q))  # [B, H, Nq, d]
-        if k.shape[0] == 1 and b > 1:
-            kh = self._split_heads(self.k_proj(k))  # [1, H, Nk, d]
-            vh = self._split_heads(self.v_proj(v))
+        if projected is None and k.shape[0] == 1 and b > 1:
+            projected = self.project(k, v)
+        if projected is not None:
+            qh = self._split_heads(self.q_proj(q))  # [B, H, Nq, d]
+            kh, vh = projected
             stacked = qh.transpose(0, 1).reshape(1, self.num_heads, b * nq, -1)
             out = F.scaled_dot_product_attention(stacked, kh, vh)  # [1, H, B*Nq, d]
             out = out.reshape(self.num_heads, b, nq, -1).permute(1, 2, 0, 3)
             return self.out_proj(out.reshape(b, nq, -1))
         scores = self.queries_in_key_space(q) @ k.transpose(1, 2)  # [B, H*Nq, Nk]
         return self.attend_scored_keys(scores, v)
+
+    def project(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v [1, Nk, C_kv] -> projected keys and values, [1, H, Nk, d] each."""
+        return self._split_heads(self.k_proj(k)), self._split_heads(self.v_proj(v))
 
     def queries_in_key_space(self, q: torch.Tensor) -> torch.Tensor:
         """q [B, Nq, C] -> [B, H*Nq, C_kv]: ``scale * q_h W_k,h`` per head, so that the
@@ -137,11 +149,16 @@ class Attention(nn.Module):
         return kh * kh.shape[-1] ** -0.5, values_out + self.out_proj.bias / heads
 
     def attend_prepared_keys(
-        self, q: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], residual: torch.Tensor
+        self,
+        q: torch.Tensor,
+        keys: tuple[torch.Tensor, torch.Tensor],
+        residual: torch.Tensor,
+        projected_q: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``residual + forward(q, k, v)`` with ``keys = few_keys(k, v)``.
 
-        q [B or 1, Nq, C], residual [B or 1, Nq, C] -> [B, Nq, C].
+        q [B or 1, Nq, C], residual [B or 1, Nq, C] -> [B, Nq, C]; ``projected_q``:
+        ``q_proj(q)`` [1, Nq, internal] where the caller keeps it (one image's).
 
         The output projection is folded into the values (``sum_h A_h (V_h W_o,h^T)``), so
         the Nq x internal x C product is never formed. With one image shared by B > 1
@@ -155,8 +172,10 @@ class Attention(nn.Module):
         nq = q.shape[1]
         # Scores are laid out [.., Nk, Nq] so the softmax over the few keys runs across
         # the contiguous query axis (a last-dim softmax over 8 values is ~3x slower).
-        if q.shape[0] == 1 and b > 1:
-            qh = self._split_heads(self.q_proj(q))[0]  # [H, Nq, d]
+        if projected_q is None and q.shape[0] == 1 and b > 1:
+            projected_q = self.q_proj(q)
+        if projected_q is not None:
+            qh = self._split_heads(projected_q)[0]  # [H, Nq, d]
             stacked = kh.transpose(0, 1).reshape(heads, b * nk, -1)  # [H, B*Nk, d]
             scores = stacked @ qh.transpose(1, 2)  # [H, B*Nk, Nq]
             attn = scores.reshape(heads, b, nk, nq).softmax(dim=2)
@@ -256,11 +275,13 @@ class TwoWayAttentionBlock(nn.Module):
         keys: torch.Tensor,
         keys_with_pe: torch.Tensor,
         token_keys: tuple[torch.Tensor, torch.Tensor],
+        projected_q: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image->token attention with its residual, then norm4, for any rows of the image:
-        keys / keys_with_pe [B or 1, rows, C] -> [B, rows, C]."""
+        keys / keys_with_pe [B or 1, rows, C] -> [B, rows, C] (``projected_q``: see
+        ``Attention.attend_prepared_keys``)."""
         attended = self.cross_attn_image_to_token.attend_prepared_keys(
-            keys_with_pe, token_keys, residual=keys
+            keys_with_pe, token_keys, residual=keys, projected_q=projected_q
         )
         return self.norm4(attended)
 
@@ -302,11 +323,17 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        image_side: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding [B or 1, C, h, w], image_pe [1, C, h, w], tokens [B, N, C].
 
-        Returns (tokens [B, N, C], image [B, hw, C]).
+        Returns (tokens [B, N, C], image [B, hw, C]). ``image_side``: a dict kept by the
+        caller for one image embedding of batch 1 (and this image_pe); the first layer's
+        image-only work is stored in it and reused by later calls.
         """
         # Token-major copies (free when the inputs are channels_last): adding strided
         # NCHW views costs more than the attention itself on a CPU.
@@ -314,12 +341,19 @@ class TwoWayTransformer(nn.Module):
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         query_pe = point_embedding
         first = self.layers[0]
+        side = image_side if image_side is not None else {}
+        if image_side is not None and "keys_with_pe" not in image_side:
+            image_side.update(self._first_layer_image_side(keys, key_pe))
+        keys_with_pe: torch.Tensor | None = side.get("keys_with_pe")
+        if keys_with_pe is None:
+            keys_with_pe = keys + key_pe
         queries = first.attend_tokens(point_embedding, query_pe)
-        keys_with_pe: torch.Tensor | None = keys + key_pe
         from_image = first.cross_attn_token_to_image.attend_few_queries(
-            queries + query_pe, keys_with_pe, keys
+            queries + query_pe, keys_with_pe, keys,
+            projected=(side["k"], side["v"]) if "k" in side else None,
         )
         queries = first.finish_tokens(queries, from_image)
+        projected_q = side.get("q")
         for i, layer in enumerate(self.layers):
             # Layer i's image update runs in bands together with the scores of the next
             # token->image attention (layer i+1's, or the final one), whose queries depend
@@ -333,14 +367,28 @@ class TwoWayTransformer(nn.Module):
             keys, scores = self._update_image_in_bands(
                 layer, layer.image_side_keys(queries, query_pe), keys, key_pe,
                 to_image.queries_in_key_space(next_queries + query_pe), keys_with_pe,
+                projected_q,
             )
-            keys_with_pe = None  # the bands add it to the new keys themselves
+            keys_with_pe = projected_q = None  # the bands add pe to the new keys themselves
             from_image = to_image.attend_scored_keys(scores, keys)
             if following is not None:
                 queries = following.finish_tokens(next_queries, from_image)
             else:
                 queries = self.norm_final_attn(queries + from_image)
         return queries, keys
+
+    def _first_layer_image_side(
+        self, keys: torch.Tensor, key_pe: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """What the first layer computes from the image alone (keys [1, HW, C]): keys + pe,
+        the token->image attention's projected keys and values, the image->token attention's
+        projected queries. Projecting costs a one-prompt forward about what the folded
+        per-prompt products would, and the next prompts on the image skip both."""
+        first = self.layers[0]
+        keys_with_pe = keys + key_pe
+        k, v = first.cross_attn_token_to_image.project(keys_with_pe, keys)
+        q = first.cross_attn_image_to_token.q_proj(keys_with_pe)
+        return {"keys_with_pe": keys_with_pe, "k": k, "v": v, "q": q}
 
     @staticmethod
     def _update_image_in_bands(
@@ -350,10 +398,13 @@ class TwoWayTransformer(nn.Module):
         key_pe: torch.Tensor,
         next_queries: torch.Tensor,
         keys_with_pe: torch.Tensor | None,
+        projected_q: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer.update_image`` of keys [B or 1, HW, C] -> [B, HW, C], and the next
         attention's scores ``next_queries @ (new keys + key_pe)^T`` [B, H*Nq, HW].
-        ``keys_with_pe``: ``keys + key_pe`` where the caller has it (None: made per band).
+        ``keys_with_pe``: ``keys + key_pe`` where the caller has it (None: made per band);
+        ``projected_q``: the image->token attention's ``q_proj(keys_with_pe)`` [1, HW, C/2]
+        where the caller has it.
 
         Everything here is per image row, so it runs in bands of rows: a band's per-prompt
         maps (residual, attention output, LayerNorm, the pe sum) stay in the CPU cache
@@ -367,7 +418,10 @@ class TwoWayTransformer(nn.Module):
             band = slice(top, min(hw, top + rows))
             old, pe = keys[:, band], key_pe[:, band]
             old_with_pe = old + pe if keys_with_pe is None else keys_with_pe[:, band]
-            updated = layer.update_image(old, old_with_pe, token_keys)
+            updated = layer.update_image(
+                old, old_with_pe, token_keys,
+                None if projected_q is None else projected_q[:, band],
+            )
             new_keys[:, band] = updated
             scores[:, :, band] = next_queries @ (updated + pe).transpose(1, 2)
         return new_keys, scores

@@ -46,3 +46,11 @@ def test_banded_update_equals_whole_image_blocks(
     assert keys.shape == (prompts, SIDE * SIDE, CHANNELS)
     torch.testing.assert_close(queries, expected_queries, rtol=0, atol=1e-5)
     torch.testing.assert_close(keys, expected_keys, rtol=0, atol=1e-5)
+    if image_batch == 1:  # the image side kept across calls: made by the first, reused after
+        image_side: dict[str, torch.Tensor] = {}
+        for _ in range(2):
+            with torch.inference_mode():
+                queries, keys = model(image, image_pe, tokens, image_side)
+            assert {"keys_with_pe", "k", "v", "q"} <= image_side.keys()
+            torch.testing.assert_close(queries, expected_queries, rtol=0, atol=1e-5)
+            torch.testing.assert_close(keys, expected_keys, rtol=0, atol=1e-5)
