@@ -164,7 +164,10 @@ class MaskDecoder(nn.Module):
                 or dense.shape[0] != 1 or dense.stride()[-2:] != (0, 0)):
             return None
         vector = dense[0, :, 0, 0]
-        side = self._image_memo.get((image_embeddings, image_pe), dict)
+        # Keyed by the weights it is made from too: a state dict loaded in place since
+        # bumps their versions.
+        sources = (image_embeddings, image_pe, *self.transformer.image_side_parameters())
+        side = self._image_memo.get(sources, dict)
         if "dense" not in side:
             side["dense"] = vector.clone()
         elif not torch.equal(side["dense"], vector):
@@ -215,8 +218,9 @@ class MaskDecoder(nn.Module):
         """
         if self.training or torch.is_grad_enabled():
             return self._rearranged_skips(feat_s0, feat_s1)
+        biases = (self.output_upscaling[0].bias, self.output_upscaling[3].bias)
         return self._skip_memo.get(
-            (feat_s0, feat_s1), lambda: self._rearranged_skips(feat_s0, feat_s1)
+            (feat_s0, feat_s1, *biases), lambda: self._rearranged_skips(feat_s0, feat_s1)
         )
 
     def _rearranged_skips(

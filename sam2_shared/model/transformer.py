@@ -377,6 +377,14 @@ class TwoWayTransformer(nn.Module):
                 queries = self.norm_final_attn(queries + from_image)
         return queries, keys
 
+    def image_side_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The weights ``_first_layer_image_side`` uses (its results depend on them)."""
+        first = self.layers[0]
+        projections = (first.cross_attn_token_to_image.k_proj,
+                       first.cross_attn_token_to_image.v_proj,
+                       first.cross_attn_image_to_token.q_proj)
+        return tuple(t for linear in projections for t in (linear.weight, linear.bias))
+
     def _first_layer_image_side(
         self, keys: torch.Tensor, key_pe: torch.Tensor
     ) -> dict[str, torch.Tensor]:
