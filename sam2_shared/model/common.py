@@ -22,7 +22,7 @@ class TensorMemo(Generic[ValueT]):
     come back unmodified: per-image work of the decoder that a run of prompts on one image
     would otherwise redo. Keyed by identity (the sources are held, so an id cannot be reused)
     and in-place write counters; inference-mode tensors have none, and nothing in the model
-    writes into its inputs. Holds at most ``size`` entries, most recent kept.
+    writes into its inputs. Holds at most ``size`` entries, the most recently used.
     """
 
     def __init__(self, size: int) -> None:
@@ -32,11 +32,14 @@ class TensorMemo(Generic[ValueT]):
     def get(self, sources: tuple[torch.Tensor, ...], make: Callable[[], ValueT]) -> ValueT:
         """The value remembered for ``sources``, else ``make()`` (then remembered)."""
         versions = tuple(_version(t) for t in sources)
-        for held, seen, value in self._entries:
+        entries = list(self._entries)  # another thread may replace the list meanwhile
+        for index, entry in enumerate(entries):
+            held, seen, value = entry
             if seen == versions and all(a is b for a, b in zip(held, sources, strict=True)):
+                self._entries = [*entries[:index], *entries[index + 1 :], entry]
                 return value
         value = make()
-        self._entries = [*self._entries[len(self._entries) + 1 - self.size :],
+        self._entries = [*entries[max(0, len(entries) + 1 - self.size) :],
                          (sources, versions, value)]
         return value
 

@@ -375,23 +375,26 @@ def test_remembered_image_work_follows_the_image(fx: Fixture) -> None:
         assert not np.allclose(changed.logits, a_fresh.logits, atol=1e-3)
         _assert_same_prediction(changed, fresh(a_again))
 
-    # Weights loaded in place (what the memo was made from changes under the same tensors).
+    # One weight written in place (a state dict loaded in place does this to every weight):
+    # what the memo was made from changes under the same embedding.
     a_fresh = fresh(fx.a)
-    state = {name: value.clone() for name, value in decoder.state_dict().items()}
-    try:
-        for name in ("transformer.layers.0.cross_attn_token_to_image.k_proj.weight",
-                     "transformer.layers.0.cross_attn_token_to_image.v_proj.bias",
-                     "transformer.layers.0.cross_attn_image_to_token.q_proj.weight",
-                     "output_upscaling.3.bias"):
-            fx.model.decode_prompts(fx.a, click)  # remembered with the current weights
-            changed_state = dict(decoder.state_dict())
-            changed_state[name] = changed_state[name] * 1.5 + 0.1
-            decoder.load_state_dict(changed_state)
+    weights = dict(decoder.named_parameters())
+    for name in ("transformer.layers.0.cross_attn_token_to_image.k_proj.weight",
+                 "transformer.layers.0.cross_attn_token_to_image.v_proj.bias",
+                 "transformer.layers.0.cross_attn_image_to_token.q_proj.weight",
+                 "output_upscaling.3.bias"):
+        for _ in range(2):  # seen twice: everything remembered with the current weights
+            fx.model.decode_prompts(fx.a, click)
+        before = weights[name].detach().clone()
+        try:
+            with torch.no_grad():
+                weights[name].mul_(1.5).add_(0.1)
             changed = fx.model.decode_prompts(fx.a, click)[0]
             assert not np.allclose(changed.logits, a_fresh.logits, atol=1e-4), name
             _assert_same_prediction(changed, fresh(fx.a))
-    finally:
-        decoder.load_state_dict(state)
+        finally:
+            with torch.no_grad():
+                weights[name].copy_(before)
     _assert_same_prediction(fx.model.decode_prompts(fx.a, click)[0], a_fresh)
 
 
