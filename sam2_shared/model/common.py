@@ -26,6 +26,10 @@ class TensorMemo(Generic[ValueT]):
     """
 
     def __init__(self, size: int) -> None:
+        """
+        Arguments:
+          size (int): most entries kept (sets of source tensors with their values).
+        """
         self.size = size
         self._entries: list[tuple[tuple[torch.Tensor, ...], tuple[int, ...], ValueT]] = []
 
