@@ -390,8 +390,8 @@ class TwoWayTransformer(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """What the first layer computes from the image alone (keys [1, HW, C]): keys + pe,
         the token->image attention's projected keys and values, the image->token attention's
-        projected queries. Projecting costs a one-prompt forward about what the folded
-        per-prompt products would, and the next prompts on the image skip both."""
+        projected queries. Projecting costs the first prompt on an image ~0.4 GFLOP more
+        than the folded per-prompt products would; the next prompts on it skip both."""
         first = self.layers[0]
         keys_with_pe = keys + key_pe
         k, v = first.cross_attn_token_to_image.project(keys_with_pe, keys)
