@@ -12,7 +12,7 @@ import diskcache
 import pytest
 
 from sam2_shared.errors import StoreUnavailableError
-from sam2_shared.store import open_store
+from sam2_shared.store import disk_store, open_store
 from sam2_shared.store.base import EmbeddingStore
 
 
@@ -61,6 +61,25 @@ def test_bytes_round_trip_still_works(tmp_path: Path) -> None:
     assert store.blobs.get("k") == b"\x00\x01" * 10 and len(store.blobs.get("big")) == 1 << 20
     with pytest.raises(TypeError):
         store.blobs.cache.set("x", {"not": "bytes"})
+    store.close()
+
+
+def test_large_values_are_written_whole(tmp_path: Path) -> None:
+    """Values kept in their own files (our writer, not diskcache's, which split them at every
+    newline byte) come back byte for byte, also where a culling process removed the file's
+    directory."""
+    store = open_store(f"diskcache://{private_dir(tmp_path)}")
+    payload = b"\n".join(os.urandom(100) for _ in range(10_000))  # 10,000 "lines"
+    store.blobs.put("lines", payload)
+    assert store.blobs.get("lines") == payload
+    (filename,) = store.blobs.cache._sql(
+        "SELECT filename FROM Cache WHERE key = ?", ("lines",)).fetchone()
+    assert (Path(store.blobs.directory) / filename).read_bytes() == payload
+    nested = tmp_path / "culled" / "ab" / "cd.val"
+    disk_store._write_new_file(str(nested), payload)  # its directories are made again
+    assert nested.read_bytes() == payload
+    with pytest.raises(FileExistsError):  # never overwrites another entry's file
+        disk_store._write_new_file(str(nested), b"other")
     store.close()
 
 
