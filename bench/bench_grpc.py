@@ -128,6 +128,12 @@ async def open_loop(address: str, embedding_id: str, requests: int, rate: float,
         return latencies, requests / (time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client_overhead(model: Sam2Model, embedding, client: Sam2Client, ref, requests: int
                     ) -> dict[str, list[float]]:
     """Interleaved, call by call: the client vs in-process segment_images (+ RLE out and
@@ -239,23 +245,28 @@ def main() -> None:
                       f"{summary(samples)[1]:.1f} |")
             del model
         if "curve" in phases:
-            print("\n| mask format | in flight | clicks/s | p50 ms | p99 ms |\n"
-                  "|---|---|---|---|---|")
+            print("\n| mask format | in flight | clicks/s | p50 ms | p99 ms | decoder CPU "
+                  "ms/click | load generator CPU ms/click |\n|---|---|---|---|---|---|---|")
             for name in args.formats.split(","):
                 for concurrency in map(int, args.concurrency.split(",")):
                     profiled = (args.profile_svg is not None and name == args.profile_format
                                 and concurrency == args.profile_concurrency)
                     run = closed_loop(decoder.address, ref.embedding_id, args.requests,
                                       concurrency, FORMATS[name])
+                    decoder_cpu, own_cpu = cpu_seconds(decoder.process.pid), time.process_time()
                     if profiled:
                         with PySpy(decoder.process.pid, args.profile_svg) as spy:
                             latencies, rate = asyncio.run(run)
                         profile = top_costs(spy.raw)
                     else:
                         latencies, rate = asyncio.run(run)
+                    # per click, including the connection's warm-up calls (4 per run)
+                    decoder_cpu = (cpu_seconds(decoder.process.pid) - decoder_cpu) * 1000
+                    own_cpu = (time.process_time() - own_cpu) * 1000
+                    clicks = args.requests + 4
                     p50, p99 = summary(latencies)
-                    print(f"| {name} | {concurrency} | {rate:.1f} | {p50:.1f} | {p99:.1f} |",
-                          flush=True)
+                    print(f"| {name} | {concurrency} | {rate:.1f} | {p50:.1f} | {p99:.1f} | "
+                          f"{decoder_cpu / clicks:.1f} | {own_cpu / clicks:.1f} |", flush=True)
         if args.profile_svg is not None and "curve" in phases:
             print(f"\ndecoder profile ({args.profile_format}, {args.profile_concurrency} in "
                   f"flight, {args.profile_svg}):\n| function | self % | total % |\n|---|---|---|")

@@ -139,7 +139,8 @@ class MaskDecoder(nn.Module):
             src = image_embeddings + dense_prompt_embeddings
         if image_side is not None:
             image_side["src"] = src
-        hs, src = self.transformer(src, image_pe, tokens, image_side)
+        # src is used up below, before this returns: the transformer may reuse its buffers.
+        hs, src = self.transformer(src, image_pe, tokens, image_side, reuse_buffers=True)
         iou_token_out = hs[:, 1, :]
         mask_tokens_out = hs[:, 2 : 2 + self.num_mask_tokens, :]
 

@@ -6,13 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam2_shared.model.common import MLP
+from sam2_shared.model.common import MLP, ScratchBuffers
 
 # Prompts x image tokens per band of the image update (``TwoWayTransformer``): a band's
 # [.., C] fp32 maps are 4 MiB each, within a CPU's last-level cache; smaller bands measured
 # slower (each of the ~12 ops per band waits on the OpenMP threads), 16 bands for 16 prompts
 # 1.2x faster than none.
 _BAND_PROMPT_TOKENS = 4096
+# The per-prompt image states of a forward of 16 prompts, one per layer (64 MiB each at
+# fp32 for a 64x64 embedding of 256 channels), kept per thread between forwards.
+_SCRATCH_BYTES = 128 << 20
 
 
 class Attention(nn.Module):
@@ -321,6 +324,7 @@ class TwoWayTransformer(nn.Module):
             embedding_dim, num_heads, downsample_rate=attention_downsample_rate
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
+        self._scratch = ScratchBuffers(_SCRATCH_BYTES)
 
     def forward(
         self,
@@ -328,12 +332,16 @@ class TwoWayTransformer(nn.Module):
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
         image_side: dict[str, torch.Tensor] | None = None,
+        reuse_buffers: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embedding [B or 1, C, h, w], image_pe [1, C, h, w], tokens [B, N, C].
 
         Returns (tokens [B, N, C], image [B, hw, C]). ``image_side``: a dict kept by the
         caller for one image embedding of batch 1 (and this image_pe); the first layer's
-        image-only work is stored in it and reused by later calls.
+        image-only work is stored in it and reused by later calls. ``reuse_buffers``: the
+        layers' image states go into this thread's ``ScratchBuffers``, so the returned
+        image is overwritten by the thread's next such call: for a caller that is done with
+        it by then (``MaskDecoder``).
         """
         # Token-major copies (free when the inputs are channels_last): adding strided
         # NCHW views costs more than the attention itself on a CPU.
@@ -367,7 +375,7 @@ class TwoWayTransformer(nn.Module):
             keys, scores = self._update_image_in_bands(
                 layer, layer.image_side_keys(queries, query_pe), keys, key_pe,
                 to_image.queries_in_key_space(next_queries + query_pe), keys_with_pe,
-                projected_q,
+                projected_q, self._scratch if reuse_buffers else None, f"image_state_{i}",
             )
             keys_with_pe = projected_q = None  # the bands add pe to the new keys themselves
             from_image = to_image.attend_scored_keys(scores, keys)
@@ -407,19 +415,24 @@ class TwoWayTransformer(nn.Module):
         next_queries: torch.Tensor,
         keys_with_pe: torch.Tensor | None,
         projected_q: torch.Tensor | None,
+        scratch: ScratchBuffers | None = None,
+        scratch_name: str = "",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer.update_image`` of keys [B or 1, HW, C] -> [B, HW, C], and the next
         attention's scores ``next_queries @ (new keys + key_pe)^T`` [B, H*Nq, HW].
         ``keys_with_pe``: ``keys + key_pe`` where the caller has it (None: made per band);
         ``projected_q``: the image->token attention's ``q_proj(keys_with_pe)`` [1, HW, C/2]
-        where the caller has it.
+        where the caller has it. ``scratch``: where the new keys go (under
+        ``scratch_name``); None: a new tensor.
 
         Everything here is per image row, so it runs in bands of rows: a band's per-prompt
         maps (residual, attention output, LayerNorm, the pe sum) stay in the CPU cache
         instead of making ~6 round trips through memory per prompt at [HW, C] each.
         """
         b, hw = next_queries.shape[0], keys.shape[1]
-        new_keys = keys.new_empty(b, hw, keys.shape[2])
+        shape = (b, hw, keys.shape[2])
+        new_keys = keys.new_empty(shape) if scratch is None else \
+            scratch.empty(scratch_name, shape, keys)
         scores = keys.new_empty(b, next_queries.shape[1], hw)
         rows = max(1, _BAND_PROMPT_TOKENS // b)
         for top in range(0, hw, rows):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sam2_shared.model import common
 from sam2_shared.model import transformer as transformer_module
 from sam2_shared.model.transformer import TwoWayTransformer
 
@@ -46,6 +47,15 @@ def test_banded_update_equals_whole_image_blocks(
     assert keys.shape == (prompts, SIDE * SIDE, CHANNELS)
     torch.testing.assert_close(queries, expected_queries, rtol=0, atol=1e-5)
     torch.testing.assert_close(keys, expected_keys, rtol=0, atol=1e-5)
+    # The layers' image states in reused per-thread buffers (every size qualifying here):
+    # one layer's must not overwrite what the next one reads.
+    monkeypatch.setattr(common, "_FRESH_MAPPING_BYTES", 0)
+    for _ in range(2):
+        with torch.inference_mode():
+            queries, keys = model(image, image_pe, tokens, reuse_buffers=True)
+        torch.testing.assert_close(queries, expected_queries, rtol=0, atol=1e-5)
+        torch.testing.assert_close(keys, expected_keys, rtol=0, atol=1e-5)
+    assert model._scratch.kept_bytes() > 0
     if image_batch == 1:  # the image side kept across calls: made by the first, reused after
         image_side: dict[str, torch.Tensor] = {}
         for _ in range(2):
