@@ -120,8 +120,10 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         high_res_features: tuple[torch.Tensor, torch.Tensor],
+        mask_tokens: slice = slice(0, None),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All 4 mask logits [B, 4, 256, 256], IoU [B, 4], mask tokens [B, 4, C], object [B, 1].
+        """Mask logits [B, M, 256, 256] of the ``mask_tokens`` (default all 4: M = 4), IoU
+        [B, 4], mask tokens [B, 4, C], object [B, 1].
 
         ``image_embeddings`` [1 or B, C, 64, 64] and ``high_res_features``
         ([1 or B, C/8, 256, 256], [1 or B, C/4, 128, 128]) broadcast over the B prompts.
@@ -146,9 +148,10 @@ class MaskDecoder(nn.Module):
 
         h, w = image_embeddings.shape[-2:]
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
+             for i in range(self.num_mask_tokens)[mask_tokens]],
             dim=1,
-        )  # [B, 4, C/8]
+        )  # [B, M, C/8]
         masks = self.upscaled_masks(src.reshape(b, h, w, -1), *high_res_features, hyper_in)
         iou_pred = self.iou_prediction_head(iou_token_out)
         object_score_logits = self.pred_obj_score_head(hs[:, 0, :])
@@ -187,8 +190,9 @@ class MaskDecoder(nn.Module):
 
         Inductor fuses the LayerNorm, the GELUs and the reorders around the two matmuls, the
         element-wise passes that make up much of a single click's cost on a CPU. Only batch 1
-        (an interactive click) is compiled: its shapes do not depend on the prompt, so there
-        is one compile (seconds, at warm-up) for every click. Batches of several prompts
+        (an interactive click) is compiled: its shapes depend only on whether the click asks
+        for multimask output (3 masks made) or not (4), so there are at most two compiles
+        (seconds each, at the first such click) for every click. Batches of several prompts
         keep the eager code, where compiling measured little gain and every batch size would
         be a compile of its own. On a CPU this needs a C++ compiler at run time.
         """
@@ -303,10 +307,12 @@ class MaskDecoder(nn.Module):
         object_score_logits: torch.Tensor,
         multimask_output: bool,
     ) -> DecoderOutput:
-        """Pick the returned masks from all 4 (Meta's ``MaskDecoder.forward`` rules)."""
+        """Pick the returned outputs (Meta's ``MaskDecoder.forward`` rules). ``masks``: of the
+        mask tokens 1..3 in multimask output (token 0's is never returned there, so it is not
+        made), of all 4 otherwise."""
         if multimask_output:
             return DecoderOutput(
-                masks[:, 1:], iou_pred[:, 1:], object_score_logits, mask_tokens_out[:, 1:]
+                masks, iou_pred[:, 1:], object_score_logits, mask_tokens_out[:, 1:]
             )
         single_masks, single_iou = masks[:, 0:1], iou_pred[:, 0:1]
         if self.dynamic_multimask_via_stability and not self.training:
@@ -335,6 +341,7 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             high_res_features,
+            mask_tokens=slice(1, None) if multimask_output else slice(0, None),
         )
         return self.select_outputs(*outputs, multimask_output=multimask_output)
 
