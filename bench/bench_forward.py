@@ -2,6 +2,8 @@
 image size), ms per prompt for forwards of several sizes, on a worker thread as the decoder
 tier runs it (torch ops on the main thread measured several times slower on a loaded
 2-core machine). fp32, one-point prompts, multimask, the embedding of a 1080x1920 image.
+Also the kernel's share: system CPU time per prompt and minor page faults per forward (a
+buffer the allocator maps afresh is faulted in and zeroed page by page).
 
 Compare two checkouts by running this from each, alternately:
 
@@ -11,6 +13,7 @@ Compare two checkouts by running this from each, alternately:
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import threading
@@ -30,8 +33,9 @@ from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
 
 
 def time_forwards(model: Sam2Model, embedding: ImageEmbedding, prompts: int, repeats: int
-                  ) -> float:
-    """Median seconds of one forward of ``prompts`` one-point prompts (after a warm-up)."""
+                  ) -> tuple[float, float, float]:
+    """Median seconds of one forward of ``prompts`` one-point prompts (after a warm-up),
+    and per forward, on average: system CPU seconds and minor page faults."""
     rng = np.random.default_rng(0)
     points = rng.uniform((0, 0), (WIDTH, HEIGHT), size=(prompts, 1, 2)).astype(np.float32)
     coords = torch.from_numpy(np.stack([points_to_model_frame(p, embedding.original_hw)
@@ -39,20 +43,26 @@ def time_forwards(model: Sam2Model, embedding: ImageEmbedding, prompts: int, rep
     labels = torch.ones(prompts, 1, dtype=torch.int32)
     decoder = model.decoder
     times: list[float] = []
+    kernel: list[resource.struct_rusage] = []
 
     def run() -> None:
         with torch.inference_mode():
             for attempt in range(repeats + 1):
+                if attempt == 1:
+                    kernel.append(resource.getrusage(resource.RUSAGE_SELF))
                 started = time.perf_counter()
                 decoder(embedding.image_embed, embedding.high_res_feats, coords, labels, None,
                         True, batch_size=prompts)
                 if attempt:  # the first one warms up (and fills the per-image memo)
                     times.append(time.perf_counter() - started)
+            kernel.append(resource.getrusage(resource.RUSAGE_SELF))
 
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
-    return statistics.median(times)
+    before, after = kernel
+    return (statistics.median(times), (after.ru_stime - before.ru_stime) / repeats,
+            (after.ru_minflt - before.ru_minflt) / repeats)
 
 
 def main() -> None:
@@ -67,10 +77,12 @@ def main() -> None:
     embedding = model.prepare_embedding(model.encode_rgb([bench_image()])[0])
     print(f"{args.model}, fp32, {cpu_name()}, {args.threads} threads, torch {torch.__version__},"
           f" {WIDTH}x{HEIGHT}; medians of {args.repeats}\n")
-    print("| prompts per forward | ms per forward | ms per prompt |\n|---|---|---|")
+    print("| prompts per forward | ms per forward | ms per prompt | system CPU ms per prompt "
+          "| page faults per forward |\n|---|---|---|---|---|")
     for prompts in (int(p) for p in args.prompts.split(",")):
-        seconds = time_forwards(model, embedding, prompts, args.repeats)
-        print(f"| {prompts} | {seconds * 1e3:.1f} | {seconds * 1e3 / prompts:.1f} |")
+        seconds, system, faults = time_forwards(model, embedding, prompts, args.repeats)
+        print(f"| {prompts} | {seconds * 1e3:.1f} | {seconds * 1e3 / prompts:.1f} | "
+              f"{system * 1e3 / prompts:.2f} | {faults:,.0f} |")
 
 
 if __name__ == "__main__":

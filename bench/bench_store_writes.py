@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200, help="puts per payload and writer")
     args = parser.parse_args()
     print(f"machine: {cpu_name()}, python {sys.version.split()[0]}, diskcache "
-          f"{diskcache.__version__}; medians of {args.repeats} puts, the two writers "
-          "alternated in rounds of 20\n")
+          f"{diskcache.__version__}; {args.repeats} puts per entry and writer, in rounds of "
+          "20 alternating the writers; the median of the rounds' medians\n")
     print("| entry | bytes | writer | CPU ms / put | wall ms / put |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="sam2-bench-store-") as scratch:
         ours = DiskBlobStore(str(Path(scratch) / "ours"), size_limit_bytes=8 << 30).cache

@@ -552,9 +552,12 @@ class Segmenter:
             model_id=self.model_id,
             embedding_id="warm-up",
         ).to(self.model.device)
-        prompt = Prompt(np.array([[320.0, 240.0]], np.float32), np.array([1], np.int32))
+        point = np.array([[320.0, 240.0]], np.float32), np.array([1], np.int32)
+        # Both output kinds: with compile_decoder each is a compile of its own (3 masks made
+        # or 4), which must not land on a live click.
+        prompts = [Prompt(*point), Prompt(*point, multimask_output=False)]
         started = time.perf_counter()
-        await self._batcher.submit(_Job(dummy, [prompt]))
+        await self._batcher.submit(_Job(dummy, prompts))
         return time.perf_counter() - started
 
     async def close(self) -> None:

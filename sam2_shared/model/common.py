@@ -92,9 +92,12 @@ class ScratchBuffers:
         key = (name, like.dtype, torch.is_inference_mode_enabled())
         buffer = slots.get(key)
         if buffer is None or buffer.numel() < numel:
-            slots.pop(key, None)
-            if sum(kept.nbytes for kept in slots.values()) + nbytes > self.max_bytes:
+            others = sum(kept.nbytes for name_, kept in slots.items() if name_ != key)
+            if others + nbytes > self.max_bytes:
+                # Too large to keep: a plain tensor, and the buffer kept so far stays for
+                # the usual sizes (one odd batch must not cost them their buffers).
                 return like.new_empty(shape)
+            slots.pop(key, None)  # freed before its replacement is made
             buffer = slots[key] = like.new_empty(numel)
         return buffer[:numel].view(shape)
 

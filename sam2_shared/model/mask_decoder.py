@@ -311,6 +311,9 @@ class MaskDecoder(nn.Module):
         mask tokens 1..3 in multimask output (token 0's is never returned there, so it is not
         made), of all 4 otherwise."""
         if multimask_output:
+            if masks.shape[1] != iou_pred.shape[1] - 1:
+                raise ValueError(f"multimask output takes the masks of mask tokens 1.. "
+                                 f"({iou_pred.shape[1] - 1}), got {masks.shape[1]}")
             return DecoderOutput(
                 masks, iou_pred[:, 1:], object_score_logits, mask_tokens_out[:, 1:]
             )

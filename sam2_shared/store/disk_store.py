@@ -67,8 +67,9 @@ def _write_new_file(path: str, data: bytes, attempts: int = 10) -> None:
     (diskcache's writer retries the same way)."""
     directory = os.path.dirname(path)
     for attempt in range(1, attempts + 1):
-        os.makedirs(directory, exist_ok=True)
         try:
+            # makedirs too: a parent it found may be removed before it makes the child
+            os.makedirs(directory, exist_ok=True)
             with open(path, "xb") as file:
                 file.write(data)
             return

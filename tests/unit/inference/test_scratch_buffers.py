@@ -1,5 +1,6 @@
 """ScratchBuffers: per-thread buffers reused between forwards, and a mask decoder that uses
-them still gives every forward's outputs their own memory, on every thread."""
+them still gives every forward's outputs their own memory, on every thread. Also: a multimask
+forward makes only the masks it returns (mask tokens 1..3)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def test_one_buffer_per_name_thread_and_mode() -> None:
         assert scratch.empty("c", (200,), like).data_ptr() not in (first.data_ptr(),
                                                                    other.data_ptr())
         assert scratch.kept_bytes() == 2 * 32 * 4
+        # one oversized request for a kept name does not cost it its buffer
+        assert scratch.empty("a", (240,), like).data_ptr() != first.data_ptr()
+        assert scratch.empty("a", (4, 8), like).data_ptr() == first.data_ptr()
         # a larger request replaces the name's buffer
         grown = scratch.empty("a", (8, 8), like)
         assert grown.shape == (8, 8) and scratch.kept_bytes() == (64 + 32) * 4
@@ -125,3 +129,22 @@ def test_outputs_survive_the_next_forward_on_any_thread() -> None:
     for seed, expected in ((1, first), (2, second)):
         for got, want in zip(results[seed], expected, strict=True):
             assert torch.equal(got, want)
+
+
+def test_multimask_output_makes_the_masks_of_tokens_1_to_3_only() -> None:
+    decoder = _decoder()
+    image = torch.randn(1, CHANNELS, SIDE, SIDE)
+    pe = torch.randn(1, CHANNELS, SIDE, SIDE)
+    dense = torch.randn(1, CHANNELS, 1, 1).expand(1, CHANNELS, SIDE, SIDE)
+    skips = (torch.randn(1, CHANNELS // 8, 4 * SIDE, 4 * SIDE),
+             torch.randn(1, CHANNELS // 4, 2 * SIDE, 2 * SIDE))
+    tokens = torch.randn(3, 3, CHANNELS)
+    with torch.inference_mode():
+        every = decoder.predict_masks(image, pe, tokens, dense, skips)
+        multi = decoder(image, pe, tokens, dense, True, skips)
+        single = decoder(image, pe, tokens, dense, False, skips)
+    assert every[0].shape[1] == 4 and multi.masks.shape[1] == 3 and single.masks.shape[1] == 1
+    torch.testing.assert_close(multi.masks, every[0][:, 1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(multi.iou_scores, every[1][:, 1:])
+    with pytest.raises(ValueError, match="mask tokens 1"):
+        decoder.select_outputs(*every, multimask_output=True)  # all 4: not what it takes

@@ -83,6 +83,25 @@ def test_large_values_are_written_whole(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_parent_removed_while_the_directory_is_made_is_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process culling an entry removes its emptied parent directories: makedirs can
+    find a parent and then fail to make the child in it. The write tries again."""
+    real_makedirs = os.makedirs
+    failures = []
+
+    def racing_makedirs(name: str, exist_ok: bool = False) -> None:
+        if not failures:
+            failures.append(name)
+            raise FileNotFoundError(name)
+        real_makedirs(name, exist_ok=exist_ok)
+
+    monkeypatch.setattr(disk_store.os, "makedirs", racing_makedirs)
+    target = tmp_path / "ab" / "cd" / "entry.val"
+    disk_store._write_new_file(str(target), b"payload")
+    assert failures and target.read_bytes() == b"payload"
+
+
 def test_a_directory_others_may_write_is_refused(tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     directory = tmp_path / "shared"
