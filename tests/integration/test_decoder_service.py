@@ -18,6 +18,7 @@ from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 from sam2_shared.client import Sam2Client
 from sam2_shared.client.channels import channel_options
 from sam2_shared.inference.sam2_model import Sam2Model
+from sam2_shared.model.transformer import _SCRATCH_BYTES
 from sam2_shared.prompts import Prompt
 from sam2_shared.store import open_blob_store, open_store
 from sam2_shared.wire.status import error_from_rpc_error, error_from_status
@@ -327,7 +328,11 @@ def test_large_masks_are_made_one_at_a_time(tiny_checkpoint: Path, model: Sam2Mo
     """16 multimask box prompts on a 12 MP image: 48 masks of 11.4 MiB (549 MiB at once). The
     decoder's peak RSS grows far less than that over the same prompts on a small image (which
     pays the batched forward, independent of the image size); the masks are right; a normal
-    request works afterwards."""
+    request works afterwards.
+
+    The forward's two 64 MiB image states stay allocated between forwards (the transformer's
+    per-thread ``ScratchBuffers``), so they no longer leave room under the first request's
+    peak for the second one's masks: the bound allows for them."""
     store_url = "diskcache://" + tempfile.mkdtemp(prefix="sam2-decoder-memory-")
     store = open_store(store_url)
     ids = {}
@@ -360,7 +365,8 @@ def test_large_masks_are_made_one_at_a_time(tiny_checkpoint: Path, model: Sam2Mo
                                              mask_format=common_pb2.MASK_FORMAT_RAW_BITS)
         response = stub.Segment(request, timeout=300)
         growth = _peak_rss_mib(pid) - before
-        assert growth < 250 < all_at_once_mib / 2, f"peak RSS grew {growth:.0f} MiB"
+        bound = 250 + _SCRATCH_BYTES / 2**20
+        assert growth < bound < all_at_once_mib, f"peak RSS grew {growth:.0f} MiB"
 
         # The same batch in process, on the embedding as the decoder read it; a few masks
         # made at a time, so that the test's own memory stays bounded too.
