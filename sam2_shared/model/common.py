@@ -92,7 +92,7 @@ class ScratchBuffers:
         key = (name, like.dtype, torch.is_inference_mode_enabled())
         buffer = slots.get(key)
         if buffer is None or buffer.numel() < numel:
-            others = sum(kept.nbytes for name_, kept in slots.items() if name_ != key)
+            others = self.kept_bytes() - (0 if buffer is None else buffer.nbytes)
             if others + nbytes > self.max_bytes:
                 # Too large to keep: a plain tensor, and the buffer kept so far stays for
                 # the usual sizes (one odd batch must not cost them their buffers).

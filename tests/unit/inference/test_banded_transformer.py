@@ -48,7 +48,7 @@ def test_banded_update_equals_whole_image_blocks(
     torch.testing.assert_close(queries, expected_queries, rtol=0, atol=1e-5)
     torch.testing.assert_close(keys, expected_keys, rtol=0, atol=1e-5)
     # The layers' image states in reused per-thread buffers (every size qualifying here):
-    # one layer's must not overwrite what the next one reads.
+    # the same results, also from the second call, which writes into the first one's.
     monkeypatch.setattr(common, "_FRESH_MAPPING_BYTES", 0)
     for _ in range(2):
         with torch.inference_mode():
