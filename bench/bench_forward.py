@@ -1,13 +1,15 @@
 """The decoder network's forward alone (prompt encoder + mask decoder, no upsampling to the
 image size), ms per prompt for forwards of several sizes, on a worker thread as the decoder
 tier runs it (torch ops on the main thread measured several times slower on a loaded
-2-core machine). fp32, one-point prompts, multimask, the embedding of a 1080x1920 image.
+2-core machine). fp32 (or ``--precision bf16``), one-point prompts, multimask, the embedding
+of a 1080x1920 image.
 Also the kernel's share: system CPU time per prompt and minor page faults per forward (a
 buffer the allocator maps afresh is faulted in and zeroed page by page).
 
 Compare two checkouts by running this from each, alternately:
 
-    python bench/bench_forward.py [--prompts 1,16] [--repeats 15] [--threads 2]
+    python bench/bench_forward.py [--prompts 1,16] [--repeats 15] [--threads 2] \
+        [--precision fp32]
 """
 
 from __future__ import annotations
@@ -71,12 +73,18 @@ def main() -> None:
     parser.add_argument("--prompts", default="1,16", help="forward sizes, a list")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the decoder's (the embedding is made in fp32 either way)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = Sam2Model.from_pretrained(args.model, checkpoint=make_random_checkpoint(args.model))
-    embedding = model.prepare_embedding(model.encode_rgb([bench_image()])[0])
-    print(f"{args.model}, fp32, {cpu_name()}, {args.threads} threads, torch {torch.__version__},"
-          f" {WIDTH}x{HEIGHT}; medians of {args.repeats}\n")
+    checkpoint = make_random_checkpoint(args.model)
+    encoder = Sam2Model.from_pretrained(args.model, checkpoint=checkpoint, parts="encoder")
+    model = Sam2Model.from_pretrained(args.model, checkpoint=checkpoint, parts="decoder",
+                                      precision=args.precision)
+    embedding = model.prepare_embedding(encoder.encode_rgb([bench_image()])[0])
+    del encoder
+    print(f"{args.model}, {args.precision}, {cpu_name()}, {args.threads} threads, torch "
+          f"{torch.__version__}, {WIDTH}x{HEIGHT}; medians of {args.repeats}\n")
     print("| prompts per forward | ms per forward | ms per prompt | system CPU ms per prompt "
           "| page faults per forward |\n|---|---|---|---|---|")
     for prompts in (int(p) for p in args.prompts.split(",")):

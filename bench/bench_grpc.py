@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--client-requests", type=int, default=40)
     parser.add_argument("--phases", default="client,curve,open")
     parser.add_argument("--decoder-args", default="", help="extra decoder flags, one string")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the decoder's and the in-process baseline's")
     parser.add_argument("--profile-svg", type=Path, help="py-spy flame graph of the decoder")
     parser.add_argument("--profile-concurrency", type=int, default=16)
     parser.add_argument("--profile-format", default="raw_bits")
@@ -229,14 +231,18 @@ def main() -> None:
     with TierProcess("encoder_service", common) as encoder:
         with Sam2Client(encoder=encoder.address, model_id=MODEL_ID) as client:
             [ref] = client.embed_images(synthetic_rgb(HEIGHT, WIDTH), input_color_format="rgb")
+    precision = args.precision
     print(f"machine: {os.cpu_count()} CPUs; decoder OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, one point, multimask (3 "
-          f"masks), {WIDTH}x{HEIGHT}, loopback. Medians of interleaved runs.", flush=True)
-    with TierProcess("decoder_service", common + args.decoder_args.split()) as decoder:
+          f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, {precision}, one point, "
+          f"multimask (3 masks), {WIDTH}x{HEIGHT}, loopback. Medians of interleaved runs.",
+          flush=True)
+    decoder_args = [*common, "--precision", precision, *args.decoder_args.split()]
+    with TierProcess("decoder_service", decoder_args) as decoder:
         if "client" in phases:
             with open_store(store) as opened:
                 embedding = opened.get_embedding(ref.embedding_id, MODEL_ID)
-            model = Sam2Model.from_pretrained(MODEL_ID, checkpoint, parts="decoder")
+            model = Sam2Model.from_pretrained(MODEL_ID, checkpoint, parts="decoder",
+                                              precision=precision)
             with Sam2Client(decoder=decoder.address, model_id=MODEL_ID) as remote:
                 times = client_overhead(model, embedding, remote, ref, args.client_requests)
             print("\n| path | p50 ms | p99 ms |\n|---|---|---|")
