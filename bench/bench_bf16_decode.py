@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_image import cpu_name  # noqa: E402
+from bench.bench_image import cpu_name, mask_iou  # noqa: E402
 from sam2_shared import Sam2Model  # noqa: E402
 from sam2_shared.prompts import Prompt  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
@@ -44,11 +44,6 @@ def prompts_for(height: int, width: int, count: int, seed: int) -> list[Prompt]:
         prompts.append(Prompt(point_coords=(rng.random((2, 2)) * size).astype(np.float32),
                               point_labels=np.array([1, 0], np.int64), multimask_output=True))
     return prompts
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def main() -> None:
@@ -75,7 +70,7 @@ def main() -> None:
         height, width = image.rgb.shape[:2]
         prompts = prompts_for(height, width, args.prompts, seed)
         exact, low = (decoders[p].decode_prompts(embedding, prompts) for p in ("fp32", "bf16"))
-        per_prompt = [[iou(a.masks[0, c], b.masks[0, c]) for c in range(a.masks.shape[1])]
+        per_prompt = [[mask_iou(a.masks[0, c], b.masks[0, c]) for c in range(a.masks.shape[1])]
                       for a, b in zip(exact, low)]
         ious = [value for values in per_prompt for value in values]
         by_kind = " / ".join(
