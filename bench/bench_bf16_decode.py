@@ -1,8 +1,9 @@
 """bf16 decode against fp32 decode on the parity images: mask IoU, logit and IoU-score
 differences, and whether the best candidate is the same, for the same fp32 embedding.
 
-The decoder tier decodes in bf16 with ``--precision bf16``; the bar for making that its default
-is a mean mask IoU >= 0.99 against fp32 (issue 12). Each image is encoded once in fp32 (the
+Two bf16 decoders: all of it (``--precision bf16``) and only its mask upscaling
+(``--upscaling-dtype bfloat16``). The bar for a bf16 default is a mean mask IoU >= 0.99
+against fp32 (issue 12). Each image is encoded once in fp32 (the
 encoder tier's store holds fp32 or fp16 embeddings); both decoders get that embedding, the
 bf16 one rounded to bf16 as the tier does. Masks are compared at the image's full size, every
 candidate of every prompt.
@@ -28,6 +29,14 @@ from sam2_shared import Sam2Model  # noqa: E402
 from sam2_shared.prompts import Prompt  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
 from tests.parity.support import TEST_IMAGES  # noqa: E402
+
+# The decoders compared with fp32: all in bf16 (``--precision bf16``), and fp32 with the mask
+# upscaling in bf16 (``--upscaling-dtype bfloat16``, the tier's default on native-bf16 CPUs).
+VARIANTS: dict[str, dict[str, str]] = {
+    "fp32": {},
+    "bf16": {"precision": "bf16"},
+    "bf16 upscaling": {"upscaling_dtype": "bfloat16"},
+}
 
 
 def prompts_for(height: int, width: int, count: int, seed: int) -> list[Prompt]:
@@ -55,37 +64,41 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     checkpoint = make_random_checkpoint(args.model)
     encoder = Sam2Model.from_pretrained(args.model, checkpoint=checkpoint, parts="encoder")
-    decoders = {precision: Sam2Model.from_pretrained(args.model, checkpoint=checkpoint,
-                                                     parts="decoder", precision=precision)
-                for precision in ("fp32", "bf16")}
+    decoders = {name: Sam2Model.from_pretrained(args.model, checkpoint=checkpoint,
+                                                parts="decoder", **options)
+                for name, options in VARIANTS.items()}
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     print(f"{args.model}, random weights, {cpu_name()} (native bf16: {native}),"
           f" {args.threads} threads, torch {torch.__version__}; {3 * args.prompts} prompts "
           f"per image\n")
-    print("| image | mask IoU mean / min | mean IoU: 1 point / box / 2 points | max abs low-res "
-          "logit diff | max IoU-score diff | same best candidate |\n|---|---|---|---|---|---|")
-    all_ious: list[float] = []
+    print("| image | decoder | mask IoU mean / min | mean IoU: 1 point / box / 2 points | max abs "
+          "low-res logit diff | max IoU-score diff | same best candidate |\n"
+          "|---|---|---|---|---|---|---|")
+    all_ious: dict[str, list[float]] = {name: [] for name in VARIANTS if name != "fp32"}
     for seed, (name, image) in enumerate(TEST_IMAGES.items()):
         [embedding] = encoder.encode_rgb([image.rgb])
         height, width = image.rgb.shape[:2]
         prompts = prompts_for(height, width, args.prompts, seed)
-        exact, low = (decoders[p].decode_prompts(embedding, prompts) for p in ("fp32", "bf16"))
-        per_prompt = [[mask_iou(a.masks[0, c], b.masks[0, c]) for c in range(a.masks.shape[1])]
-                      for a, b in zip(exact, low)]
-        ious = [value for values in per_prompt for value in values]
-        by_kind = " / ".join(
-            f"{statistics.mean(v for values in per_prompt[kind::3] for v in values):.4f}"
-            for kind in range(3))
-        logits = max(float(np.abs(a.logits - b.logits).max()) for a, b in zip(exact, low))
-        scores = max(float(np.abs(a.scores - b.scores).max()) for a, b in zip(exact, low))
-        same_best = sum(int(a.scores[0].argmax() == b.scores[0].argmax())
-                        for a, b in zip(exact, low))
-        all_ious += ious
-        print(f"| {name} ({width}x{height}) | {statistics.mean(ious):.4f} / {min(ious):.4f} | "
-              f"{by_kind} | {logits:.3f} | {scores:.4f} | {same_best} of {len(prompts)} |",
-              flush=True)
-    print(f"| all ({len(all_ious)} masks) | {statistics.mean(all_ious):.4f} / "
-          f"{min(all_ious):.4f} | | | | |")
+        exact = decoders["fp32"].decode_prompts(embedding, prompts)
+        for variant in all_ious:
+            low = decoders[variant].decode_prompts(embedding, prompts)
+            per_prompt = [[mask_iou(a.masks[0, c], b.masks[0, c])
+                           for c in range(a.masks.shape[1])] for a, b in zip(exact, low)]
+            ious = [value for values in per_prompt for value in values]
+            by_kind = " / ".join(
+                f"{statistics.mean(v for values in per_prompt[kind::3] for v in values):.4f}"
+                for kind in range(3))
+            logits = max(float(np.abs(a.logits - b.logits).max()) for a, b in zip(exact, low))
+            scores = max(float(np.abs(a.scores - b.scores).max()) for a, b in zip(exact, low))
+            same_best = sum(int(a.scores[0].argmax() == b.scores[0].argmax())
+                            for a, b in zip(exact, low))
+            all_ious[variant] += ious
+            print(f"| {name} ({width}x{height}) | {variant} | {statistics.mean(ious):.4f} / "
+                  f"{min(ious):.4f} | {by_kind} | {logits:.3f} | {scores:.4f} | {same_best} of "
+                  f"{len(prompts)} |", flush=True)
+    for variant, ious in all_ious.items():
+        print(f"| all ({len(ious)} masks) | {variant} | {statistics.mean(ious):.4f} / "
+              f"{min(ious):.4f} | | | | |")
 
 
 if __name__ == "__main__":

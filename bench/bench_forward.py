@@ -9,7 +9,7 @@ buffer the allocator maps afresh is faulted in and zeroed page by page).
 Compare two checkouts by running this from each, alternately:
 
     python bench/bench_forward.py [--prompts 1,16] [--repeats 15] [--threads 2] \
-        [--precision fp32]
+        [--precision fp32] [--upscaling-dtype float32]
 """
 
 from __future__ import annotations
@@ -75,16 +75,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="the decoder's (the embedding is made in fp32 either way)")
+    parser.add_argument("--upscaling-dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoint = make_random_checkpoint(args.model)
     encoder = Sam2Model.from_pretrained(args.model, checkpoint=checkpoint, parts="encoder")
     model = Sam2Model.from_pretrained(args.model, checkpoint=checkpoint, parts="decoder",
-                                      precision=args.precision)
+                                      precision=args.precision,
+                                      upscaling_dtype=args.upscaling_dtype)
     embedding = model.prepare_embedding(encoder.encode_rgb([bench_image()])[0])
     del encoder
-    print(f"{args.model}, {args.precision}, {cpu_name()}, {args.threads} threads, torch "
-          f"{torch.__version__}, {WIDTH}x{HEIGHT}; medians of {args.repeats}\n")
+    print(f"{args.model}, {args.precision} (upscaling {model.upscaling_dtype}), {cpu_name()}, "
+          f"{args.threads} threads, torch {torch.__version__}, {WIDTH}x{HEIGHT}; medians of "
+          f"{args.repeats}\n")
     print("| prompts per forward | ms per forward | ms per prompt | system CPU ms per prompt "
           "| page faults per forward |\n|---|---|---|---|---|")
     for prompts in (int(p) for p in args.prompts.split(",")):

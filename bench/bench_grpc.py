@@ -46,6 +46,7 @@ from pycocotools import mask as coco_mask
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from decoder_service.cli import resolve_upscaling_dtype  # noqa: E402
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
 from sam2_shared.client import Sam2Client  # noqa: E402
 from sam2_shared.client.channels import channel_options  # noqa: E402
@@ -218,6 +219,10 @@ def main() -> None:
     parser.add_argument("--decoder-args", default="", help="extra decoder flags, one string")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="the decoder's and the in-process baseline's")
+    parser.add_argument("--upscaling-dtype", default="auto",
+                        choices=("auto", "float32", "bfloat16"),
+                        help="the decoder's and the in-process baseline's (auto: the "
+                        "decoder's default on this machine)")
     parser.add_argument("--profile-svg", type=Path, help="py-spy flame graph of the decoder")
     parser.add_argument("--profile-concurrency", type=int, default=16)
     parser.add_argument("--profile-format", default="raw_bits")
@@ -232,17 +237,19 @@ def main() -> None:
         with Sam2Client(encoder=encoder.address, model_id=MODEL_ID) as client:
             [ref] = client.embed_images(synthetic_rgb(HEIGHT, WIDTH), input_color_format="rgb")
     precision = args.precision
+    upscaling = resolve_upscaling_dtype(args.upscaling_dtype, "cpu")
     print(f"machine: {os.cpu_count()} CPUs; decoder OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, {precision}, one point, "
-          f"multimask (3 masks), {WIDTH}x{HEIGHT}, loopback. Medians of interleaved runs.",
-          flush=True)
-    decoder_args = [*common, "--precision", precision, *args.decoder_args.split()]
+          f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, {precision} (upscaling "
+          f"{upscaling}), one point, multimask (3 masks), {WIDTH}x{HEIGHT}, loopback. Medians "
+          f"of interleaved runs.", flush=True)
+    decoder_args = [*common, "--precision", precision, "--upscaling-dtype", upscaling,
+                    *args.decoder_args.split()]
     with TierProcess("decoder_service", decoder_args) as decoder:
         if "client" in phases:
             with open_store(store) as opened:
                 embedding = opened.get_embedding(ref.embedding_id, MODEL_ID)
             model = Sam2Model.from_pretrained(MODEL_ID, checkpoint, parts="decoder",
-                                              precision=precision)
+                                              precision=precision, upscaling_dtype=upscaling)
             with Sam2Client(decoder=decoder.address, model_id=MODEL_ID) as remote:
                 times = client_overhead(model, embedding, remote, ref, args.client_requests)
             print("\n| path | p50 ms | p99 ms |\n|---|---|---|")

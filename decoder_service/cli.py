@@ -46,8 +46,13 @@ class DecoderSettings(TierSettings):
     )
     port: int = setting(50052, "gRPC port (0 picks a free one)", minimum=0)
     metrics_port: int = setting(9102, "Prometheus metrics port (0 disables)", minimum=0)
-    precision: str = setting("auto", "decoder precision (auto: fp32; the decoder is small)",
+    precision: str = setting("auto", "decoder precision (auto: fp32; see --upscaling-dtype)",
                              choices=PRECISIONS)
+    upscaling_dtype: str = setting(
+        "auto", "dtype of the mask upscaling, ~40 % of a prompt's arithmetic, when the "
+        "precision is fp32 (auto: bfloat16 on a CPU with native bf16 matmuls, AVX512-BF16 or "
+        "AMX, else float32; bfloat16 masks are near but not equal to float32's: mask IoU "
+        "~0.99, see BENCHMARKS.md)", choices=("auto", "float32", "bfloat16"))
     max_image_pixels: int = setting(100_000_000, "largest attached image (pixels)", minimum=1)
     encoder_address: str | None = setting(
         None, "host:port of the encoder tier, asked on a miss when the request has the image"
@@ -197,10 +202,23 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
     servicer.metrics = decoder_metrics
     metrics.watch_tracking(decoder.model_id, tracker, tracking_servicer)
     await server.mark_serving()
-    logger.info("decoder ready: %s on %s (%s), warm-up %.3f s, store %s, encoder %s",
-                decoder.model_id, decoder.model.device, decoder.model.precision, warm_s,
+    logger.info("decoder ready: %s on %s (%s, upscaling %s), warm-up %.3f s, store %s, "
+                "encoder %s", decoder.model_id, decoder.model.device, decoder.model.precision,
+                decoder.model.upscaling_dtype, warm_s,
                 store.url, settings.encoder_address or "none")
     await server.serve()
+
+
+def resolve_upscaling_dtype(upscaling_dtype: str, device: str) -> str:
+    """``--upscaling-dtype auto`` -> bfloat16 on a CPU that multiplies bf16 natively (the
+    forward measured ~10 % faster, mask IoU >= 0.99 against float32: BENCHMARKS.md, "bf16
+    decode"), float32 elsewhere (CUDA: unmeasured)."""
+    from sam2_shared.inference.sam2_model import cpu_has_native_bf16
+
+    if upscaling_dtype != "auto":
+        return upscaling_dtype
+    native = device.split(":")[0] == "cpu" and cpu_has_native_bf16()
+    return "bfloat16" if native else "float32"
 
 
 def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) -> Any:
@@ -214,6 +232,7 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
         settings.model, settings.checkpoint, device=device, parts="decoder",
         precision=precision, max_pixels=settings.max_image_pixels,
         compile_decoder=settings.compile_decoder,
+        upscaling_dtype=resolve_upscaling_dtype(settings.upscaling_dtype, device),
     )
     return Segmenter(
         model,

@@ -37,6 +37,8 @@ from sam2_shared.prompts import (
 
 LOGITS_CLAMP = 32.0  # Meta clamps returned low-res logits to [-32, 32]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Names of the dtypes the mask upscaling may run in (``upscaling_dtype``).
+UPSCALING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PARTS = ("all", "encoder", "decoder")
 
 
@@ -77,6 +79,14 @@ class DeferredMasks:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         masks = imaging.masks_from_low_res(self._low_res, self._original_hw)
         return masks if dtype is None else masks.astype(dtype)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there a bf16
+    matmul measured ~2.5x a float32 one; elsewhere bf16 is emulated and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    # Private torch helpers (present since 2.1): a torch without them counts as no support.
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def resolve_device_and_precision(
@@ -140,15 +150,24 @@ class Sam2Model:
         sam2_low_resolution_masks_cache: Sam2LowResolutionMasksInMemoryCache | None = None,
         max_pixels: int = 100_000_000,
         compile_decoder: bool = False,
+        upscaling_dtype: str = "float32",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if upscaling_dtype not in UPSCALING_DTYPES:
+            raise ValueError(f"upscaling_dtype must be one of {sorted(UPSCALING_DTYPES)}, "
+                             f"got {upscaling_dtype!r}")
         self.config = config
         self.device = torch.device(device)
         self.precision = precision
         dtype = _weights_dtype(precision)
         self.encoder = encoder.to(self.device, dtype).eval() if encoder is not None else None
         self.decoder = decoder.to(self.device, dtype).eval() if decoder is not None else None
+        # Other precisions run the whole network, the upscaling too, in their own dtype.
+        self.upscaling_dtype = upscaling_dtype if precision == "fp32" else \
+            str(PRECISIONS[precision]).removeprefix("torch.")
+        if self.decoder is not None and precision == "fp32":
+            self.decoder.sam_mask_decoder.set_upscaling_dtype(UPSCALING_DTYPES[upscaling_dtype])
         if compile_decoder and self.decoder is not None:
             # One-click decodes through torch.compile; the first one compiles (seconds).
             self.decoder.sam_mask_decoder.compile_one_prompt_upscaling()
@@ -174,6 +193,7 @@ class Sam2Model:
         download: bool = True,
         max_pixels: int = 100_000_000,
         compile_decoder: bool = False,
+        upscaling_dtype: str = "float32",
     ) -> Sam2Model:
         """Load an official model id (e.g. ``"sam2.1/hiera_b_plus"``) from its checkpoint.
 
@@ -181,6 +201,9 @@ class Sam2Model:
         (``$SAM2_CHECKPOINT_DIR`` or ``~/.cache/sam2``) and downloaded from Meta if absent.
         ``compile_decoder``: one-prompt decodes run their upscaling through ``torch.compile``
         (faster clicks; the first decode compiles for seconds; a CPU needs a C++ compiler).
+        ``upscaling_dtype="bfloat16"`` (with fp32 precision): the mask upscaling runs in
+        bfloat16, the rest in float32 (the decoder tier's default on CPUs with native bf16;
+        masks near but not equal to float32's, see BENCHMARKS.md).
         """
         if parts not in _PARTS:
             raise ValueError(f"parts must be one of {_PARTS}, got {parts!r}")
@@ -198,6 +221,7 @@ class Sam2Model:
             sam2_low_resolution_masks_cache=sam2_low_resolution_masks_cache,
             max_pixels=max_pixels,
             compile_decoder=compile_decoder,
+            upscaling_dtype=upscaling_dtype,
         )
 
     # ------------------------------------------------------------------ encoding

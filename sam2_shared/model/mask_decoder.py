@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +113,27 @@ class MaskDecoder(nn.Module):
         self._one_prompt_upscaling: Callable[..., torch.Tensor] | None = None
         self._skip_memo: TensorMemo[tuple[torch.Tensor, torch.Tensor]] = TensorMemo(_MEMO_IMAGES)
         self._image_memo: TensorMemo[dict[str, torch.Tensor]] = TensorMemo(_MEMO_IMAGES)
+        # A low-precision copy of output_upscaling (set_upscaling_dtype), held in a tuple so
+        # that it is no submodule: state_dict and checkpoints stay as loaded.
+        self._upscaling_low_precision: tuple[nn.Sequential, ...] = ()
+
+    def set_upscaling_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run the mask upscaling (its two transposed convs, LayerNorm and GELUs: ~40 % of a
+        prompt's arithmetic) in ``dtype`` while the rest of the decoder keeps its own:
+        None or the weights' dtype (the default) or bfloat16. Masks come out in the
+        weights' dtype. Call after moving the decoder to its device and loading weights."""
+        if dtype is None or dtype == self.output_upscaling[0].weight.dtype:
+            self._upscaling_low_precision = ()
+        elif dtype == torch.bfloat16:
+            self._upscaling_low_precision = (copy.deepcopy(self.output_upscaling).to(dtype),)
+        else:
+            raise ValueError(f"upscaling dtype must be the weights' or bfloat16, not {dtype}")
+
+    def _upscaling(self) -> nn.Sequential:
+        """The upscaling layers in the dtype they run in (``set_upscaling_dtype``)."""
+        if self._upscaling_low_precision and not self.training:
+            return self._upscaling_low_precision[0]
+        return self.output_upscaling
 
     def predict_masks(
         self,
@@ -230,7 +252,8 @@ class MaskDecoder(nn.Module):
         """
         if self.training or torch.is_grad_enabled():
             return self._rearranged_skips(feat_s0, feat_s1)
-        biases = (self.output_upscaling[0].bias, self.output_upscaling[3].bias)
+        upscaling = self._upscaling()
+        biases = (upscaling[0].bias, upscaling[3].bias)
         return self._skip_memo.get(
             (feat_s0, feat_s1, *biases), lambda: self._rearranged_skips(feat_s0, feat_s1)
         )
@@ -238,13 +261,15 @@ class MaskDecoder(nn.Module):
     def _rearranged_skips(
         self, feat_s0: torch.Tensor, feat_s1: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        upconv1, upconv2 = self.output_upscaling[0], self.output_upscaling[3]
+        upscaling = self._upscaling()
+        upconv1, upconv2 = upscaling[0], upscaling[3]
+        dtype = upconv1.weight.dtype
         c8, c4 = feat_s0.shape[1], feat_s1.shape[1]
         h, w = feat_s1.shape[2] // 2, feat_s1.shape[3] // 2
         skip1 = feat_s1.reshape(-1, c4, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1) + upconv1.bias
-        skip1 = skip1.contiguous().reshape(-1, h, w, 4 * c4)
+        skip1 = skip1.contiguous().to(dtype).reshape(-1, h, w, 4 * c4)
         skip0 = feat_s0.reshape(-1, c8, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
-        skip0 = (skip0 + upconv2.bias).contiguous().reshape(-1, h, w, 16 * c8)
+        skip0 = (skip0 + upconv2.bias).contiguous().to(dtype).reshape(-1, h, w, 16 * c8)
         return skip0, skip1
 
     def _upscaled_masks(
@@ -269,7 +294,8 @@ class MaskDecoder(nn.Module):
         (16 MiB per prompt at full size) never make a round trip through memory between
         the matmuls, the LayerNorm and the GELUs.
         """
-        upconv1, norm1, act1, upconv2, act2 = self.output_upscaling
+        upconv1, norm1, act1, upconv2, act2 = self._upscaling()
+        dtype = upconv1.weight.dtype  # image and hyper_in enter it band by band
         b, h, w, c = image.shape
         c4, c8 = skip1.shape[-1] // 4, skip0.shape[-1] // 16
         m = hyper_in.shape[1]
@@ -278,12 +304,13 @@ class MaskDecoder(nn.Module):
         weight1 = upconv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c4).expand(b, -1, -1)
         weight2 = upconv2.weight.permute(0, 2, 3, 1).reshape(c4, 4 * c8).expand(b, -1, -1)
         masks = hyper_in.new_empty(b, m, 4 * h, 4 * w)
+        hyper_in = hyper_in.to(dtype)
         rows = max(1, min(h, _BAND_PROMPT_ROWS // b))
         for top in range(0, h, rows):
             bottom = min(h, top + rows)
             n = (bottom - top) * w
             x = torch.baddbmm(skip1[:, top:bottom].reshape(-1, n, 4 * c4),
-                              image[:, top:bottom].reshape(b, n, c), weight1)
+                              image[:, top:bottom].reshape(b, n, c).to(dtype), weight1)
             x = act1(F.layer_norm(x.reshape(b, 4 * n, c4), (c4,), norm1.weight, norm1.bias,
                                   norm1.eps))
             x = act2(torch.baddbmm(skip0[:, top:bottom].reshape(-1, 4 * n, 4 * c8), x, weight2))

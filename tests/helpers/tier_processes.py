@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -147,5 +148,14 @@ def encoder_process(checkpoint: Path, store: str, *extra: str,
 
 def decoder_process(checkpoint: Path, store: str, *extra: str,
                     env: dict[str, str] | None = None) -> TierProcess:
+    """A decoder tier whose upscaling runs in float32 unless ``extra`` says otherwise: the
+    tests compare its answers with the in-process float32 model's exactly, and its default
+    (``auto``) is bfloat16 on CPUs with native bf16 (``test_upscaling_dtype.py`` checks it)."""
     return TierProcess("decoder_service", ["--model", "sam2.1/hiera_tiny", "--checkpoint",
-                                           str(checkpoint), "--store", store, *extra], env)
+                                           str(checkpoint), "--store", store,
+                                           *exact_upscaling(extra), *extra], env)
+
+
+def exact_upscaling(extra: Sequence[str]) -> list[str]:
+    """``--upscaling-dtype float32`` unless ``extra`` names one (see ``decoder_process``)."""
+    return [] if "--upscaling-dtype" in extra else ["--upscaling-dtype", "float32"]

@@ -13,7 +13,7 @@ import pytest
 
 from sam2_shared.client import EmbeddingRef, Sam2Client
 from sam2_shared.errors import EmbeddingNotFoundError, InvalidInputError, UnknownModelError
-from sam2_shared.inference.sam2_model import Sam2Model
+from sam2_shared.inference.sam2_model import Sam2Model, cpu_has_native_bf16
 from sam2_shared.prompts import Prompt, Sam2Prediction
 from tests.helpers.synthetic_images import synthetic_rgb
 from tests.helpers.tier_processes import TierProcess, decoder_process, encoder_process
@@ -22,8 +22,12 @@ MODEL_ID = "sam2.1/hiera_tiny"
 
 
 @pytest.fixture(scope="module")
-def tiers(tiny_checkpoint: Path) -> Iterator[tuple[TierProcess, TierProcess]]:
-    store = "diskcache://" + tempfile.mkdtemp(prefix="sam2-client-test-")
+def store() -> str:
+    return "diskcache://" + tempfile.mkdtemp(prefix="sam2-client-test-")
+
+
+@pytest.fixture(scope="module")
+def tiers(tiny_checkpoint: Path, store: str) -> Iterator[tuple[TierProcess, TierProcess]]:
     encoder = encoder_process(tiny_checkpoint, store, "--store-dtype", "float32").start()
     try:
         decoder = decoder_process(tiny_checkpoint, store, "--encoder-address",
@@ -90,6 +94,29 @@ def test_same_predictions_as_the_in_process_model(client: Sam2Client, model: Sam
                                           point_labels=[1, 0], mask_input=mask_input,
                                           use_mask_input_cache=False)
     assert_same_prediction(got_refined, want_refined)
+
+
+def test_default_upscaling_dtype_answers_as_the_in_process_model_with_it(
+    tiers, store: str, tiny_checkpoint: Path
+) -> None:
+    """The decoder's default ``--upscaling-dtype auto``: bfloat16 on a CPU with native bf16
+    (this one: AVX512-BF16), float32 elsewhere; either way its answers are the in-process
+    model's with the same setting, exactly."""
+    encoder, _ = tiers
+    dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    model = Sam2Model.from_pretrained(MODEL_ID, tiny_checkpoint, upscaling_dtype=dtype)
+    bgr = synthetic_rgb(200, 300, seed=6)[:, :, ::-1].copy()
+    with decoder_process(tiny_checkpoint, store, "--upscaling-dtype", "auto",
+                         "--encoder-address", encoder.address) as decoder:
+        assert f"upscaling {dtype}" in decoder.log_tail()
+        with Sam2Client(encoder=encoder.address, decoder=decoder.address,
+                        model_id=MODEL_ID) as client:
+            for kwargs in (dict(point_coordinates=[[90, 110]], point_labels=[1]),
+                           dict(boxes=[[20, 30, 150, 180], [160, 20, 290, 90]],
+                                multimask_output=False)):
+                [got] = client.segment_images(bgr, **kwargs)
+                [want] = model.segment_images(bgr, use_mask_input_cache=False, **kwargs)
+                assert_same_prediction(got, want)
 
 
 def test_uploads_only_on_a_miss(client: Sam2Client) -> None:

@@ -25,7 +25,7 @@ from sam2_shared.inference.sam2_model import Sam2Model
 from sam2_shared.wire.status import error_from_rpc_error
 from tests.helpers.servers import RcloneS3Server, RedisServer
 from tests.helpers.synthetic_images import synthetic_rgb
-from tests.helpers.tier_processes import TierProcess
+from tests.helpers.tier_processes import TierProcess, exact_upscaling
 
 MODEL_ID = "sam2.1/hiera_tiny"
 FOREGROUND = common_pb2.POINT_LABEL_FOREGROUND
@@ -57,7 +57,8 @@ def start_fleet(checkpoint: Path, store: str | None, env: dict[str, str] | None 
                                               *store_args], env).start()
     processes = [encoder]
     try:
-        common = ["--model", MODEL_ID, "--checkpoint", str(checkpoint), *store_args, *extra]
+        common = ["--model", MODEL_ID, "--checkpoint", str(checkpoint), *store_args,
+                  *exact_upscaling(extra), *extra]
         decoder_a = TierProcess("decoder_service",
                                 [*common, "--encoder-address", encoder.address], env).start()
         processes.append(decoder_a)
