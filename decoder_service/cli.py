@@ -49,10 +49,11 @@ class DecoderSettings(TierSettings):
     precision: str = setting("auto", "decoder precision (auto: fp32; see --upscaling-dtype)",
                              choices=PRECISIONS)
     upscaling_dtype: str = setting(
-        "auto", "dtype of the mask upscaling, ~40 % of a prompt's arithmetic, when the "
-        "precision is fp32 (auto: bfloat16 on a CPU with native bf16 matmuls, AVX512-BF16 or "
-        "AMX, else float32; bfloat16 masks are near but not equal to float32's: mask IoU "
-        "~0.99, see BENCHMARKS.md)", choices=("auto", "float32", "bfloat16"))
+        "auto", "dtype of the mask upscaling (0.8 of a prompt's 1.9 GFLOP of matmuls) when "
+        "the precision is fp32 (auto: bfloat16 on a CPU with native bf16 matmuls, "
+        "AVX512-BF16 or AMX, else float32; bfloat16 masks are near but not equal to "
+        "float32's, mask IoU 0.994 on the parity images: BENCHMARKS.md; pin it in a fleet of "
+        "mixed CPUs; video tracking is not affected)", choices=("auto", "float32", "bfloat16"))
     max_image_pixels: int = setting(100_000_000, "largest attached image (pixels)", minimum=1)
     encoder_address: str | None = setting(
         None, "host:port of the encoder tier, asked on a miss when the request has the image"
@@ -210,9 +211,10 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
 
 
 def resolve_upscaling_dtype(upscaling_dtype: str, device: str) -> str:
-    """``--upscaling-dtype auto`` -> bfloat16 on a CPU that multiplies bf16 natively (the
-    forward measured ~10 % faster, mask IoU >= 0.99 against float32: BENCHMARKS.md, "bf16
-    decode"), float32 elsewhere (CUDA: unmeasured)."""
+    """``--upscaling-dtype auto`` -> bfloat16 on a CPU that multiplies bf16 natively (+13 %
+    clicks/s at 16 in flight on a 2-core AVX512-BF16 CPU, mask IoU 0.994 against float32:
+    BENCHMARKS.md, "bf16 decode"; AMX was not measured), float32 elsewhere (CUDA: not
+    measured)."""
     from sam2_shared.inference.sam2_model import cpu_has_native_bf16
 
     if upscaling_dtype != "auto":
@@ -228,6 +230,9 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
 
     device, precision = resolve_device_and_precision(settings.device, settings.precision,
                                                      cuda_precision="fp32")
+    if settings.upscaling_dtype != "auto" and precision != "fp32":
+        logger.warning("--upscaling-dtype %s has no effect with --precision %s: the whole "
+                       "decoder runs in %s", settings.upscaling_dtype, precision, precision)
     model = Sam2Model.from_pretrained(
         settings.model, settings.checkpoint, device=device, parts="decoder",
         precision=precision, max_pixels=settings.max_image_pixels,

@@ -113,27 +113,36 @@ class MaskDecoder(nn.Module):
         self._one_prompt_upscaling: Callable[..., torch.Tensor] | None = None
         self._skip_memo: TensorMemo[tuple[torch.Tensor, torch.Tensor]] = TensorMemo(_MEMO_IMAGES)
         self._image_memo: TensorMemo[dict[str, torch.Tensor]] = TensorMemo(_MEMO_IMAGES)
-        # A low-precision copy of output_upscaling (set_upscaling_dtype), held in a tuple so
-        # that it is no submodule: state_dict and checkpoints stay as loaded.
-        self._upscaling_low_precision: tuple[nn.Sequential, ...] = ()
+        # set_upscaling_dtype: the dtype the upscaling runs in (None: the weights'), and its
+        # copy in that dtype, made from the weights as they are when used (TensorMemo: a
+        # state dict loaded in place since makes a new one). The copy is no submodule, so
+        # state_dict and checkpoints stay as loaded.
+        self._upscaling_dtype: torch.dtype | None = None
+        self._upscaling_copy: TensorMemo[nn.Sequential] = TensorMemo(1)
 
     def set_upscaling_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run the mask upscaling (its two transposed convs, LayerNorm and GELUs: ~40 % of a
-        prompt's arithmetic) in ``dtype`` while the rest of the decoder keeps its own:
-        None or the weights' dtype (the default) or bfloat16. Masks come out in the
-        weights' dtype. Call after moving the decoder to its device and loading weights."""
-        if dtype is None or dtype == self.output_upscaling[0].weight.dtype:
-            self._upscaling_low_precision = ()
-        elif dtype == torch.bfloat16:
-            self._upscaling_low_precision = (copy.deepcopy(self.output_upscaling).to(dtype),)
-        else:
-            raise ValueError(f"upscaling dtype must be the weights' or bfloat16, not {dtype}")
+        """Run the mask upscaling (its two transposed convs, LayerNorm and GELUs: 0.8 of the
+        1.9 GFLOP of matmuls per prompt) in ``dtype`` while the rest of the decoder keeps its
+        own: None (the default: the weights' dtype), float32 or bfloat16. Masks come out in
+        the weights' dtype. Training and autograd always use the weights themselves."""
+        if dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"upscaling dtype must be None, float32 or bfloat16, not {dtype}")
+        self._upscaling_dtype = dtype
+        self._upscaling_copy = TensorMemo(1)
 
     def _upscaling(self) -> nn.Sequential:
         """The upscaling layers in the dtype they run in (``set_upscaling_dtype``)."""
-        if self._upscaling_low_precision and not self.training:
-            return self._upscaling_low_precision[0]
-        return self.output_upscaling
+        layers = self.output_upscaling
+        dtype = self._upscaling_dtype
+        if (dtype is None or dtype == layers[0].weight.dtype or self.training
+                or torch.is_grad_enabled()):
+            return layers
+        sources = tuple(layers.parameters())
+        low = self._upscaling_copy.get(sources, lambda: _converted(layers, dtype))
+        if low[0].weight.device != sources[0].device:  # moved since: .to() keeps the objects
+            self._upscaling_copy = TensorMemo(1)
+            low = self._upscaling_copy.get(sources, lambda: _converted(layers, dtype))
+        return low
 
     def predict_masks(
         self,
@@ -228,22 +237,25 @@ class MaskDecoder(nn.Module):
         hyper_in: torch.Tensor,
     ) -> torch.Tensor:
         """The masks, [B, M, 4h, 4w] logits (see ``_upscaled_masks``)."""
-        skip0, skip1 = self._blocked_skips(feat_s0, feat_s1)
+        layers = self._upscaling()
+        skip0, skip1 = self._blocked_skips(feat_s0, feat_s1, layers)
         compiled = self._one_prompt_upscaling
         if compiled is not None and image.shape[0] == 1 and not self.training:
             try:
-                return compiled(image, skip0, skip1, hyper_in)
-            except Exception:  # e.g. no C++ compiler: the same numbers, eagerly, from now on
+                return compiled(image, skip0, skip1, hyper_in, layers)
+            except Exception:  # e.g. no C++ compiler: eagerly from now on (fp32: the same
+                # numbers; a bf16 upscaling's differ by bf16 rounding, as batches do)
                 logger.warning("torch.compile of the mask upscaling failed; decoding eagerly",
                                exc_info=True)
                 self._one_prompt_upscaling = None
-        return self._upscaled_masks(image, skip0, skip1, hyper_in)
+        return self._upscaled_masks(image, skip0, skip1, hyper_in, layers)
 
     def _blocked_skips(
-        self, feat_s0: torch.Tensor, feat_s1: torch.Tensor
+        self, feat_s0: torch.Tensor, feat_s1: torch.Tensor, layers: nn.Sequential
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The skip features plus the upscaling's biases in the blocked sub-pixel order of
-        ``_upscaled_masks``: ([1 or B, h, w, 16 C/8], [1 or B, h, w, 4 C/4]).
+        ``_upscaled_masks``: ([1 or B, h, w, 16 C/8], [1 or B, h, w, 4 C/4]), in the dtype of
+        ``layers`` (``_upscaling()``).
 
         feat_s0 [1 or B, C/8, 4h, 4w], feat_s1 [1 or B, C/4, 2h, 2w]. Row 4i+2di+di2 and column
         4j+2dj+dj2 of feat_s0 go to pixel (i, j), sub-pixel (di, dj, di2, dj2); feat_s1 likewise
@@ -251,18 +263,16 @@ class MaskDecoder(nn.Module):
         (``TensorMemo``), so a run of clicks on one image pays it once.
         """
         if self.training or torch.is_grad_enabled():
-            return self._rearranged_skips(feat_s0, feat_s1)
-        upscaling = self._upscaling()
-        biases = (upscaling[0].bias, upscaling[3].bias)
+            return self._rearranged_skips(feat_s0, feat_s1, layers)
+        biases = (layers[0].bias, layers[3].bias)
         return self._skip_memo.get(
-            (feat_s0, feat_s1, *biases), lambda: self._rearranged_skips(feat_s0, feat_s1)
+            (feat_s0, feat_s1, *biases), lambda: self._rearranged_skips(feat_s0, feat_s1, layers)
         )
 
     def _rearranged_skips(
-        self, feat_s0: torch.Tensor, feat_s1: torch.Tensor
+        self, feat_s0: torch.Tensor, feat_s1: torch.Tensor, layers: nn.Sequential
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        upscaling = self._upscaling()
-        upconv1, upconv2 = upscaling[0], upscaling[3]
+        upconv1, upconv2 = layers[0], layers[3]
         dtype = upconv1.weight.dtype
         c8, c4 = feat_s0.shape[1], feat_s1.shape[1]
         h, w = feat_s1.shape[2] // 2, feat_s1.shape[3] // 2
@@ -278,12 +288,14 @@ class MaskDecoder(nn.Module):
         skip0: torch.Tensor,
         skip1: torch.Tensor,
         hyper_in: torch.Tensor,
+        layers: nn.Sequential,
     ) -> torch.Tensor:
         """``hyper_in @ GELU(ConvT2(GELU(LN(ConvT1(x) + feat_s1))) + feat_s0)``, the masks.
 
         image: channels-last [B, h, w, C]; skip0 [1 or B, h, w, 16 C/8] and skip1
-        [1 or B, h, w, 4 C/4] (``_blocked_skips``); hyper_in [B, M, C/8]. Returns
-        [B, M, 4h, 4w] logits.
+        [1 or B, h, w, 4 C/4] (``_blocked_skips``); hyper_in [B, M, C/8]; ``layers``: the
+        upscaling in the dtype it runs in (``_upscaling()``). Returns [B, M, 4h, 4w] logits
+        in hyper_in's dtype.
 
         A kernel-2 stride-2 transposed conv is a per-pixel matmul to 2x2 sub-pixels, and
         everything after it up to the hypernetwork is per-pixel too, so the sub-pixels stay
@@ -294,7 +306,7 @@ class MaskDecoder(nn.Module):
         (16 MiB per prompt at full size) never make a round trip through memory between
         the matmuls, the LayerNorm and the GELUs.
         """
-        upconv1, norm1, act1, upconv2, act2 = self._upscaling()
+        upconv1, norm1, act1, upconv2, act2 = layers
         dtype = upconv1.weight.dtype  # image and hyper_in enter it band by band
         b, h, w, c = image.shape
         c4, c8 = skip1.shape[-1] // 4, skip0.shape[-1] // 16
@@ -375,3 +387,7 @@ class MaskDecoder(nn.Module):
         )
         return self.select_outputs(*outputs, multimask_output=multimask_output)
 
+
+def _converted(layers: nn.Sequential, dtype: torch.dtype) -> nn.Sequential:
+    """A frozen copy of ``layers`` in ``dtype``, on their device."""
+    return copy.deepcopy(layers).to(dtype).requires_grad_(False)

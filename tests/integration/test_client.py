@@ -4,6 +4,7 @@ uploads only on a miss, errors as domain exceptions."""
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_default_upscaling_dtype_answers_as_the_in_process_model_with_it(
     bgr = synthetic_rgb(200, 300, seed=6)[:, :, ::-1].copy()
     with decoder_process(tiny_checkpoint, store, "--upscaling-dtype", "auto",
                          "--encoder-address", encoder.address) as decoder:
+        deadline = time.monotonic() + 30  # the line is logged just after SERVING
+        while f"upscaling {dtype}" not in decoder.log_tail() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert f"upscaling {dtype}" in decoder.log_tail()
         with Sam2Client(encoder=encoder.address, decoder=decoder.address,
                         model_id=MODEL_ID) as client:

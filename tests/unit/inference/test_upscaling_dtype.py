@@ -38,7 +38,8 @@ def test_bfloat16_upscaling_stays_close_and_leaves_the_weights_alone(
     low = Sam2Model.from_pretrained(MODEL_ID, tiny_checkpoint, parts="decoder",
                                     upscaling_dtype="bfloat16")
     mask_decoder = low.decoder.sam_mask_decoder
-    assert mask_decoder._upscaling()[0].weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert mask_decoder._upscaling()[0].weight.dtype == torch.bfloat16
     weights, low_weights = exact.decoder.state_dict(), low.decoder.state_dict()
     assert set(low_weights) == set(weights)
     for name, value in low_weights.items():
@@ -58,15 +59,46 @@ def test_bfloat16_upscaling_stays_close_and_leaves_the_weights_alone(
     for w, g in zip(want, got):  # the IoU head does not depend on the upscaling
         np.testing.assert_allclose(g.scores, w.scores, atol=1e-6)
 
+    # weights loaded in place since (a state dict) reach the bf16 upscaling too
+    with torch.no_grad():
+        mask_decoder.output_upscaling[3].bias.add_(0.5)
+        exact.decoder.sam_mask_decoder.output_upscaling[3].bias.add_(0.5)
+    moved = low.decode_prompts(embedding, prompts)
+    moved_want = exact.decode_prompts(embedding, prompts)
+    assert max(float(np.abs(m.logits - g.logits).max()) for m, g in zip(moved, got)) > 0.5
+    assert max(float(np.abs(m.logits - w.logits).max())
+               for m, w in zip(moved, moved_want)) < 0.5
+
     mask_decoder.set_upscaling_dtype(torch.float32)
     again = low.decode_prompts(embedding, prompts)
-    for w, a in zip(want, again):
+    for w, a in zip(moved_want, again):
         np.testing.assert_array_equal(a.logits, w.logits)
     with pytest.raises(ValueError, match="bfloat16"):
         mask_decoder.set_upscaling_dtype(torch.float16)
     with pytest.raises(ValueError, match="upscaling_dtype"):
         Sam2Model.from_pretrained(MODEL_ID, tiny_checkpoint, parts="decoder",
                                   upscaling_dtype="float16")
+
+
+def test_autograd_and_training_use_the_weights_themselves(tiny_checkpoint: Path) -> None:
+    """The bf16 copy is for inference only: gradients reach the checkpoint's weights."""
+    model = Sam2Model.from_pretrained(MODEL_ID, tiny_checkpoint, parts="decoder",
+                                      upscaling_dtype="bfloat16")
+    mask_decoder = model.decoder.sam_mask_decoder
+    with torch.no_grad():
+        assert mask_decoder._upscaling()[0].weight.dtype == torch.bfloat16
+    with torch.enable_grad():
+        layers = mask_decoder._upscaling()
+        assert layers is mask_decoder.output_upscaling
+        image = torch.randn(1, 4, 4, 256)
+        skips = mask_decoder._rearranged_skips(torch.randn(1, 32, 16, 16),
+                                               torch.randn(1, 64, 8, 8), layers)
+        masks = mask_decoder._upscaled_masks(image, *skips, torch.randn(1, 3, 32), layers)
+        masks.sum().backward()
+    assert mask_decoder.output_upscaling[0].weight.grad is not None
+    mask_decoder.train()
+    with torch.no_grad():
+        assert mask_decoder._upscaling() is mask_decoder.output_upscaling
 
 
 def test_the_decoder_tier_upscales_in_bfloat16_where_the_cpu_has_it(
