@@ -3,10 +3,10 @@ differences, and whether the best candidate is the same, for the same fp32 embed
 
 Two bf16 decoders: all of it (``--precision bf16``) and only its mask upscaling
 (``--upscaling-dtype bfloat16``). The bar for a bf16 default is a mean mask IoU >= 0.99
-against fp32 (issue 12). Each image is encoded once in fp32 (the
-encoder tier's store holds fp32 or fp16 embeddings); both decoders get that embedding, the
-bf16 one rounded to bf16 as the tier does. Masks are compared at the image's full size, every
-candidate of every prompt.
+against fp32 (issue 12). Each image is encoded once in fp32 (the encoder tier's store holds
+fp32 or fp16 embeddings); every decoder gets that embedding, rounded to bf16 where the decoder
+is bf16, as the tier does. Masks are compared at the image's full size, every candidate of
+every prompt.
 
     python bench/bench_bf16_decode.py [--model sam2.1/hiera_tiny] [--prompts 8]
 """
@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_image import cpu_name, mask_iou  # noqa: E402
 from sam2_shared import Sam2Model  # noqa: E402
+from sam2_shared.inference.sam2_model import cpu_has_native_bf16  # noqa: E402
 from sam2_shared.prompts import Prompt  # noqa: E402
 from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
 from tests.parity.support import TEST_IMAGES  # noqa: E402
@@ -67,8 +68,7 @@ def main() -> None:
     decoders = {name: Sam2Model.from_pretrained(args.model, checkpoint=checkpoint,
                                                 parts="decoder", **options)
                 for name, options in VARIANTS.items()}
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    print(f"{args.model}, random weights, {cpu_name()} (native bf16: {native}),"
+    print(f"{args.model}, random weights, {cpu_name()} (native bf16: {cpu_has_native_bf16()}),"
           f" {args.threads} threads, torch {torch.__version__}; {3 * args.prompts} prompts "
           f"per image\n")
     print("| image | decoder | mask IoU mean / min | mean IoU: 1 point / box / 2 points | max abs "

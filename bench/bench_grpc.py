@@ -236,20 +236,20 @@ def main() -> None:
     with TierProcess("encoder_service", common) as encoder:
         with Sam2Client(encoder=encoder.address, model_id=MODEL_ID) as client:
             [ref] = client.embed_images(synthetic_rgb(HEIGHT, WIDTH), input_color_format="rgb")
-    precision = args.precision
     upscaling = resolve_upscaling_dtype(args.upscaling_dtype, "cpu")
     print(f"machine: {os.cpu_count()} CPUs; decoder OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, {precision} (upscaling "
+          f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, {args.precision} (upscaling "
           f"{upscaling}), one point, multimask (3 masks), {WIDTH}x{HEIGHT}, loopback. Medians "
           f"of interleaved runs.", flush=True)
-    decoder_args = [*common, "--precision", precision, "--upscaling-dtype", upscaling,
+    decoder_args = [*common, "--precision", args.precision, "--upscaling-dtype", upscaling,
                     *args.decoder_args.split()]
     with TierProcess("decoder_service", decoder_args) as decoder:
         if "client" in phases:
             with open_store(store) as opened:
                 embedding = opened.get_embedding(ref.embedding_id, MODEL_ID)
             model = Sam2Model.from_pretrained(MODEL_ID, checkpoint, parts="decoder",
-                                              precision=precision, upscaling_dtype=upscaling)
+                                              precision=args.precision,
+                                              upscaling_dtype=upscaling)
             with Sam2Client(decoder=decoder.address, model_id=MODEL_ID) as remote:
                 times = client_overhead(model, embedding, remote, ref, args.client_requests)
             print("\n| path | p50 ms | p99 ms |\n|---|---|---|")
