@@ -77,6 +77,10 @@ class DecoderSettings(TierSettings):
     batch_wait_ms: float = setting(0.0, "longest a request waits for its batch to fill "
                                    "(0: batch only what queued while the model was busy)",
                                    minimum=0)
+    decode_workers: int = setting(
+        0, "most batches decoded at once, sharing the CPU threads; each holds its forward's "
+        "memory (0: 2 on a CPU with 2 or more threads and no --compile-decoder, else 1)",
+        minimum=0)
     max_queue: int = setting(256, "most requests waiting; beyond, RESOURCE_EXHAUSTED",
                              minimum=1)
     max_sessions_per_key: int = setting(
@@ -223,8 +227,20 @@ def resolve_upscaling_dtype(upscaling_dtype: str, device: str) -> str:
     return "bfloat16" if native else "float32"
 
 
+def resolve_decode_workers(decode_workers: int, device_type: str, compile_decoder: bool,
+                           threads: int) -> int:
+    """``--decode-workers 0`` -> 2 on a CPU with 2 or more torch threads (two batches of
+    one-thread forwards decoded ~30 % more prompts/s than one two-thread forward at a time
+    on a 2-core CPU), 1 on CUDA and with ``--compile-decoder`` (not measured there)."""
+    if decode_workers:
+        return decode_workers
+    return 2 if device_type == "cpu" and threads >= 2 and not compile_decoder else 1
+
+
 def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) -> Any:
     """Build the ``Segmenter`` (imported here: torch loads in the worker thread)."""
+    import torch
+
     from decoder_service.segmenter import Segmenter
     from sam2_shared.inference.sam2_model import Sam2Model, resolve_device_and_precision
 
@@ -252,6 +268,8 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
         batching=settings.batching,
         max_batch_prompts=settings.max_batch_prompts,
         batch_wait_s=settings.batch_wait_ms / 1000.0,
+        decode_workers=resolve_decode_workers(settings.decode_workers, model.device.type,
+                                              settings.compile_decoder, torch.get_num_threads()),
         max_queue=settings.max_queue,
     )
 

@@ -9,11 +9,15 @@ Embedding lookup, fastest first:
        it computes and stores the embedding, then the store is read again.
 Concurrent misses for one id load it once.
 
-Prompt batching: the shared ``MicroBatcher`` runs the model on one worker thread. Requests that
-queue while it is busy form the next batch, and within it the prompts of all requests on the
-same embedding go into one ``decode_prompts`` call. With the default ``batch_wait_s=0`` there
-is no gather window, so no added latency when idle, and batches grow with load (see
-``bench/bench_grpc.py`` for what it buys).
+Prompt batching: the shared ``MicroBatcher`` runs the model on ``decode_workers`` worker
+threads. Requests that queue while they are busy form the next batch, and within it the prompts
+of all requests on the same embedding go into one ``decode_prompts`` call. With the default
+``batch_wait_s=0`` there is no gather window, so no added latency when idle, and batches grow
+with load (see ``bench/bench_grpc.py`` for what it buys). On a CPU, a batch running alone uses
+all of torch's threads and batches running together split them: on 2 cores two one-thread
+forwards keep both busy where one two-thread forward left ~17 % idle (its small ops wait on
+each other and on the GIL). A second batch starts only with a few prompts queued, and each
+running batch holds its own forward's memory (~25 MiB a prompt).
 
 Masks: the model thread makes no full-size mask. Predictions carry ``DeferredMasks`` (the
 low-res logits); the servicer's wire encoding upsamples, encodes and drops them one candidate at
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +84,7 @@ DEFAULT_MAX_MASK_PIXELS = 400_000_000
 DEFAULT_MAX_BATCH_PROMPTS = 16
 DEFAULT_MAX_BATCH_REQUESTS = 32
 DEFAULT_MAX_QUEUE = 256
+_PARALLEL_MIN_PROMPTS = 4
 # A store write lands well within this under load; a replica missing a younger handle waits.
 DEFAULT_LOGITS_WRITE_GRACE_S = 2.0
 MAX_PENDING_LOGITS_WRITES = 64  # beyond: the click waits for its own write (~48 MiB queued)
@@ -148,22 +154,41 @@ class _BatchDecoder:
     """
 
     def __init__(self, model: Sam2Model, max_batch_prompts: int, batching: bool,
-                 stats: DecoderStats) -> None:
+                 stats: DecoderStats, threads: int) -> None:
         self._model = model
         self._max_batch_prompts = max_batch_prompts
         self._batching = batching
         self._stats = stats
+        self._threads = threads
+        self._running = 0  # batches in calls now, on as many worker threads
+        self._running_lock = threading.Lock()
 
     def __call__(self, jobs: list[_Job]) -> list[list[Sam2BatchedPrediction] | Exception]:
-        outcomes: list[list[Sam2BatchedPrediction] | Exception | None] = [None] * len(jobs)
-        groups: dict[str, list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault(job.embedding.embedding_id, []).append(index)
-        for indices in groups.values():
-            for chunk in self._chunks(indices, jobs):
-                for index, outcome in zip(chunk, self._run([jobs[i] for i in chunk])):
-                    outcomes[index] = outcome
-        return outcomes  # type: ignore[return-value]
+        with self._running_lock:
+            self._running += 1
+        try:
+            outcomes: list[list[Sam2BatchedPrediction] | Exception | None] = [None] * len(jobs)
+            groups: dict[str, list[int]] = {}
+            for index, job in enumerate(jobs):
+                groups.setdefault(job.embedding.embedding_id, []).append(index)
+            for indices in groups.values():
+                for chunk in self._chunks(indices, jobs):
+                    for index, outcome in zip(chunk, self._run([jobs[i] for i in chunk])):
+                        outcomes[index] = outcome
+            return outcomes  # type: ignore[return-value]
+        finally:
+            with self._running_lock:
+                self._running -= 1
+            # torch also hands the last count set to threads that start using it later.
+            if torch.get_num_threads() != self._threads:
+                torch.set_num_threads(self._threads)
+
+    def _share_threads(self) -> None:
+        """Give this worker thread its share of the CPU threads before a forward: all of them
+        while its batch runs alone, an equal part while several do."""
+        share = max(1, self._threads // max(1, self._running))
+        if torch.get_num_threads() != share:
+            torch.set_num_threads(share)
 
     def _chunks(self, indices: list[int], jobs: list[_Job]) -> list[list[int]]:
         chunks: list[list[int]] = []
@@ -211,6 +236,8 @@ class _BatchDecoder:
         rows: list[Sam2BatchedPrediction] = []
         for start in range(0, len(prompts), self._max_batch_prompts):
             part = prompts[start : start + self._max_batch_prompts]
+            if self._model.device.type == "cpu":
+                self._share_threads()
             rows.extend(self._model.decode_prompts(embedding, part, deferred_masks=True))
             self._stats.add(model_calls=1, prompts_decoded=len(part))
         return rows
@@ -235,6 +262,9 @@ class Segmenter:
         max_batch_requests (int): most requests taken from the queue at once.
         batch_wait_s (float): how long a batch may wait to fill; 0 takes what queued while
             the previous batch ran, which adds no latency when idle.
+        decode_workers (int): most batches decoded at once, each on its own thread. On a CPU
+            a batch running alone uses all of torch's threads, and batches running together
+            share them (two one-thread forwards beat one two-thread forward on small ops).
         max_queue (int): most requests waiting for the model; beyond it RESOURCE_EXHAUSTED.
         logits_cache_bytes (int): local LRU of recently written or read logits.
         logits_write_grace_s (float): how long after a handle was made another replica waits
@@ -257,6 +287,7 @@ class Segmenter:
         max_batch_prompts: int = DEFAULT_MAX_BATCH_PROMPTS,
         max_batch_requests: int = DEFAULT_MAX_BATCH_REQUESTS,
         batch_wait_s: float = 0.0,
+        decode_workers: int = 1,
         max_queue: int = DEFAULT_MAX_QUEUE,
         logits_cache_bytes: int = DEFAULT_LOGITS_CACHE_BYTES,
         logits_write_grace_s: float = DEFAULT_LOGITS_WRITE_GRACE_S,
@@ -284,8 +315,14 @@ class Segmenter:
         self._pending_writes: set[asyncio.Future[None]] = set()
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
         self._batcher: MicroBatcher[_Job, list[Sam2BatchedPrediction]] = MicroBatcher(
-            _BatchDecoder(model, max_batch_prompts, batching, self.stats),
+            _BatchDecoder(model, max_batch_prompts, batching, self.stats,
+                          threads=torch.get_num_threads()),
             max_batch_size=max_batch_requests if batching else 1,
+            workers=decode_workers,
+            # A forward of one prompt costs a one-thread worker ~2x per prompt what one of
+            # four does (bench_forward.py): a second batch waits for a few.
+            parallel_min_weight=_PARALLEL_MIN_PROMPTS,
+            weight=lambda job: len(job.prompts),
             max_wait_s=batch_wait_s,
             max_queue=max_queue,
             name="sam2-decode",

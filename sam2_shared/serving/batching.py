@@ -1,9 +1,12 @@
 """An asyncio dynamic micro-batcher, shared by the encoder and decoder tiers.
 
 Concurrent ``submit`` calls are grouped into one call of the batch function, up to
-``max_batch_size`` items or until the oldest queued item has waited ``max_wait_s``. One
-batch runs at a time, on a dedicated worker thread, so the event loop keeps serving RPCs
-while the accelerator works; items that arrive meanwhile form the next batch.
+``max_batch_size`` items or until the oldest queued item has waited ``max_wait_s``. Batches
+run on dedicated worker threads, so the event loop keeps serving RPCs while the model works;
+items that arrive meanwhile form the next batch. At most ``workers`` batches run at once
+(default one); when several workers are free, the queued items are shared out evenly, and a
+batch starts beside running ones only once ``parallel_min_weight`` worth of items waits (a
+batch of one item is the least efficient kind).
 
 - Coalescing: submits with the same non-None ``key`` while an earlier one is queued or
   running share its result; the item is computed once.
@@ -114,9 +117,14 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             awaited on the event loop (it must not block).
         max_batch_size: most items per call.
         max_wait_s: longest time the oldest queued item waits for the batch to fill.
-        max_queue: most distinct items waiting (not counting the running batch).
-        name: for logs, errors and the worker thread's name.
+        max_queue: most distinct items waiting (not counting the running batches).
+        name: for logs, errors and the worker threads' names.
         retry_delay_s: retry hint put on ``QUEUE_FULL`` errors.
+        workers: most batches running at once, each on a worker thread of its own (a plain
+            ``process_batch`` must then be safe to call from several threads at once).
+        parallel_min_weight: least total ``weight`` of queued items that starts a batch while
+            another one runs; less waits for more items or for a running batch to end.
+        weight: an item's weight (default 1 each), e.g. the work it carries.
 
     Create and use it inside one running event loop.
     """
@@ -130,7 +138,12 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         max_queue: int = 64,
         name: str = "batcher",
         retry_delay_s: float = 0.5,
+        workers: int = 1,
+        parallel_min_weight: int = 1,
+        weight: Callable[[Any], int] | None = None,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_s < 0:
@@ -144,10 +157,14 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self.max_queue = max_queue
         self.name = name
         self.retry_delay_s = retry_delay_s
+        self.workers = workers
+        self.parallel_min_weight = parallel_min_weight
+        self._weight = weight
         self.stats = BatcherStats()
         self._queue: collections.deque[_Entry[ItemT]] = collections.deque()
         self._by_key: dict[Hashable, _Entry[ItemT]] = {}
-        self._running: list[_Entry[ItemT]] = []
+        self._running: list[list[_Entry[ItemT]]] = []  # the batches running now
+        self._batches: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -157,12 +174,13 @@ class MicroBatcher(Generic[ItemT, ResultT]):
 
     @property
     def queue_depth(self) -> int:
-        """Distinct items waiting for a batch (not counting the running one)."""
+        """Distinct items waiting for a batch (not counting the running ones)."""
         return len(self._queue)
 
     @property
     def running_batch_size(self) -> int:
-        return len(self._running)
+        """Items in the batches running now."""
+        return sum(len(batch) for batch in self._running)
 
     @property
     def closed(self) -> bool:
@@ -234,7 +252,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             return
         self._wakeup = asyncio.Event()
         if not self._is_async:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._executor = ThreadPoolExecutor(max_workers=self.workers,
+                                                thread_name_prefix=self.name)
         self._worker = asyncio.get_running_loop().create_task(
             self._run(), name=f"{self.name}-worker"
         )
@@ -242,8 +261,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
     async def _run(self) -> None:
         assert self._wakeup is not None
         while True:
-            while not self._queue:
-                if self._closing:
+            while not self._queue or len(self._batches) >= self.workers or (
+                    self._batches and self._queued_weight() < self.parallel_min_weight):
+                if self._closing and not self._queue and not self._batches:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -260,15 +280,35 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     break
             if not self._queue:  # every waiting caller was cancelled meanwhile
                 continue
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch_size,
-                                                                len(self._queue)))]
-            await self._execute(batch)
+            # Shared out among the free workers, but no batch lighter than a parallel one
+            # may be: 6 light items with 2 workers free and a minimum of 4 go in one batch.
+            parts = min(self.workers - len(self._batches),
+                        max(1, self._queued_weight() // self.parallel_min_weight))
+            size = min(self.max_batch_size, -(-len(self._queue) // parts))
+            batch = [self._queue.popleft() for _ in range(size)]
+            if self.workers == 1:
+                await self._execute(batch)
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._execute(batch), name=f"{self.name}-batch")
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _queued_weight(self) -> int:
+        if self._weight is None:
+            return len(self._queue)
+        return sum(self._weight(entry.item) for entry in self._queue)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def _execute(self, batch: list[_Entry[ItemT]]) -> None:
         started = time.monotonic()
         for entry in batch:
             entry.started = True
-        self._running = batch
+        self._running.append(batch)
         items = [entry.item for entry in batch]
         try:
             if self._is_async:
@@ -286,7 +326,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             logger.debug("%s: batch of %d failed: %r", self.name, len(batch), exc)
             results = [exc] * len(batch)
         finally:
-            self._running = []
+            self._running.remove(batch)
         failed = 0
         for entry, result in zip(batch, results):
             self._forget(entry)
@@ -323,7 +363,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 await asyncio.wait_for(asyncio.shield(worker), timeout_s)
             except asyncio.TimeoutError:
                 worker.cancel()
-                leftovers = list(self._queue) + list(self._running)
+                for task in list(self._batches):
+                    task.cancel()
+                leftovers = list(self._queue) + [e for batch in self._running for e in batch]
                 self._queue.clear()
                 for entry in leftovers:
                     self._forget(entry)

@@ -1,5 +1,5 @@
 """MicroBatcher: grouping, max wait, coalescing, back-pressure, per-item errors,
-cancellation and draining."""
+cancellation, draining, and several batches at once."""
 
 from __future__ import annotations
 
@@ -269,3 +269,107 @@ def test_invalid_arguments() -> None:
         MicroBatcher(lambda items: items, max_batch_size=0)
     with pytest.raises(ValueError):
         MicroBatcher(lambda items: items, max_queue=0)
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda items: items, workers=0)
+
+
+class Concurrent:
+    """A sync batch function that records which batches were inside it at the same time;
+    ``hold`` keeps every call inside until set."""
+
+    def __init__(self) -> None:
+        self.started: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.most_at_once = 0
+        self._inside = 0
+        self._lock = threading.Lock()
+        self.hold = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        with self._lock:
+            self.started.append(list(items))
+            self.threads.add(threading.current_thread().name)
+            self._inside += 1
+            self.most_at_once = max(self.most_at_once, self._inside)
+        self.hold.wait(5)
+        with self._lock:
+            self._inside -= 1
+        return [i * 10 for i in items]
+
+
+def test_workers_run_batches_at_once_and_share_out_the_queue() -> None:
+    function = Concurrent()
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.5, workers=2)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(8)]
+        while len(function.started) < 2:  # both batches inside the function at once
+            await asyncio.sleep(0.005)
+        assert batcher.running_batch_size == 8 and batcher.queue_depth == 0
+        function.hold.set()
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return results
+
+    assert run(main()) == [i * 10 for i in range(8)]
+    assert function.started == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 8 queued, 2 free workers
+    assert function.most_at_once == 2 and len(function.threads) == 2
+
+
+def test_a_batch_beside_a_running_one_waits_for_its_minimum_weight() -> None:
+    function = Concurrent()
+
+    async def main() -> None:
+        batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.0, workers=2,
+                               parallel_min_weight=4, weight=lambda item: 2 if item >= 10 else 1)
+        first = asyncio.create_task(batcher.submit(0))
+        while not function.started:
+            await asyncio.sleep(0.005)
+        light = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]  # weight 3
+        await asyncio.sleep(0.1)
+        assert function.started == [[0]] and batcher.queue_depth == 3  # waiting for more
+        heavy = asyncio.create_task(batcher.submit(10))  # weight 5 now: a second batch
+        while len(function.started) < 2:
+            await asyncio.sleep(0.005)
+        assert function.started[1] == [1, 2, 3, 10]
+        function.hold.set()
+        await asyncio.gather(first, heavy, *light)
+        await batcher.close()
+
+    run(main())
+    assert function.most_at_once == 2
+
+
+def test_a_light_remainder_runs_when_the_running_batch_ends() -> None:
+    function = Concurrent()
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.0, workers=2,
+                               parallel_min_weight=4)
+        first = asyncio.create_task(batcher.submit(0))
+        while not function.started:
+            await asyncio.sleep(0.005)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        function.hold.set()  # the first batch ends: the remainder runs although light
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return results
+
+    assert run(main()) == [0, 10, 20]
+    assert function.started == [[0], [1, 2]] and function.most_at_once == 1
+
+
+def test_close_with_workers_drains_every_running_batch() -> None:
+    recorder = Recorder(delay_s=0.05)
+
+    async def main() -> None:
+        batcher = MicroBatcher(recorder, max_batch_size=2, max_wait_s=0.0, workers=3)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(7)]
+        await asyncio.sleep(0.01)
+        await batcher.close()
+        assert [t.result() for t in tasks] == [i * 10 for i in range(7)]
+
+    run(main())
+    assert sorted(i for b in recorder.batches for i in b) == list(range(7))
+    assert len(recorder.threads) > 1
