@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,12 @@ async def serve(settings: DecoderSettings, metrics: Sam2Metrics | None = None) -
                                          max_video_uploads=settings.max_video_uploads,
                                          max_video_uploads_per_key=(
                                              settings.video_uploads_per_key()),
-                                         stream_idle_timeout_s=settings.stream_idle_timeout_s)
+                                         stream_idle_timeout_s=settings.stream_idle_timeout_s,
+                                         thread_initializer=_pin_torch_threads)
+    # Threads that start using torch while decode workers share the CPU would keep their
+    # reduced count: the default executor's threads pin the full one too.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=_pin_torch_threads))
     auth = auth_interceptor(settings.api_keys_file,
                             max_streams_per_key=settings.max_sessions_per_key)
     metrics.watch_auth(auth)
@@ -227,6 +233,19 @@ def resolve_upscaling_dtype(upscaling_dtype: str, device: str) -> str:
     return "bfloat16" if native else "float32"
 
 
+_torch_threads = 0  # torch's thread count before any decode worker changed it
+
+
+def _pin_torch_threads() -> None:
+    """Thread initializer: this thread runs torch on the process's full thread count. torch
+    hands a thread that starts using it the count last set anywhere, which is a decode
+    worker's share while several batches run."""
+    if _torch_threads:
+        import torch
+
+        torch.set_num_threads(_torch_threads)
+
+
 def resolve_decode_workers(decode_workers: int, device_type: str, compile_decoder: bool,
                            threads: int) -> int:
     """``--decode-workers 0`` -> 2 on a CPU with 2 or more torch threads (two batches of
@@ -242,6 +261,9 @@ def _load_decoder(settings: DecoderSettings, store: Any, encoder_client: Any) ->
     import torch
 
     from decoder_service.segmenter import Segmenter
+
+    global _torch_threads
+    _torch_threads = torch.get_num_threads()
     from sam2_shared.inference.sam2_model import Sam2Model, resolve_device_and_precision
 
     device, precision = resolve_device_and_precision(settings.device, settings.precision,

@@ -154,12 +154,14 @@ class _BatchDecoder:
     """
 
     def __init__(self, model: Sam2Model, max_batch_prompts: int, batching: bool,
-                 stats: DecoderStats, threads: int) -> None:
+                 stats: DecoderStats, threads: int | None = None) -> None:
+        """``threads``: torch's threads for a batch running alone (None: this thread's
+        count now)."""
         self._model = model
         self._max_batch_prompts = max_batch_prompts
         self._batching = batching
         self._stats = stats
-        self._threads = threads
+        self._threads = threads if threads is not None else torch.get_num_threads()
         self._running = 0  # batches in calls now, on as many worker threads
         self._running_lock = threading.Lock()
 
@@ -315,8 +317,7 @@ class Segmenter:
         self._pending_writes: set[asyncio.Future[None]] = set()
         self._loads: dict[str, asyncio.Task[ImageEmbedding]] = {}
         self._batcher: MicroBatcher[_Job, list[Sam2BatchedPrediction]] = MicroBatcher(
-            _BatchDecoder(model, max_batch_prompts, batching, self.stats,
-                          threads=torch.get_num_threads()),
+            _BatchDecoder(model, max_batch_prompts, batching, self.stats),
             max_batch_size=max_batch_requests if batching else 1,
             workers=decode_workers,
             # A forward of one prompt costs a one-thread worker ~2x per prompt what one of

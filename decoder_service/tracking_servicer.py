@@ -54,8 +54,10 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
     def __init__(self, tracker: Tracker | None = None, workers: int = 2,
                  encoder_client: AsyncEncoderClient | None = None,
                  max_video_uploads: int = 4, upload_window: int = 2,
-                 stream_idle_timeout_s: float = 0.0, max_video_uploads_per_key: int = 0
-                 ) -> None:
+                 stream_idle_timeout_s: float = 0.0, max_video_uploads_per_key: int = 0,
+                 thread_initializer: Callable[[], None] | None = None) -> None:
+        """``thread_initializer`` runs on each tracking thread as it starts (the tier pins
+        torch's thread count there)."""
         self.tracker = tracker
         self.encoder_client = encoder_client
         self.max_video_uploads = max(1, int(max_video_uploads))
@@ -67,7 +69,8 @@ class TrackingServicer(tracking_pb2_grpc.TrackingServiceServicer):
         self.frame_seconds = 0.0  # their tracking time (the step, not the answer's encoding)
         self.video_frames_embedded = 0  # uploaded videos' frames the encoder stored
         self._executor = ThreadPoolExecutor(max(1, int(workers)),
-                                            thread_name_prefix="tracking")
+                                            thread_name_prefix="tracking",
+                                            initializer=thread_initializer)
         # Upload slots, each held by the caller's API key (see _upload_slot): one entry per
         # video being received (before its embedding starts), then per video being embedded.
         self._receiving: list[str] = []

@@ -144,6 +144,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if parallel_min_weight < 1:
+            raise ValueError(f"parallel_min_weight must be >= 1, got {parallel_min_weight}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_s < 0:
@@ -280,12 +282,18 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     break
             if not self._queue:  # every waiting caller was cancelled meanwhile
                 continue
-            # Shared out among the free workers, but no batch lighter than a parallel one
-            # may be: 6 light items with 2 workers free and a minimum of 4 go in one batch.
+            # Shared out among the free workers (by count), in no more parts than the
+            # queued weight makes parallel batches: 6 one-prompt items with 2 workers free and
+            # a minimum of 4 go in one batch.
             parts = min(self.workers - len(self._batches),
                         max(1, self._queued_weight() // self.parallel_min_weight))
             size = min(self.max_batch_size, -(-len(self._queue) // parts))
             batch = [self._queue.popleft() for _ in range(size)]
+            # Started from here on: a close() that times out before the batch's task runs
+            # still finds (and fails) its items in _running.
+            for entry in batch:
+                entry.started = True
+            self._running.append(batch)
             if self.workers == 1:
                 await self._execute(batch)
                 continue
@@ -306,9 +314,6 @@ class MicroBatcher(Generic[ItemT, ResultT]):
 
     async def _execute(self, batch: list[_Entry[ItemT]]) -> None:
         started = time.monotonic()
-        for entry in batch:
-            entry.started = True
-        self._running.append(batch)
         items = [entry.item for entry in batch]
         try:
             if self._is_async:

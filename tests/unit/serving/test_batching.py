@@ -271,6 +271,8 @@ def test_invalid_arguments() -> None:
         MicroBatcher(lambda items: items, max_queue=0)
     with pytest.raises(ValueError):
         MicroBatcher(lambda items: items, workers=0)
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda items: items, workers=2, parallel_min_weight=0)
 
 
 class Concurrent:
@@ -373,3 +375,20 @@ def test_close_with_workers_drains_every_running_batch() -> None:
     run(main())
     assert sorted(i for b in recorder.batches for i in b) == list(range(7))
     assert len(recorder.threads) > 1
+
+
+def test_close_timeout_with_workers_fails_every_unfinished_item() -> None:
+    function = Concurrent()  # never lets a batch finish before the timeout
+
+    async def main() -> None:
+        batcher = MicroBatcher(function, max_batch_size=1, max_wait_s=0.0, workers=2)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in range(5)]
+        while batcher.queue_depth != 3:  # two batches taken, their tasks not yet run
+            await asyncio.sleep(0)
+        await batcher.close(timeout_s=0)
+        for task in tasks:
+            with pytest.raises(NotReadyError):
+                await asyncio.wait_for(task, 1)
+        function.hold.set()
+
+    run(main())

@@ -59,6 +59,7 @@ def test_a_batch_alone_uses_every_thread(two_threads: int) -> None:
     model = ThreadCountingModel()
     decoder = _BatchDecoder(model, 16, True, SimpleNamespace(add=lambda **_: None),
                             threads=two_threads)  # type: ignore[arg-type]
+    torch.set_num_threads(1)  # as a worker thread left by a shared batch
     assert decoder(_jobs(3)) == [["row"]] * 3
     assert model.counts == [two_threads]
 
@@ -120,6 +121,7 @@ def test_two_workers_answer_as_one_does(model: Sam2Model, two_threads: int) -> N
         [embedding] = model.embed_images(synthetic_rgb(*HW, seed=5), input_color_format="rgb")
         store.put_embedding(embedding)
         segmenter = Segmenter(model, store, decode_workers=decode_workers)
+        assert segmenter.batcher.workers == decode_workers
         try:
             results = await asyncio.gather(*(
                 segmenter.segment([click], embedding_id=embedding.embedding_id,

@@ -73,6 +73,7 @@ def test_merged_decodes_make_no_full_size_mask(model: Sam2Model) -> None:
 
     class Counting:
         decoder = model.decoder
+        device = model.device
 
         def decode_prompts(self, embedding, prompts, **options):  # noqa: ANN001, ANN003, ANN202
             calls.append(len(prompts))
