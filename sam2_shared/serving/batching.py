@@ -282,13 +282,21 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     break
             if not self._queue:  # every waiting caller was cancelled meanwhile
                 continue
-            # Shared out among the free workers (by count), in no more parts than the
-            # queued weight makes parallel batches: 6 one-prompt items with 2 workers free and
-            # a minimum of 4 go in one batch.
+            # Shared out among the free workers by weight, in no more parts than the queued
+            # weight makes parallel batches: 6 one-prompt items with 2 workers free and a
+            # minimum of 4 go in one batch; items of 16, 16, 1, 1 in two, [16] and [16, 1, 1].
+            queued = self._queued_weight()
             parts = min(self.workers - len(self._batches),
-                        max(1, self._queued_weight() // self.parallel_min_weight))
-            size = min(self.max_batch_size, -(-len(self._queue) // parts))
-            batch = [self._queue.popleft() for _ in range(size)]
+                        max(1, queued // self.parallel_min_weight))
+            share = -(-queued // parts)
+            batch: list[_Entry[ItemT]] = []
+            weight = 0
+            while self._queue and len(batch) < self.max_batch_size:
+                next_weight = self._item_weight(self._queue[0])
+                if batch and weight + next_weight > share:
+                    break
+                batch.append(self._queue.popleft())
+                weight += next_weight
             # Started from here on: a close() that times out before the batch's task runs
             # still finds (and fails) its items in _running.
             for entry in batch:
@@ -302,10 +310,13 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
 
+    def _item_weight(self, entry: _Entry[ItemT]) -> int:
+        return 1 if self._weight is None else self._weight(entry.item)
+
     def _queued_weight(self) -> int:
         if self._weight is None:
             return len(self._queue)
-        return sum(self._weight(entry.item) for entry in self._queue)
+        return sum(self._item_weight(entry) for entry in self._queue)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)

@@ -392,3 +392,20 @@ def test_close_timeout_with_workers_fails_every_unfinished_item() -> None:
         function.hold.set()
 
     run(main())
+
+
+def test_free_workers_share_the_queue_by_weight() -> None:
+    function = Concurrent()
+
+    async def main() -> None:
+        batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.5, workers=2,
+                               parallel_min_weight=4, weight=lambda item: item)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in (16, 15, 1, 2)]
+        while len(function.started) < 2:
+            await asyncio.sleep(0.005)
+        function.hold.set()
+        await asyncio.gather(*tasks)
+        await batcher.close()
+
+    run(main())
+    assert function.started == [[16], [15, 1, 2]]  # weights 16 and 18, not 31 and 3
