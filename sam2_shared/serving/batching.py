@@ -4,7 +4,7 @@ Concurrent ``submit`` calls are grouped into one call of the batch function, up 
 ``max_batch_size`` items or until the oldest queued item has waited ``max_wait_s``. Batches
 run on dedicated worker threads, so the event loop keeps serving RPCs while the model works;
 items that arrive meanwhile form the next batch. At most ``workers`` batches run at once
-(default one); when several workers are free, the queued items are shared out evenly, and a
+(default one); when several workers are free, the queued items are shared out by weight, and a
 batch starts beside running ones only once ``parallel_min_weight`` worth of items waits (a
 batch of one item is the least efficient kind).
 
@@ -314,8 +314,6 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         return 1 if self._weight is None else self._weight(entry.item)
 
     def _queued_weight(self) -> int:
-        if self._weight is None:
-            return len(self._queue)
         return sum(self._item_weight(entry) for entry in self._queue)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
