@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -326,9 +327,18 @@ class MaskDecoder(nn.Module):
             x = act1(F.layer_norm(x.reshape(b, 4 * n, c4), (c4,), norm1.weight, norm1.bias,
                                   norm1.eps))
             x = act2(torch.baddbmm(skip0[:, top:bottom].reshape(-1, 4 * n, 4 * c8), x, weight2))
-            band = hyper_in @ x.reshape(b, 16 * n, c8).transpose(1, 2)  # [B, M, 16n]
-            band = band.reshape(b, m, bottom - top, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
-            masks[:, :, 4 * top : 4 * bottom].view(b, m, bottom - top, 2, 2, w, 2, 2).copy_(band)
+            target = masks[:, :, 4 * top : 4 * bottom]
+            if torch.compiler.is_compiling():  # inductor fuses the reorder into the product
+                band = hyper_in @ x.reshape(b, 16 * n, c8).transpose(1, 2)  # [B, M, 16n]
+                band = band.reshape(b, m, bottom - top, w, 2, 2, 2, 2)
+                target.view(b, m, bottom - top, 2, 2, w, 2, 2).copy_(
+                    band.permute(0, 1, 2, 4, 6, 3, 5, 7))
+            else:
+                # x stays the matmul's contiguous left side ([16n, C/8] @ [C/8, M]: no
+                # transposing copy of x), and one gather puts the small product in raster order.
+                band = torch.bmm(x.reshape(b, 16 * n, c8), hyper_in.transpose(1, 2))
+                order = _raster_order(m, bottom - top, w, band.device)
+                target.copy_(band.reshape(b, -1).index_select(1, order).view(target.shape))
         return masks
 
     def stability_scores(self, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -386,6 +396,17 @@ class MaskDecoder(nn.Module):
             mask_tokens=slice(1, None) if multimask_output else slice(0, None),
         )
         return self.select_outputs(*outputs, multimask_output=multimask_output)
+
+
+@functools.lru_cache(maxsize=8)
+def _raster_order(masks: int, rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """Gather index from a band's blocked hypernetwork product, [rows * width * 16, M]
+    flattened in (i, j, di, dj, di2, dj2, m) order, to its [M, 4 rows, 4 width] masks in
+    raster order (row 4i+2di+di2, column 4j+2dj+dj2). 1.5 MiB for one prompt's 64 rows; a
+    decoder meets few band shapes."""
+    source = torch.arange(rows * width * 16 * masks, device=device)
+    source = source.reshape(rows, width, 2, 2, 2, 2, masks)  # (i, j, di, dj, di2, dj2, m)
+    return source.permute(6, 0, 2, 4, 1, 3, 5).reshape(-1)  # (m, i, di, di2, j, dj, dj2)
 
 
 def _converted(layers: nn.Sequential, dtype: torch.dtype) -> nn.Sequential:

@@ -430,19 +430,26 @@ class TwoWayTransformer(nn.Module):
         instead of making ~6 round trips through memory per prompt at [HW, C] each.
         """
         b, hw = next_queries.shape[0], keys.shape[1]
-        shape = (b, hw, keys.shape[2])
-        new_keys = keys.new_empty(shape) if scratch is None else \
-            scratch.empty(scratch_name, shape, keys)
-        scores = keys.new_empty(b, next_queries.shape[1], hw)
         rows = max(1, _BAND_PROMPT_TOKENS // b)
-        for top in range(0, hw, rows):
-            band = slice(top, min(hw, top + rows))
+        bands = [slice(top, min(hw, top + rows)) for top in range(0, hw, rows)]
+        new_keys = scores = None  # one band (one prompt): its own results, without copies
+        if len(bands) > 1:
+            shape = (b, hw, keys.shape[2])
+            new_keys = keys.new_empty(shape) if scratch is None else \
+                scratch.empty(scratch_name, shape, keys)
+            scores = keys.new_empty(b, next_queries.shape[1], hw)
+        for band in bands:
             old, pe = keys[:, band], key_pe[:, band]
             old_with_pe = old + pe if keys_with_pe is None else keys_with_pe[:, band]
             updated = layer.update_image(
                 old, old_with_pe, token_keys,
                 None if projected_q is None else projected_q[:, band],
             )
-            new_keys[:, band] = updated
-            scores[:, :, band] = next_queries @ (updated + pe).transpose(1, 2)
+            band_scores = next_queries @ (updated + pe).transpose(1, 2)
+            if new_keys is None or scores is None:
+                new_keys, scores = updated, band_scores
+            else:
+                new_keys[:, band] = updated
+                scores[:, :, band] = band_scores
+        assert new_keys is not None and scores is not None
         return new_keys, scores
