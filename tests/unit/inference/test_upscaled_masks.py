@@ -30,7 +30,7 @@ def _plain(decoder: MaskDecoder, image: torch.Tensor, feat_s0: torch.Tensor,
 
 
 @pytest.mark.parametrize("prompts", [1, 3])
-@pytest.mark.parametrize("band_rows", [128, 4])  # one band; bands of 4 // prompts rows, uneven
+@pytest.mark.parametrize("band_rows", [128, 4, 12])  # one band; several, the last one shorter
 @pytest.mark.parametrize("masks", [3, 4])  # multimask output; all four tokens
 def test_upscaled_masks_equal_the_plain_layers(
     monkeypatch: pytest.MonkeyPatch, prompts: int, band_rows: int, masks: int
@@ -50,3 +50,22 @@ def test_upscaled_masks_equal_the_plain_layers(
         expected = _plain(decoder, image, feat_s0, feat_s1, hyper_in)
     assert result.shape == (prompts, masks, 4 * SIDE, 4 * SIDE)
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_autograd_works_after_inference_mode_calls() -> None:
+    """The gather index is cached across calls: one first made under inference mode (as the
+    serving paths call) must still serve a later call that trains through the masks."""
+    torch.manual_seed(0)
+    transformer = TwoWayTransformer(depth=1, embedding_dim=CHANNELS, num_heads=2, mlp_dim=32)
+    decoder = MaskDecoder(CHANNELS, transformer)
+    image = torch.randn(1, SIDE + 1, SIDE, CHANNELS)  # a shape no other test caches
+    feat_s0 = torch.randn(1, CHANNELS // 8, 4 * (SIDE + 1), 4 * SIDE)
+    feat_s1 = torch.randn(1, CHANNELS // 4, 2 * (SIDE + 1), 2 * SIDE)
+    hyper_in = torch.randn(1, 3, CHANNELS // 8)
+    with torch.inference_mode():
+        served = decoder.upscaled_masks(image, feat_s0, feat_s1, hyper_in)
+    hyper_in.requires_grad_(True)
+    trained = decoder.upscaled_masks(image, feat_s0, feat_s1, hyper_in)
+    trained.square().sum().backward()
+    assert hyper_in.grad is not None and hyper_in.grad.abs().sum() > 0
+    torch.testing.assert_close(trained.detach(), served)
