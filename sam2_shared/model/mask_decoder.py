@@ -402,7 +402,7 @@ class MaskDecoder(nn.Module):
 def _raster_order(masks: int, rows: int, width: int, device: torch.device) -> torch.Tensor:
     """Gather index from a band's blocked hypernetwork product, [rows * width * 16, M]
     flattened in (i, j, di, dj, di2, dj2, m) order, to its [M, 4 rows, 4 width] masks in
-    raster order (row 4i+2di+di2, column 4j+2dj+dj2). At most 0.5 MiB (int32, 64 rows of a
+    raster order (row 4i+2di+di2, column 4j+2dj+dj2). At most 1 MiB (int32, 64 rows of a
     64-wide embedding, 4 masks); rebuilding an evicted one costs ~0.2 ms."""
     # Made outside inference mode even when first asked for inside it: an inference tensor
     # could not be saved for the backward of a later call with autograd.
