@@ -84,7 +84,6 @@ DEFAULT_MAX_MASK_PIXELS = 400_000_000
 DEFAULT_MAX_BATCH_PROMPTS = 16
 DEFAULT_MAX_BATCH_REQUESTS = 32
 DEFAULT_MAX_QUEUE = 256
-_PARALLEL_MIN_PROMPTS = 4
 # A store write lands well within this under load; a replica missing a younger handle waits.
 DEFAULT_LOGITS_WRITE_GRACE_S = 2.0
 MAX_PENDING_LOGITS_WRITES = 64  # beyond: the click waits for its own write (~48 MiB queued)
@@ -320,9 +319,9 @@ class Segmenter:
             _BatchDecoder(model, max_batch_prompts, batching, self.stats),
             max_batch_size=max_batch_requests if batching else 1,
             workers=decode_workers,
-            # A forward of one prompt costs a one-thread worker ~2x per prompt what one of
-            # four does (bench_forward.py): a second batch waits for a few.
-            parallel_min_weight=_PARALLEL_MIN_PROMPTS,
+            # A free worker starts on whatever waits, even one click: a lone click made to
+            # wait for company kept two workers in lock-step at 25 clicks/s (p99 335-380 ms
+            # against 106-133 ms; BENCHMARKS.md, "Lone clicks").
             weight=lambda job: len(job.prompts),
             max_wait_s=batch_wait_s,
             max_queue=max_queue,

@@ -138,3 +138,38 @@ def test_two_workers_answer_as_one_does(model: Sam2Model, two_threads: int) -> N
         np.testing.assert_allclose(scores_2, scores_1, atol=1e-5)
         assert masks_2.shape == masks_1.shape
         assert (masks_2 != masks_1).mean() < 1e-4
+
+
+def test_a_lone_click_starts_beside_a_running_batch(
+        model: Sam2Model, two_threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A click that arrives while a batch decodes goes to the free worker at once instead of
+    waiting for more clicks or for the running batch (which here waits for it)."""
+    store = open_store("memory://")
+    [embedding] = model.embed_images(synthetic_rgb(*HW, seed=5), input_color_format="rgb")
+    store.put_embedding(embedding)
+    first_inside = threading.Event()
+    both_inside = threading.Barrier(2, timeout=10)
+    decode = model.decode_prompts
+
+    def decode_beside_another(*args: Any, **kwargs: Any) -> Any:
+        first_inside.set()
+        both_inside.wait()  # broken (an error) unless the second click starts meanwhile
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode_prompts", decode_beside_another)
+    click = Prompt(np.array([[40.0, 30.0]], np.float32), np.ones(1, np.int32))
+
+    async def two_clicks() -> int:
+        segmenter = Segmenter(model, store, decode_workers=2)
+        try:
+            first = asyncio.create_task(segmenter.segment(
+                [click], embedding_id=embedding.embedding_id, logits_handles=False))
+            assert await asyncio.to_thread(first_inside.wait, 10)
+            await segmenter.segment([click], embedding_id=embedding.embedding_id,
+                                    logits_handles=False)
+            await first
+            return segmenter.batcher.stats.batches
+        finally:
+            await segmenter.close()
+
+    assert asyncio.run(two_clicks()) == 2
