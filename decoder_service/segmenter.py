@@ -16,8 +16,8 @@ of all requests on the same embedding go into one ``decode_prompts`` call. With 
 with load (see ``bench/bench_grpc.py`` for what it buys). On a CPU, a batch running alone uses
 all of torch's threads and batches running together split them: on 2 cores two one-thread
 forwards keep both busy where one two-thread forward left ~17 % idle (its small ops wait on
-each other and on the GIL). A second batch starts only with a few prompts queued, and each
-running batch holds its own forward's memory (~25 MiB a prompt).
+each other and on the GIL). A free worker starts on whatever is queued, even one click, and
+each running batch holds its own forward's memory (~25 MiB a prompt).
 
 Masks: the model thread makes no full-size mask. Predictions carry ``DeferredMasks`` (the
 low-res logits); the servicer's wire encoding upsamples, encodes and drops them one candidate at
