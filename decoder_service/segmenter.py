@@ -320,8 +320,9 @@ class Segmenter:
             max_batch_size=max_batch_requests if batching else 1,
             workers=decode_workers,
             # A free worker starts on whatever waits, even one click: a lone click made to
-            # wait for company kept two workers in lock-step at 25 clicks/s (p99 335-380 ms
-            # against 106-133 ms; BENCHMARKS.md, "Lone clicks").
+            # wait for company kept two workers in lock-step at 25 clicks/s (p99 median 364
+            # -> 130 ms over seven alternated runs; BENCHMARKS.md, "A free worker takes a
+            # lone click").
             weight=lambda job: len(job.prompts),
             max_wait_s=batch_wait_s,
             max_queue=max_queue,

@@ -5,8 +5,8 @@ Concurrent ``submit`` calls are grouped into one call of the batch function, up 
 run on dedicated worker threads, so the event loop keeps serving RPCs while the model works;
 items that arrive meanwhile form the next batch. At most ``workers`` batches run at once
 (default one); when several workers are free, the queued items are shared out by weight, and a
-batch starts beside running ones only once ``parallel_min_weight`` worth of items waits (a
-batch of one item is the least efficient kind).
+batch starts beside running ones only once ``parallel_min_weight`` worth of items waits
+(default 1: any queued item).
 
 - Coalescing: submits with the same non-None ``key`` while an earlier one is queued or
   running share its result; the item is computed once.

@@ -165,9 +165,14 @@ def test_a_lone_click_starts_beside_a_running_batch(
             first = asyncio.create_task(segmenter.segment(
                 [click], embedding_id=embedding.embedding_id, logits_handles=False))
             assert await asyncio.to_thread(first_inside.wait, 10)
-            await segmenter.segment([click], embedding_id=embedding.embedding_id,
-                                    logits_handles=False)
-            await first
+            try:
+                await segmenter.segment([click], embedding_id=embedding.embedding_id,
+                                        logits_handles=False)
+                await first
+            except threading.BrokenBarrierError:
+                pytest.fail("the second click waited for the first click's batch to end")
+            finally:
+                first.cancel()
             return segmenter.batcher.stats.batches
         finally:
             await segmenter.close()
