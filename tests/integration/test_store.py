@@ -272,12 +272,17 @@ def test_put_reports_already_stored(store: EmbeddingStore, embedding: ImageEmbed
 
 def test_logits_round_trip_and_expiry(store: EmbeddingStore) -> None:
     logits = np.random.default_rng(1).standard_normal((3, 256, 256)).astype(np.float32)
-    store.put_logits("handle-1", logits, ttl_s=0.6)
+    # A TTL far above a loaded 2-core machine's write-then-read time (a 0.6 s TTL expired
+    # before the read once in CI), and a sleep measured from the write.
+    ttl_s = 2.0
+    writing_at = time.monotonic()
+    store.put_logits("handle-1", logits, ttl_s=ttl_s)
+    written_at = time.monotonic()
     store.put_logits("handle-2", logits[:1], ttl_s=None)
     got = store.get_logits("handle-1")
-    assert got is not None
+    assert got is not None, f"read {time.monotonic() - writing_at:.2f} s after the write began"
     np.testing.assert_array_equal(got, logits)
-    time.sleep(0.8)
+    time.sleep(max(0.0, written_at + ttl_s + 0.3 - time.monotonic()))
     assert store.get_logits("handle-1") is None
     kept = store.get_logits("handle-2")
     assert kept is not None and kept.shape == (1, 256, 256)
