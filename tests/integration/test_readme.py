@@ -115,9 +115,12 @@ def _wait_serving(port: int, started: subprocess.Popen, deadline: float, log: Pa
                     return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
+            # A tier that cannot start logs why and exits; the other keeps `wait` alive.
+            failed = "cannot start:" in log.read_text(errors="replace")
+            if failed or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"no tier serving on port {port}: {started.args}\n"
+                raise RuntimeError(f"the README's tiers did not start (waiting for port {port}): "
+                                   f"{started.args}\n"
                                    f"tiers' log ({log}), last 4000 characters:\n{tail}")
             time.sleep(0.2)
 
