@@ -4,9 +4,8 @@ Concurrent ``submit`` calls are grouped into one call of the batch function, up 
 ``max_batch_size`` items or until the oldest queued item has waited ``max_wait_s``. Batches
 run on dedicated worker threads, so the event loop keeps serving RPCs while the model works;
 items that arrive meanwhile form the next batch. At most ``workers`` batches run at once
-(default one); when several workers are free, the queued items are shared out by weight, and a
-batch starts beside running ones only once ``parallel_min_weight`` worth of items waits
-(default 1: any queued item).
+(default one); a free worker starts on whatever is queued, even one item, and when several
+workers are free, the queued items are shared out among them by weight.
 
 - Coalescing: submits with the same non-None ``key`` while an earlier one is queued or
   running share its result; the item is computed once.
@@ -122,8 +121,6 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         retry_delay_s: retry hint put on ``QUEUE_FULL`` errors.
         workers: most batches running at once, each on a worker thread of its own (a plain
             ``process_batch`` must then be safe to call from several threads at once).
-        parallel_min_weight: least total ``weight`` of queued items that starts a batch while
-            another one runs; less waits for more items or for a running batch to end.
         weight: an item's weight (default 1 each), e.g. the work it carries.
 
     Create and use it inside one running event loop.
@@ -139,13 +136,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         name: str = "batcher",
         retry_delay_s: float = 0.5,
         workers: int = 1,
-        parallel_min_weight: int = 1,
         weight: Callable[[Any], int] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        if parallel_min_weight < 1:
-            raise ValueError(f"parallel_min_weight must be >= 1, got {parallel_min_weight}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_s < 0:
@@ -160,7 +154,6 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self.name = name
         self.retry_delay_s = retry_delay_s
         self.workers = workers
-        self.parallel_min_weight = parallel_min_weight
         self._weight = weight
         self.stats = BatcherStats()
         self._queue: collections.deque[_Entry[ItemT]] = collections.deque()
@@ -263,8 +256,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
     async def _run(self) -> None:
         assert self._wakeup is not None
         while True:
-            while not self._queue or len(self._batches) >= self.workers or (
-                    self._batches and self._queued_weight() < self.parallel_min_weight):
+            while not self._queue or len(self._batches) >= self.workers:
                 if self._closing and not self._queue and not self._batches:
                     return
                 self._wakeup.clear()
@@ -282,12 +274,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     break
             if not self._queue:  # every waiting caller was cancelled meanwhile
                 continue
-            # Shared out among the free workers by weight, in no more parts than the queued
-            # weight makes parallel batches: 6 one-prompt items with 2 workers free and a
-            # minimum of 4 go in one batch; items of 16, 16, 1, 1 in two, [16] and [16, 1, 1].
+            # Shared out among the free workers by weight: items of 16, 16, 1, 1 with 2
+            # workers free go as [16] and [16, 1, 1].
             queued = self._queued_weight()
-            parts = min(self.workers - len(self._batches),
-                        max(1, queued // self.parallel_min_weight))
+            parts = min(self.workers - len(self._batches), max(1, queued))
             share = -(-queued // parts)
             batch: list[_Entry[ItemT]] = []
             weight = 0

@@ -271,8 +271,6 @@ def test_invalid_arguments() -> None:
         MicroBatcher(lambda items: items, max_queue=0)
     with pytest.raises(ValueError):
         MicroBatcher(lambda items: items, workers=0)
-    with pytest.raises(ValueError):
-        MicroBatcher(lambda items: items, workers=2, parallel_min_weight=0)
 
 
 class Concurrent:
@@ -318,48 +316,28 @@ def test_workers_run_batches_at_once_and_share_out_the_queue() -> None:
     assert function.most_at_once == 2 and len(function.threads) == 2
 
 
-def test_a_batch_beside_a_running_one_waits_for_its_minimum_weight() -> None:
-    function = Concurrent()
-
-    async def main() -> None:
-        batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.0, workers=2,
-                               parallel_min_weight=4, weight=lambda item: 2 if item >= 10 else 1)
-        first = asyncio.create_task(batcher.submit(0))
-        while not function.started:
-            await asyncio.sleep(0.005)
-        light = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]  # weight 3
-        await asyncio.sleep(0.1)
-        assert function.started == [[0]] and batcher.queue_depth == 3  # waiting for more
-        heavy = asyncio.create_task(batcher.submit(10))  # weight 5 now: a second batch
-        while len(function.started) < 2:
-            await asyncio.sleep(0.005)
-        assert function.started[1] == [1, 2, 3, 10]
-        function.hold.set()
-        await asyncio.gather(first, heavy, *light)
-        await batcher.close()
-
-    run(main())
-    assert function.most_at_once == 2
-
-
-def test_a_light_remainder_runs_when_the_running_batch_ends() -> None:
+def test_a_lone_item_starts_on_a_free_worker_beside_a_running_batch() -> None:
     function = Concurrent()
 
     async def main() -> list[int]:
-        batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.0, workers=2,
-                               parallel_min_weight=4)
+        batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.0, workers=2)
         first = asyncio.create_task(batcher.submit(0))
         while not function.started:
             await asyncio.sleep(0.005)
-        rest = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+        second = asyncio.create_task(batcher.submit(1))  # one item, the first still running
+        while len(function.started) < 2:
+            await asyncio.sleep(0.005)
+        assert batcher.queue_depth == 0
+        third = asyncio.create_task(batcher.submit(2))  # both workers busy: it waits
         await asyncio.sleep(0.05)
-        function.hold.set()  # the first batch ends: the remainder runs although light
-        results = await asyncio.gather(first, *rest)
+        assert len(function.started) == 2 and batcher.queue_depth == 1
+        function.hold.set()
+        results = await asyncio.gather(first, second, third)
         await batcher.close()
         return results
 
     assert run(main()) == [0, 10, 20]
-    assert function.started == [[0], [1, 2]] and function.most_at_once == 1
+    assert function.started == [[0], [1], [2]] and function.most_at_once == 2
 
 
 def test_close_with_workers_drains_every_running_batch() -> None:
@@ -399,7 +377,7 @@ def test_free_workers_share_the_queue_by_weight() -> None:
 
     async def main() -> None:
         batcher = MicroBatcher(function, max_batch_size=8, max_wait_s=0.5, workers=2,
-                               parallel_min_weight=4, weight=lambda item: item)
+                               weight=lambda item: item)
         tasks = [asyncio.create_task(batcher.submit(i)) for i in (16, 15, 1, 2)]
         while len(function.started) < 2:
             await asyncio.sleep(0.005)
