@@ -89,7 +89,8 @@ class FakeModel:
 def test_encoder_is_idempotent_and_batches_distinct_images() -> None:
     async def main() -> None:
         model = FakeModel(delay_s=0.05)
-        encoder = Encoder(model, open_store("memory://"), max_batch_size=4, max_wait_s=0.02)
+        # The batch fills at 3 images: no race against a short wait on a loaded machine.
+        encoder = Encoder(model, open_store("memory://"), max_batch_size=3, max_wait_s=10)
         images = [png_bytes(noise_image(i)) for i in range(3)]
         first = await asyncio.gather(*(encoder.embed(img) for img in images))
         assert [stored for _, stored in first] == [False, False, False]
@@ -105,7 +106,9 @@ def test_encoder_is_idempotent_and_batches_distinct_images() -> None:
 
 def test_encoder_computes_identical_concurrent_requests_once() -> None:
     async def main() -> None:
-        model = FakeModel(delay_s=0.1)
+        # The encode lasts long enough for all six to arrive while it runs (a call that
+        # came after the write would find the embedding stored, not coalesce).
+        model = FakeModel(delay_s=2.0)
         encoder = Encoder(model, open_store("memory://"), max_batch_size=4, max_wait_s=0.01)
         image = png_bytes(noise_image(7))
         results = await asyncio.gather(*(encoder.embed(image) for _ in range(6)))

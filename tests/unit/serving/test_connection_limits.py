@@ -140,7 +140,7 @@ def test_health_port_is_off_by_default() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("idle_s", [0.6])
+@pytest.mark.parametrize("idle_s", [2.0])
 def test_an_idle_segment_stream_is_ended_with_stream_idle(idle_s: float) -> None:
     """A request resets the clock (answered, here NOT_READY: no model); then silence ends
     the stream with DEADLINE_EXCEEDED / STREAM_IDLE after about ``idle_s``."""
@@ -154,7 +154,7 @@ def test_an_idle_segment_stream_is_ended_with_stream_idle(idle_s: float) -> None
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stream = decoder_pb2_grpc.DecoderServiceStub(channel).SegmentStream(timeout=30)
                 for number in range(3):  # gaps shorter than the timeout keep it open
-                    await asyncio.sleep(idle_s / 2)
+                    await asyncio.sleep(idle_s / 4)
                     await stream.write(decoder_pb2.SegmentStreamRequest(
                         request_id=str(number), segment=decoder_pb2.SegmentRequest(
                             embedding_id="f" * 64)))

@@ -48,8 +48,10 @@ def test_a_handle_resolves_on_another_replica_before_its_write_lands(model: Sam2
         shared = open_store("memory://")
         [embedding] = model.embed_images(synthetic_rgb(*HW, seed=2), input_color_format="rgb")
         shared.put_embedding(embedding)
-        slow = SlowLogitsWrites(shared, delay_s=0.5)
-        writer, other = Segmenter(model, slow), Segmenter(model, shared)  # type: ignore[arg-type]
+        slow = SlowLogitsWrites(shared, delay_s=3.0)  # far beyond a cold first decode
+        # The reader waits up to its grace for the write: longer than the write's delay.
+        writer = Segmenter(model, slow)  # type: ignore[arg-type]
+        other = Segmenter(model, shared, logits_write_grace_s=10.0)
         try:
             started = time.perf_counter()
             result = await writer.segment(
@@ -123,7 +125,9 @@ def test_no_handles_asked_means_no_logits_kept(model: Sam2Model) -> None:
             assert bare.logits_handles is None
             assert store.writes == 0 and len(segmenter.logits_cache) == 0
             full = await segmenter.segment(prompts, embedding_id=embedding.embedding_id)
-            await asyncio.sleep(0.2)
+            deadline = time.monotonic() + 10  # the write lands behind the response
+            while store.writes == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             assert len(full.logits_handles[0]) == 3 and store.writes == 1
             np.testing.assert_array_equal(bare.predictions[0].logits, full.predictions[0].logits)
         finally:

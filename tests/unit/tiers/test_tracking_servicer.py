@@ -151,7 +151,7 @@ def test_a_frame_stream_is_refused_cleanly_and_frees_its_slot() -> None:
     rgb = synthetic_rgb(48, 64)
     tracker = _FrameTracker()
     servicer = TrackingServicer(tracker, encoder_client=_Encoder(),  # type: ignore[arg-type]
-                                max_video_uploads=1, stream_idle_timeout_s=0.2)
+                                max_video_uploads=1, stream_idle_timeout_s=2.0)
 
     async def start(*messages, stall: asyncio.Event | None = None):
         return await servicer.StartSessionFromFrames(stream_of(*messages, stall=stall), None)
