@@ -187,9 +187,8 @@ class Attention(nn.Module):
             w_q = self._head_weights(self.q_proj)  # [H, d, C]
             folded = kh @ w_q  # [B, H, Nk, C]
             bias = kh @ self.q_proj.bias.reshape(heads, -1, 1)  # [B, H, Nk, 1]
-            # [B, H*Nk, Nq]; the bias added by the matmul, not by a pass over its result.
-            scores = torch.baddbmm(bias.reshape(b, heads * nk, 1),
-                                   folded.reshape(b, heads * nk, -1), q.transpose(1, 2))
+            scores = folded.reshape(b, heads * nk, -1) @ q.transpose(1, 2)  # [B, H*Nk, Nq]
+            scores = scores + bias.reshape(b, heads * nk, 1)
             attn = scores.reshape(b, heads, nk, nq).softmax(dim=2).reshape(b, heads * nk, nq)
         return torch.baddbmm(residual, attn.transpose(1, 2), values_out)
 
@@ -373,12 +372,12 @@ class TwoWayTransformer(nn.Module):
                 to_image = following.cross_attn_token_to_image
             else:
                 next_queries, to_image = queries, self.final_attn_token_to_image
-            keys, scores, keys_with_pe = self._update_image_in_bands(
+            keys, scores = self._update_image_in_bands(
                 layer, layer.image_side_keys(queries, query_pe), keys, key_pe,
                 to_image.queries_in_key_space(next_queries + query_pe), keys_with_pe,
                 projected_q, self._scratch if reuse_buffers else None, f"image_state_{i}",
             )
-            projected_q = None
+            keys_with_pe = projected_q = None  # the bands add pe to the new keys themselves
             from_image = to_image.attend_scored_keys(scores, keys)
             if following is not None:
                 queries = following.finish_tokens(next_queries, from_image)
@@ -418,11 +417,9 @@ class TwoWayTransformer(nn.Module):
         projected_q: torch.Tensor | None,
         scratch: ScratchBuffers | None = None,
         scratch_name: str = "",
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``layer.update_image`` of keys [B or 1, HW, C] -> [B, HW, C], the next
-        attention's scores ``next_queries @ (new keys + key_pe)^T`` [B, H*Nq, HW], and
-        ``new keys + key_pe`` where it was made whole (one band; None: several bands, whose
-        sums are not kept, so the next layer makes them again per band).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer.update_image`` of keys [B or 1, HW, C] -> [B, HW, C], and the next
+        attention's scores ``next_queries @ (new keys + key_pe)^T`` [B, H*Nq, HW].
         ``keys_with_pe``: ``keys + key_pe`` where the caller has it (None: made per band);
         ``projected_q``: the image->token attention's ``q_proj(keys_with_pe)`` [1, HW, C/2]
         where the caller has it. ``scratch``: where the new keys go (under
@@ -435,7 +432,7 @@ class TwoWayTransformer(nn.Module):
         b, hw = next_queries.shape[0], keys.shape[1]
         rows = max(1, _BAND_PROMPT_TOKENS // b)
         bands = [slice(top, min(hw, top + rows)) for top in range(0, hw, rows)]
-        new_keys = scores = new_with_pe = None  # one band (one prompt): its own results
+        new_keys = scores = None  # one band (one prompt): its own results, without copies
         if len(bands) > 1:
             shape = (b, hw, keys.shape[2])
             new_keys = keys.new_empty(shape) if scratch is None else \
@@ -448,12 +445,11 @@ class TwoWayTransformer(nn.Module):
                 old, old_with_pe, token_keys,
                 None if projected_q is None else projected_q[:, band],
             )
-            with_pe = updated + pe
-            band_scores = next_queries @ with_pe.transpose(1, 2)
+            band_scores = next_queries @ (updated + pe).transpose(1, 2)
             if new_keys is None or scores is None:
-                new_keys, scores, new_with_pe = updated, band_scores, with_pe
+                new_keys, scores = updated, band_scores
             else:
                 new_keys[:, band] = updated
                 scores[:, :, band] = band_scores
         assert new_keys is not None and scores is not None
-        return new_keys, scores, new_with_pe
+        return new_keys, scores
