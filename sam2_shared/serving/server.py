@@ -338,7 +338,12 @@ def run_tier(
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(settings.max_image_pixels))
     metrics = Sam2Metrics()
     if settings.metrics_port > 0:
-        metrics.serve(settings.metrics_port, settings.host)
+        try:
+            metrics.serve(settings.metrics_port, settings.host)
+        except OSError as exc:  # e.g. the port in use: the same exit as the gRPC port's
+            logger.error("cannot start: cannot serve metrics on %s:%d: %s", settings.host,
+                         settings.metrics_port, exc)
+            return 1
         logger.info("metrics on port %d", settings.metrics_port)
     try:
         asyncio.run(serve(settings, metrics))

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,7 +28,8 @@ from sam2_shared.errors import (
     ResourceExhaustedError,
     UnknownModelError,
 )
-from sam2_shared.serving.server import Sam2Server, build_server
+from sam2_shared.serving.server import Sam2Server, build_server, run_tier
+from sam2_shared.serving.settings import TierSettings
 from sam2_shared.store.errors import StoreUnavailableError
 from sam2_shared.wire import status as status_table
 from sam2_shared.wire.status import error_from_rpc_error
@@ -261,6 +263,24 @@ def test_port_in_use_fails_loudly() -> None:
                 build_server([], [], port=server.port, host="127.0.0.1")
 
     run(scenario())
+
+
+def test_a_metrics_port_in_use_is_a_clean_exit(caplog: pytest.LogCaptureFixture) -> None:
+    """The tier logs ``cannot start:`` and returns 1 (no traceback), before serving."""
+    served = []
+
+    async def serve(settings: TierSettings, metrics: object) -> None:
+        served.append(settings)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR):
+            status = run_tier(TierSettings, ["--host", "127.0.0.1", "--metrics-port",
+                                             str(port)], prog="t", description="t", serve=serve)
+    assert status == 1 and not served
+    assert f"cannot start: cannot serve metrics on 127.0.0.1:{port}" in caplog.text
 
 
 def test_graceful_stop_drains_in_flight_call_then_closes() -> None:
