@@ -6,8 +6,11 @@ grpcurl walkthrough. Three substitutions only: the store path of the start-up bl
 into the scratch folder (so random test weights never land in ``/tmp/sam2-embeddings``);
 ``SAM2_CHECKPOINT_DIR`` holds the random tiny checkpoint under its official file name; and the
 README's ports (50051 / 50052, HTTP 8051 / 8052) become free ones in every block, since
-50051 / 50052 lie in Linux's ephemeral range, where any test's outgoing connection or
-free-port server may hold them. A block that is not run carries an HTML comment saying why.
+50051 / 50052 lie in Linux's ephemeral range, where any test's outgoing connection may hold
+them (Linux gives ``connect`` even ports, such as 50052, and ``bind`` to port 0 odd ones,
+which is how ``free_port`` picks). The tiers' metrics ports (9101 / 9102 by default, which a
+local ``docker compose`` may hold) are off (``SAM2_METRICS_PORT=0``): no block reads them.
+A block that is not run carries an HTML comment saying why.
 """
 
 from __future__ import annotations
@@ -100,6 +103,10 @@ def test_every_block_is_run_or_says_why_not() -> None:
         assert reason is None or len(reason) > 20  # a reason a reader can follow
 
 
+# What a tier's log says when it exits at start-up (``run_tier``'s exit statuses 1 and 2).
+_TIER_FAILED = ("cannot start:", "cannot load the model:")
+
+
 def _on_ports(code: str, ports: dict[int, int]) -> str:
     """``code`` with each README port replaced by its stand-in, in one pass."""
     return _README_PORT.sub(lambda match: str(ports[int(match.group(1))]), code)
@@ -116,9 +123,10 @@ def _wait_serving(port: int, started: subprocess.Popen, deadline: float, log: Pa
             except grpc.RpcError:
                 pass
             # A tier that cannot start logs why and exits; the other keeps `wait` alive.
-            failed = "cannot start:" in log.read_text(errors="replace")
+            text = log.read_text(errors="replace")
+            failed = any(marker in text for marker in _TIER_FAILED)
             if failed or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-4000:]
+                tail = text[-4000:]
                 raise RuntimeError(f"the README's tiers did not start (waiting for port {port}): "
                                    f"{started.args}\n"
                                    f"tiers' log ({log}), last 4000 characters:\n{tail}")
@@ -143,6 +151,7 @@ def scratch(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["SAM2_CHECKPOINT_DIR"] = str(checkpoints)
     env.setdefault("OMP_NUM_THREADS", "2")
+    env["SAM2_METRICS_PORT"] = "0"
     [start] = [code for language, code, reason in readme_blocks()
                if reason is None and STARTS_TIERS in code]
     assert README_STORE in start

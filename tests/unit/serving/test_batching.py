@@ -325,8 +325,10 @@ def test_a_lone_item_starts_on_a_free_worker_beside_a_running_batch() -> None:
         while not function.started:
             await asyncio.sleep(0.005)
         second = asyncio.create_task(batcher.submit(1))  # one item, the first still running
-        while len(function.started) < 2:
+        deadline = time.monotonic() + 2  # the first batch is held for 5 s
+        while len(function.started) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
+        assert function.started == [[0], [1]], "a lone item waited for the running batch"
         assert batcher.queue_depth == 0
         third = asyncio.create_task(batcher.submit(2))  # both workers busy: it waits
         await asyncio.sleep(0.05)
