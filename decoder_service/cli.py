@@ -93,7 +93,8 @@ class DecoderSettings(TierSettings):
         "this long is ended "
         "(DEADLINE_EXCEEDED, reason STREAM_IDLE); 0: never", minimum=0)
     encoder_api_key: str | None = setting(
-        None, "API key for calls to the encoder when the caller sent none", secret=True)
+        None, "API key for calls to the encoder when the caller sent none (one that starts "
+        "with '-': --encoder-api-key=KEY)", secret=True)
     encoder_tls: bool = setting(False, "call the encoder over TLS (system roots unless "
                                 "--encoder-tls-ca)")
     encoder_tls_ca: str | None = setting(None, "PEM CA that signed the encoder's certificate")

@@ -46,7 +46,8 @@ def tiers(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     common = ("--http-port", "0", "--api-keys-file", str(keys))
     with encoder_process(tiny_checkpoint, store, *common) as encoder, decoder_process(
             tiny_checkpoint, store, *common, "--encoder-address", encoder.address,
-            "--encoder-api-key", KEY, "--http-cors-origins", ORIGIN,
+            # '=': a random key may start with '-', which argparse takes for a flag.
+            f"--encoder-api-key={KEY}", "--http-cors-origins", ORIGIN,
             "--max-message-mb", str(MAX_MESSAGE_MB)) as decoder:
         yield encoder, decoder
 
