@@ -22,13 +22,18 @@ one 1080x1920 image, then, one phase after another:
         [--profile-svg bench/profiles/decoder.svg]
 
 Without ``--checkpoint`` a random sam2.1/hiera_tiny checkpoint is made (speed does not depend
-on the weights; mask content, and so RLE cost, does).
+on the weights; mask content, and so RLE cost, does). Its masks are speckled, far costlier to
+encode than object masks; ``--masks objects`` makes them smooth-edged instead: the decoder's
+upscaling kernels are made position-invariant (``object_mask_checkpoint``) and the stored
+embedding is replaced by smooth features (the same shapes and FLOPs). The run prints the
+masks' COCO RLE size, to show which kind it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 from pycocotools import mask as coco_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +56,10 @@ from decoder_service.cli import resolve_upscaling_dtype  # noqa: E402
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
 from sam2_shared.client import Sam2Client  # noqa: E402
 from sam2_shared.client.channels import channel_options  # noqa: E402
+from sam2_shared.embedding import ImageEmbedding  # noqa: E402
 from sam2_shared.inference.sam2_model import Sam2Model  # noqa: E402
 from sam2_shared.store import open_store  # noqa: E402
-from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.checkpoints import make_random_checkpoint, object_mask_checkpoint  # noqa: E402
 from tests.helpers.scratch import use_scratch_tempdir  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 from tests.helpers.tier_processes import TierProcess  # noqa: E402
@@ -127,6 +134,39 @@ async def open_loop(address: str, embedding_id: str, requests: int, rate: float,
             tasks.append(asyncio.create_task(one(x, y)))
         await asyncio.gather(*tasks)
         return latencies, requests / (time.perf_counter() - started)
+
+
+def smooth_features(embedding: ImageEmbedding, seed: int = 0) -> ImageEmbedding:
+    """``embedding`` with every feature map replaced by three broad Gaussian bumps of random
+    centre and sign per channel: with ``object_mask_checkpoint`` the random decoder then makes
+    object-like masks (a few thousand COCO RLE characters at 1080p, not ~100 k)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def bumps(like: torch.Tensor) -> torch.Tensor:
+        channels, size = like.shape[1], like.shape[-1]
+        axis = torch.linspace(0, 1, size)
+        yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+        out = torch.zeros(channels, size, size)
+        for _ in range(3):
+            cx, cy, sign = (torch.rand(channels, 1, 1, generator=generator),
+                            torch.rand(channels, 1, 1, generator=generator),
+                            torch.randn(channels, 1, 1, generator=generator))
+            out += sign * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.03)
+        return (3 * out)[None].to(like.dtype)
+
+    return dataclasses.replace(
+        embedding, image_embed=bumps(embedding.image_embed),
+        high_res_feats=(bumps(embedding.high_res_feats[0]), bumps(embedding.high_res_feats[1])))
+
+
+async def rle_chars(address: str, embedding_id: str) -> float:
+    """Mean COCO RLE characters of one click's candidates: ~100 k speckled, a few k objects."""
+    async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+        stub = decoder_pb2_grpc.DecoderServiceStub(channel)
+        response = await stub.Segment(request(embedding_id, WIDTH / 2, HEIGHT / 2,
+                                              FORMATS["coco_rle"]), timeout=120)
+    return float(np.mean([len(candidate.mask.coco_rle_counts)
+                          for candidate in response.results[0].candidates]))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -223,6 +263,9 @@ def main() -> None:
                         choices=("auto", "float32", "bfloat16"),
                         help="the decoder's and the in-process baseline's (auto: the "
                         "decoder's default on this machine)")
+    parser.add_argument("--masks", default="speckled", choices=("speckled", "objects"),
+                        help="what the random weights' masks look like (objects: smooth "
+                        "features and position-invariant upscaling kernels)")
     parser.add_argument("--profile-svg", type=Path, help="py-spy flame graph of the decoder")
     parser.add_argument("--profile-concurrency", type=int, default=16)
     parser.add_argument("--profile-format", default="raw_bits")
@@ -231,11 +274,19 @@ def main() -> None:
     phases = set(args.phases.split(","))
     profile: list[tuple[str, float, float]] = []
     checkpoint = args.checkpoint or make_random_checkpoint(MODEL_ID)
+    if args.masks == "objects":
+        checkpoint = object_mask_checkpoint(
+            checkpoint, Path(tempfile.mkdtemp(prefix="sam2-bench-")) / "objects.pt")
     store = "diskcache://" + tempfile.mkdtemp(prefix="sam2-bench-")
     common = ["--model", MODEL_ID, "--checkpoint", str(checkpoint), "--store", store]
     with TierProcess("encoder_service", common) as encoder:
         with Sam2Client(encoder=encoder.address, model_id=MODEL_ID) as client:
             [ref] = client.embed_images(synthetic_rgb(HEIGHT, WIDTH), input_color_format="rgb")
+    if args.masks == "objects":  # the same id, smooth features (before the decoder caches it)
+        with open_store(store) as opened:
+            embedding = opened.get_embedding(ref.embedding_id, MODEL_ID)
+            opened.delete_embedding(ref.embedding_id)
+            opened.put_embedding(smooth_features(embedding))
     upscaling = resolve_upscaling_dtype(args.upscaling_dtype, "cpu")
     print(f"machine: {os.cpu_count()} CPUs; decoder OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', '2')}; {MODEL_ID}, {args.precision} (upscaling "
@@ -244,6 +295,8 @@ def main() -> None:
     decoder_args = [*common, "--precision", args.precision, "--upscaling-dtype", upscaling,
                     *args.decoder_args.split()]
     with TierProcess("decoder_service", decoder_args) as decoder:
+        chars = asyncio.run(rle_chars(decoder.address, ref.embedding_id))
+        print(f"masks: {args.masks}, {chars:,.0f} COCO RLE characters per candidate", flush=True)
         if "client" in phases:
             with open_store(store) as opened:
                 embedding = opened.get_embedding(ref.embedding_id, MODEL_ID)

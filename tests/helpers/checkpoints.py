@@ -123,6 +123,21 @@ def make_random_checkpoint(model_id: str, seed: int = DEFAULT_SEED) -> Path:
     return path
 
 
+def object_mask_checkpoint(source: Path, target: Path) -> Path:
+    """``source`` with each of the mask decoder's transposed upscaling convs given one kernel
+    for all four output positions, saved as ``target``. Random kernels stamp a 2x2 pattern
+    on every upscaling step, so the masks are speckled whatever the features; with these and
+    smooth features (``bench/bench_grpc.py --masks objects``) masks have smooth edges, like
+    object masks. Same shapes and FLOPs as ``source``: for timing, not for parity."""
+    blob = torch.load(source, map_location="cpu", weights_only=True)
+    for index in (0, 3):  # output_upscaling's two ConvTranspose2d layers
+        key = f"sam_mask_decoder.output_upscaling.{index}.weight"
+        weight = blob["model"][key]
+        blob["model"][key] = weight.mean(dim=(2, 3), keepdim=True).expand_as(weight).clone()
+    torch.save(blob, target)
+    return target
+
+
 def present_checkpoint(source: Path, target: Path, object_score_shift: float = 1.0) -> Path:
     """``source`` with the object-score head's output bias raised by ``object_score_shift``,
     saved as ``target``: random weights judge every object absent (video masks all empty);
