@@ -89,11 +89,9 @@ def _coco_rle_runs(counts: bytes, total: int) -> np.ndarray | None:
     a speckled 1080p mask has hundreds of thousands of runs (~2.3 ms here).
     """
     digits = np.frombuffer(counts, dtype=np.uint8) - np.uint8(48)  # wraps below 48
-    if digits.size == 0 or digits.max() >= 64:
+    if digits.size == 0 or digits[-1] >= 32 or digits.max() >= 64:  # last must end a run
         return None
     ends = np.flatnonzero(digits < 32)  # the character that ends its run
-    if ends.size == 0 or ends[-1] != digits.size - 1:
-        return None
     starts = np.empty_like(ends)
     starts[0] = 0
     np.add(ends[:-1], 1, out=starts[1:])
@@ -113,9 +111,16 @@ def _coco_rle_runs(counts: bytes, total: int) -> np.ndarray | None:
     # runs[i] = values[i] + runs[i - 2] for i >= 3: a running sum along each parity chain.
     runs[1::2] = np.cumsum(values[1::2])
     runs[2::2] = np.cumsum(values[2::2])
-    if runs.min() < 0 or runs.sum() != total:
+    if runs.min() < 0 or runs.max() > total:
         return None
-    return runs
+    # With every run in [0, total] an int64 sum can wrap only when size * total >= 2**63.
+    # Runs summing to total + 2**64 would then wrap round to total and be accepted (np.repeat
+    # then writes far past its buffer), so such a sum is checked step by step: the running
+    # total turns negative as it passes int64's range.
+    if runs.size * total < 2**63:
+        return runs if int(runs.sum()) == total else None
+    pixels = np.cumsum(runs)
+    return runs if pixels[-1] == total and pixels.min() >= 0 else None
 
 
 def encode_png(mask: np.ndarray) -> bytes:

@@ -103,6 +103,39 @@ def test_vectorised_run_reader_matches_the_format_one_character_at_a_time() -> N
     assert valid >= 200 and checked == 400  # both outcomes were exercised
 
 
+def test_every_digit_in_every_run_position_matches_the_format() -> None:
+    # Each of the 64 digits at each position of a 1..12-character run, read as a delta
+    # (4th run) on top of run 1 = 2**59 - 1, so nearly all are valid: a wrong digit value
+    # or sign then changes the accepted runs instead of hiding behind None.
+    head = b"0" + bytes((((2**59 - 1) >> 5 * k) & 31 | (32 if k < 11 else 0)) + 48
+                        for k in range(12)) + b"0"
+    for length in range(1, 13):
+        for position in range(length):
+            for digit in range(64):
+                run = [0x25] * (length - 1) + [0x03]
+                run[position] = digit | 0x20 if position < length - 1 else digit & 0x1F
+                counts = head + bytes(d + 48 for d in run)
+                expected = _runs_one_by_one(counts)
+                assert expected is not None
+                got = masks._coco_rle_runs(counts, sum(expected))
+                if min(expected) < 0:
+                    assert got is None, counts
+                else:
+                    assert got is not None and got.tolist() == expected, counts
+
+
+def test_runs_whose_int64_sum_wraps_to_the_total_are_rejected() -> None:
+    # Runs all >= 0 that sum to total + 2**64 (an int64 sum wraps round to total): accepted,
+    # decode_coco_rle's np.repeat wrote far past its buffer (a segfault).
+    total, step = (2**31 - 1) ** 2, 2**59 - 1  # int32 height * width; largest 12-char run
+    deltas = [0] + [step] * 10 + [41 - 2**32, 0]  # two chains climbing to 5 * step
+    counts = b"".join(bytes(((d >> 5 * k) & 31 | (32 if k < 11 else 0)) + 48 for k in range(12))
+                      for d in deltas)
+    runs = _runs_one_by_one(counts)
+    assert runs is not None and min(runs) >= 0 and sum(runs) == total + 2**64
+    assert masks._coco_rle_runs(counts, total) is None
+
+
 def test_png_is_one_bit_grayscale() -> None:
     mask = _random_masks(2, 20, 30)[1]
     mask[5:9, 3:25] = False
