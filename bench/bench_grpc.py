@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import shutil
 import signal
@@ -46,7 +45,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
 from pycocotools import mask as coco_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,10 +54,13 @@ from decoder_service.cli import resolve_upscaling_dtype  # noqa: E402
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
 from sam2_shared.client import Sam2Client  # noqa: E402
 from sam2_shared.client.channels import channel_options  # noqa: E402
-from sam2_shared.embedding import ImageEmbedding  # noqa: E402
 from sam2_shared.inference.sam2_model import Sam2Model  # noqa: E402
 from sam2_shared.store import open_store  # noqa: E402
-from tests.helpers.checkpoints import make_random_checkpoint, object_mask_checkpoint  # noqa: E402
+from tests.helpers.checkpoints import (  # noqa: E402
+    make_random_checkpoint,
+    object_mask_checkpoint,
+    smooth_features,
+)
 from tests.helpers.scratch import use_scratch_tempdir  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 from tests.helpers.tier_processes import TierProcess  # noqa: E402
@@ -134,29 +135,6 @@ async def open_loop(address: str, embedding_id: str, requests: int, rate: float,
             tasks.append(asyncio.create_task(one(x, y)))
         await asyncio.gather(*tasks)
         return latencies, requests / (time.perf_counter() - started)
-
-
-def smooth_features(embedding: ImageEmbedding, seed: int = 0) -> ImageEmbedding:
-    """``embedding`` with every feature map replaced by three broad Gaussian bumps of random
-    centre and sign per channel: with ``object_mask_checkpoint`` the random decoder then makes
-    object-like masks (a few thousand COCO RLE characters at 1080p, not ~100 k)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def bumps(like: torch.Tensor) -> torch.Tensor:
-        channels, size = like.shape[1], like.shape[-1]
-        axis = torch.linspace(0, 1, size)
-        yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-        out = torch.zeros(channels, size, size)
-        for _ in range(3):
-            cx, cy, sign = (torch.rand(channels, 1, 1, generator=generator),
-                            torch.rand(channels, 1, 1, generator=generator),
-                            torch.randn(channels, 1, 1, generator=generator))
-            out += sign * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.03)
-        return (3 * out)[None].to(like.dtype)
-
-    return dataclasses.replace(
-        embedding, image_embed=bumps(embedding.image_embed),
-        high_res_feats=(bumps(embedding.high_res_feats[0]), bumps(embedding.high_res_feats[1])))
 
 
 async def rle_chars(address: str, embedding_id: str) -> float:

@@ -10,10 +10,10 @@ full-size masks'.
 
     python bench/decoder_output_memory.py --baseline /work/main
 
-``--masks objects`` gives each prompt an inline ``mask_input`` of one filled disc, so the masks
-are smooth blobs; the default (``random``) leaves the random-weight decoder's speckled masks,
-which make larger COCO RLE answers. Random official-format weights
-(tests/helpers/checkpoints.py), CPU. Linux only (/proc).
+``--masks objects`` makes the masks object-like (smooth stored features and position-invariant
+upscaling kernels: ``object_mask_checkpoint``, ``smooth_features``); the default (``random``)
+leaves the random-weight decoder's speckled masks, which make far larger COCO RLE answers.
+Random official-format weights (tests/helpers/checkpoints.py), CPU. Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ from sam2_shared import Sam2Model  # noqa: E402
 from sam2_shared.api.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc  # noqa: E402
 from sam2_shared.client.channels import channel_options  # noqa: E402
 from sam2_shared.store import open_store  # noqa: E402
-from sam2_shared.wire import logits_to_bytes  # noqa: E402
 from tests.helpers import tier_processes  # noqa: E402
-from tests.helpers.checkpoints import make_random_checkpoint  # noqa: E402
+from tests.helpers.checkpoints import (  # noqa: E402
+    make_random_checkpoint,
+    object_mask_checkpoint,
+    smooth_features,
+)
 from tests.helpers.scratch import use_scratch_tempdir  # noqa: E402
 from tests.helpers.synthetic_images import synthetic_rgb  # noqa: E402
 
@@ -56,34 +59,28 @@ def peak_rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def store_embedding(checkpoint: Path, store_url: str, height: int, width: int) -> str:
-    """Embed a synthetic image in process and put it in the store; return its id."""
+def store_embedding(checkpoint: Path, store_url: str, height: int, width: int,
+                    object_masks: bool) -> str:
+    """Embed a synthetic image in process and put it in the store (its features made smooth
+    with ``object_masks``); return its id."""
     model = Sam2Model.from_pretrained(MODEL_ID, checkpoint)
     [embedding] = model.embed_images(synthetic_rgb(height, width, seed=5),
                                      input_color_format="rgb")
-    open_store(store_url).put_embedding(embedding)
+    open_store(store_url).put_embedding(smooth_features(embedding) if object_masks
+                                        else embedding)
     return embedding.embedding_id
 
 
-def box_prompts(count: int, height: int, width: int, object_masks: bool
-                ) -> list[decoder_pb2.Prompt]:
-    """``count`` boxes spread over the image; with ``object_masks`` each also carries a disc
-    of low-res logits (+10 inside, -10 outside) as ``mask_input``."""
+def box_prompts(count: int, height: int, width: int) -> list[decoder_pb2.Prompt]:
+    """``count`` boxes spread over the image."""
     rng = np.random.default_rng(0)
     prompts = []
-    yy, xx = np.mgrid[0:256, 0:256]
     for _ in range(count):
         x0, y0 = rng.uniform(0, 0.6) * width, rng.uniform(0, 0.6) * height
         x1 = x0 + rng.uniform(0.1, 0.4) * width
         y1 = y0 + rng.uniform(0.1, 0.4) * height
-        prompt = decoder_pb2.Prompt(multimask_output=True, box=common_pb2.Box(
-            x_min_px=x0, y_min_px=y0, x_max_px=x1, y_max_px=y1))
-        if object_masks:
-            cx, cy = (x0 + x1) / 2 / width * 256, (y0 + y1) / 2 / height * 256
-            radius = rng.uniform(15, 60)
-            disc = np.where((xx - cx) ** 2 + (yy - cy) ** 2 < radius**2, 10.0, -10.0)
-            prompt.mask_logits = logits_to_bytes(disc.astype(np.float32))
-        prompts.append(prompt)
+        prompts.append(decoder_pb2.Prompt(multimask_output=True, box=common_pb2.Box(
+            x_min_px=x0, y_min_px=y0, x_max_px=x1, y_max_px=y1)))
     return prompts
 
 
@@ -137,15 +134,19 @@ def main() -> None:
     torch.set_num_threads(2)
 
     checkpoint = make_random_checkpoint(MODEL_ID)
+    objects = args.masks == "objects"
+    if objects:
+        checkpoint = object_mask_checkpoint(
+            checkpoint, Path(tempfile.mkdtemp(prefix="sam2-bench-mem-")) / "objects.pt")
     store_url = "diskcache://" + tempfile.mkdtemp(prefix="sam2-bench-mem-")
     mask_format = {"coco_rle": common_pb2.MASK_FORMAT_COCO_RLE,
                    "png": common_pb2.MASK_FORMAT_PNG,
                    "raw_bits": common_pb2.MASK_FORMAT_RAW_BITS}[args.format]
     requests = tuple(
         decoder_pb2.SegmentRequest(
-            embedding_id=store_embedding(checkpoint, store_url, height, width),
+            embedding_id=store_embedding(checkpoint, store_url, height, width, objects),
             mask_format=mask_format,
-            prompts=box_prompts(args.prompts, height, width, args.masks == "objects"),
+            prompts=box_prompts(args.prompts, height, width),
         )
         for height, width in (SMALL_HW, (args.height, args.width))
     )

@@ -24,6 +24,7 @@ id, seed and ``RECIPE_VERSION``, written atomically so concurrent sessions can s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from sam2_shared.embedding import ImageEmbedding
 from tests.helpers.reference import build_reference_model
 
 # Bump whenever the noise recipe changes, so stale cached files are not reused.
@@ -127,8 +129,9 @@ def object_mask_checkpoint(source: Path, target: Path) -> Path:
     """``source`` with each of the mask decoder's transposed upscaling convs given one kernel
     for all four output positions, saved as ``target``. Random kernels stamp a 2x2 pattern
     on every upscaling step, so the masks are speckled whatever the features; with these and
-    smooth features (``bench/bench_grpc.py --masks objects``) masks have smooth edges, like
-    object masks. Same shapes and FLOPs as ``source``: for timing, not for parity."""
+    smooth features (``smooth_features``; ``bench/bench_grpc.py --masks objects``) masks have
+    smooth edges, like object masks. Same shapes and FLOPs as ``source``: for timing, not
+    for parity."""
     blob = torch.load(source, map_location="cpu", weights_only=True)
     for index in (0, 3):  # output_upscaling's two ConvTranspose2d layers
         key = f"sam_mask_decoder.output_upscaling.{index}.weight"
@@ -136,6 +139,29 @@ def object_mask_checkpoint(source: Path, target: Path) -> Path:
         blob["model"][key] = weight.mean(dim=(2, 3), keepdim=True).expand_as(weight).clone()
     torch.save(blob, target)
     return target
+
+
+def smooth_features(embedding: ImageEmbedding, seed: int = 0) -> ImageEmbedding:
+    """``embedding`` with every feature map replaced by three broad Gaussian bumps of random
+    centre and sign per channel: with ``object_mask_checkpoint`` the random decoder then makes
+    object-like masks (~7 k COCO RLE characters at 1080p, not ~100 k)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def bumps(like: torch.Tensor) -> torch.Tensor:
+        channels, size = like.shape[1], like.shape[-1]
+        axis = torch.linspace(0, 1, size)
+        yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+        out = torch.zeros(channels, size, size)
+        for _ in range(3):
+            cx, cy, sign = (torch.rand(channels, 1, 1, generator=generator),
+                            torch.rand(channels, 1, 1, generator=generator),
+                            torch.randn(channels, 1, 1, generator=generator))
+            out += sign * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.03)
+        return (3 * out)[None].to(like.dtype)
+
+    return dataclasses.replace(
+        embedding, image_embed=bumps(embedding.image_embed),
+        high_res_feats=(bumps(embedding.high_res_feats[0]), bumps(embedding.high_res_feats[1])))
 
 
 def present_checkpoint(source: Path, target: Path, object_score_shift: float = 1.0) -> Path:
