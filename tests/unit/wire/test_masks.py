@@ -12,6 +12,7 @@ from pycocotools import mask as coco_mask
 from sam2_shared.errors import InvalidInputError
 from sam2_shared.wire import masks
 from sam2_shared.wire.masks import MaskEncoding
+from tests.helpers import hostile_payloads as payloads
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (13, 17), (64, 64), (101, 203)]
 
@@ -107,8 +108,7 @@ def test_every_digit_in_every_run_position_matches_the_format() -> None:
     # Each of the 64 digits at each position of a 1..12-character run, read as a delta
     # (4th run) on top of run 1 = 2**59 - 1, so nearly all are valid: a wrong digit value
     # or sign then changes the accepted runs instead of hiding behind None.
-    head = b"0" + bytes((((2**59 - 1) >> 5 * k) & 31 | (32 if k < 11 else 0)) + 48
-                        for k in range(12)) + b"0"
+    head = payloads.coco_rle_counts([0, 2**59 - 1, 0]).encode()
     for length in range(1, 13):
         for position in range(length):
             for digit in range(64):
@@ -129,8 +129,10 @@ def test_runs_whose_int64_sum_wraps_to_the_total_are_rejected() -> None:
     # decode_coco_rle's np.repeat wrote far past its buffer (a segfault).
     total, step = (2**31 - 1) ** 2, 2**59 - 1  # int32 height * width; largest 12-char run
     deltas = [0] + [step] * 10 + [41 - 2**32, 0]  # two chains climbing to 5 * step
-    counts = b"".join(bytes(((d >> 5 * k) & 31 | (32 if k < 11 else 0)) + 48 for k in range(12))
-                      for d in deltas)
+    chains: list[int] = []
+    for index, delta in enumerate(deltas):
+        chains.append(delta + (chains[index - 2] if index > 2 else 0))
+    counts = payloads.coco_rle_counts(chains).encode()
     runs = _runs_one_by_one(counts)
     assert runs is not None and min(runs) >= 0 and sum(runs) == total + 2**64
     assert masks._coco_rle_runs(counts, total) is None
