@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers together
 MAX_HEADERS = 64
 HEAD_TIMEOUT_S = 30.0  # a connection idle (or sending a head) this long is closed
+# After refusing a body unread: how long the rest of it is read and dropped before closing.
+LINGER_S = 5.0
 BODY_TIMEOUT_S = 120.0  # the longest a request body may take to arrive
 DEFAULT_MAX_CONNECTIONS = 1024
 
@@ -338,7 +340,7 @@ class HttpServer:
             raise _BadRequest(400, f"Content-Length must be a number, got {text!r}")
         length = int(text)
         if length > self.max_body_bytes:
-            return await self._refuse_body(writer, protocol, cors, f"{length} bytes")
+            return await self._refuse_body(reader, writer, protocol, cors, f"{length} bytes")
         if request.headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if not chunked:
@@ -347,7 +349,7 @@ class HttpServer:
         async with asyncio.timeout(BODY_TIMEOUT_S):
             body = await self._read_chunks(reader)
         if body is None:
-            return await self._refuse_body(writer, protocol, cors,
+            return await self._refuse_body(reader, writer, protocol, cors,
                                            f"over {self.max_body_bytes} bytes")
         return body
 
@@ -374,8 +376,9 @@ class HttpServer:
                 return b"".join(parts)
         raise _BadRequest(431, f"more than {MAX_HEADERS} trailers")
 
-    async def _refuse_body(self, writer: asyncio.StreamWriter, protocol: Protocol | None,
-                           cors: dict[str, str] | None, size: str) -> None:
+    async def _refuse_body(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           protocol: Protocol | None, cors: dict[str, str] | None,
+                           size: str) -> None:
         """Answer MESSAGE_TOO_LARGE in the request's protocol (the connection then closes)."""
         if protocol is None:
             return None
@@ -385,6 +388,7 @@ class HttpServer:
             limit=str(self.max_body_bytes))
         await _Responder(self, writer, protocol, cors or {}, False).finish(
             CallStatus.of_exception(error))
+        await _linger(reader, writer)
         return None
 
     # --- writing ------------------------------------------------------------------------
@@ -476,3 +480,17 @@ class _Responder:
         await self._chunk(final)
         self.writer.write(b"0\r\n\r\n")
         await self.writer.drain()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read and drop what the client still sends, for up to ``LINGER_S``
+    (constant memory). Closing with its body unread would reset the connection, and a client
+    still sending would lose the answer before reading it."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(1 << 16):
+                pass
+    except (ConnectionError, TimeoutError):
+        pass
